@@ -1,0 +1,137 @@
+// pypeft::lora_linear — what the CPU and CUDA kernels share: argument
+// validation and shape helpers. The math lives in cpu/ and cuda/.
+//
+//   y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ,   u = drop(x) Aᵀ  (returned, saved for backward)
+//
+// dtypes: x, weight, bias share one dtype (float32, float64, bfloat16; float16
+// on CUDA). lora_a and lora_b share one dtype: x's, or float32 when x is
+// bfloat16/float16 (fp32 master adapter weights beside low-precision
+// activations). The adapter products then run in x's dtype (GEMMs accumulate
+// in fp32) and the adapter gradients come back in the adapter's dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+#include "pypeft/checks.h"
+
+namespace pypeft {
+
+struct LoraLinearDims {
+  int64_t rows;  // product of x's leading dims
+  int64_t in;
+  int64_t out;
+  int64_t r;
+};
+
+inline std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> s(sizes.begin(), sizes.end());
+  s.back() = last;
+  return s;
+}
+
+inline void check_lora_adapter_dtype(const char* op, const at::Tensor& x,
+                                     const at::Tensor& lora_a, const at::Tensor& lora_b) {
+  const bool low_precision_x = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  PYPEFT_CHECK_TYPE(lora_a.scalar_type() == x.scalar_type() ||
+                        (low_precision_x && lora_a.scalar_type() == at::kFloat),
+                    op, "lora_a",
+                    std::string("dtype ") + c10::toString(x.scalar_type()) + " (the dtype of 'x')" +
+                        (low_precision_x ? " or float32" : ""),
+                    c10::toString(lora_a.scalar_type()));
+  check_same_dtype(op, "lora_b", lora_b, "lora_a", lora_a);
+}
+
+inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x,
+                                             const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias,
+                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                             double scale, double dropout_p,
+                                             const c10::optional<at::Tensor>& seed) {
+  check_defined(op, "x", x);
+  PYPEFT_CHECK_VALUE(x.dim() >= 1, op, "x", "a tensor of shape [..., in_features]",
+                     "a 0-D tensor");
+  check_activation_dtype(op, "x", x);
+  check_dim(op, "weight", weight, 2);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  PYPEFT_CHECK_VALUE(in >= 1 && out >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
+                     "shape " + shape_str(weight.sizes()));
+  check_size(op, "x", x, x.dim() - 1, in, "in_features, from weight [out, in]");
+  check_same_device(op, "weight", weight, "x", x);
+  check_same_dtype(op, "weight", weight, "x", x);
+  if (has_value(bias)) {
+    check_dim(op, "bias", *bias, 1);
+    check_size(op, "bias", *bias, 0, out, "out_features, from weight [out, in]");
+    check_same_device(op, "bias", *bias, "x", x);
+    check_same_dtype(op, "bias", *bias, "x", x);
+  }
+  check_dim(op, "lora_a", lora_a, 2);
+  const int64_t r = lora_a.size(0);
+  PYPEFT_CHECK_VALUE(r >= 1, op, "lora_a", "shape [r, in_features] with rank r >= 1",
+                     "shape " + shape_str(lora_a.sizes()));
+  check_size(op, "lora_a", lora_a, 1, in, "in_features, from weight [out, in]");
+  check_dim(op, "lora_b", lora_b, 2);
+  check_size(op, "lora_b", lora_b, 0, out, "out_features, from weight [out, in]");
+  check_size(op, "lora_b", lora_b, 1, r, "rank r, from lora_a [r, in]");
+  check_same_device(op, "lora_a", lora_a, "x", x);
+  check_same_device(op, "lora_b", lora_b, "x", x);
+  check_lora_adapter_dtype(op, x, lora_a, lora_b);
+  PYPEFT_CHECK_VALUE(std::isfinite(scale), op, "scale", "a finite number", scale);
+  check_probability(op, "dropout_p", dropout_p);
+  check_seed(op, "seed", seed, dropout_p > 0.0, x);
+  // The mask generator counts columns in 32 bits.
+  PYPEFT_CHECK_VALUE(in < (int64_t(1) << 31), op, "x", "in_features < 2^31", in);
+  return LoraLinearDims{x.numel() / std::max<int64_t>(in, 1), in, out, r};
+}
+
+inline LoraLinearDims check_lora_linear_backward_args(
+    const char* op, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& u, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
+  const auto dims =
+      check_lora_linear_args(op, x, weight, c10::nullopt, lora_a, lora_b, scale, dropout_p, seed);
+  check_defined(op, "grad_out", grad_out);
+  const auto y_shape = with_last_dim(x.sizes(), dims.out);
+  const auto u_shape = with_last_dim(x.sizes(), dims.r);
+  PYPEFT_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(y_shape), op, "grad_out",
+                     "shape " + shape_str(y_shape), "shape " + shape_str(grad_out.sizes()));
+  check_same_device(op, "grad_out", grad_out, "x", x);
+  check_same_dtype(op, "grad_out", grad_out, "x", x);
+  check_defined(op, "u", u);
+  PYPEFT_CHECK_VALUE(u.sizes() == at::IntArrayRef(u_shape), op, "u", "shape " + shape_str(u_shape),
+                     "shape " + shape_str(u.sizes()));
+  check_same_device(op, "u", u, "x", x);
+  check_same_dtype(op, "u", u, "x", x);
+  if (has_value(grad_u)) {
+    PYPEFT_CHECK_VALUE(grad_u->sizes() == at::IntArrayRef(u_shape), op, "grad_u",
+                       "shape " + shape_str(u_shape), "shape " + shape_str(grad_u->sizes()));
+    check_same_device(op, "grad_u", *grad_u, "x", x);
+    check_same_dtype(op, "grad_u", *grad_u, "x", x);
+  }
+  return dims;
+}
+
+// Row-major [rows, cols] view of a [..., cols] tensor whose rows the kernels
+// can walk with one stride: a free view when possible, a copy otherwise.
+inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
+  at::Tensor m = t.reshape({-1, cols});
+  if (m.size(0) > 0 && cols > 0 && m.stride(1) != 1) m = m.contiguous();
+  return m;
+}
+
+// The adapter matrices in x's dtype (they are tiny), the scale folded into B.
+struct LoraAdapterOperands {
+  at::Tensor a;         // [r, in]
+  at::Tensor b_scaled;  // [out, r]
+};
+
+inline LoraAdapterOperands lora_adapter_operands(const at::Tensor& lora_a,
+                                                 const at::Tensor& lora_b, double scale,
+                                                 at::ScalarType dtype) {
+  return {lora_a.to(dtype).contiguous(), lora_b.mul(scale).to(dtype).contiguous()};
+}
+
+}  // namespace pypeft

@@ -1,0 +1,24 @@
+// The op catalogue: every pypeft schema, in one place. Kernels register
+// against these names in cpu/ and cuda/; the Python face (pypeft/ops/) adds
+// fake (meta) kernels and autograd. Forward and backward are both ops so that
+// a Python-free TorchScript runtime can run them and torch.compile can trace
+// the autograd formula.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pypeft, m) {
+  // y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ, and u = drop(x) Aᵀ, saved for backward.
+  // drop() keeps element (row, col) by a counter hash of (seed, row, col) and
+  // scales kept ones by 1 / (1 - dropout_p); seed: 0-dim int64 tensor, needed
+  // when dropout_p > 0.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)");
+  // Gradients of lora_linear for (x, weight, bias, lora_a, lora_b), each computed
+  // only where output_mask says so (an undefined tensor / None otherwise).
+  // grad_u, the gradient flowing into the auxiliary output u, may be None.
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
+      "Tensor lora_a, Tensor lora_b, Tensor u, float scale, float dropout_p, Tensor? seed, "
+      "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_lora_a, Tensor grad_lora_b)");
+}

@@ -1,0 +1,17 @@
+"""The Python face of pypeft's native ops (torch.ops.pypeft.*).
+
+Importing this package loads the compiled library once; each submodule adds
+the fake (meta) kernel and the autograd formula of one op and a typed wrapper.
+"""
+
+try:
+    from pypeft import _C  # noqa: F401  (registers torch.ops.pypeft.*)
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "pypeft's native ops (pypeft._C) are not built. Install pypeft with "
+        "`pip install --no-build-isolation .` after installing torch."
+    ) from e
+
+from pypeft.ops.lora_linear import lora_linear
+
+__all__ = ["lora_linear"]

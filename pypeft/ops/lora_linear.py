@@ -1,0 +1,94 @@
+"""pypeft::lora_linear: a frozen linear layer plus a LoRA update, in one op.
+
+    y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ
+
+Saved for backward: x and u = drop(x) Aᵀ ([..., r]) only. The dropout mask is
+a counter hash of (seed, row, column), regenerated in backward, identical on
+CPU and CUDA for the same seed.
+
+dtypes: x, weight and bias share one dtype: float32, float64 or bfloat16
+(float16 too on CUDA). lora_a and lora_b share one dtype: x's, or float32 when
+x is bfloat16/float16 (fp32 adapter weights beside low-precision activations);
+the adapter products then run in x's dtype and their gradients come back in
+float32. Any other mix raises a TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_op = torch.ops.pypeft.lora_linear.default
+_backward_op = torch.ops.pypeft.lora_linear_backward.default
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T.
+
+    Args:
+        x: [..., in] activations.
+        weight: [out, in] frozen base weight; bias: [out] or None.
+        lora_a: [r, in]; lora_b: [out, r].
+        scale: the LoRA scaling (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        dropout_p: dropout probability on the adapter's input, in [0, 1).
+        seed: 0-dim int64 tensor choosing the dropout mask (needed when
+            dropout_p > 0); a tensor, so torch.compile does not recompile as it
+            changes every step.
+    Returns:
+        y: [..., out].
+    """
+    return _op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)[0]
+
+
+@torch.library.register_fake("pypeft::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    torch._check(x.dim() >= 1, lambda: "pypeft.lora_linear: argument 'x': expected [..., in]")
+    torch._check(weight.dim() == 2 and lora_a.dim() == 2 and lora_b.dim() == 2,
+                 lambda: "pypeft.lora_linear: weight, lora_a, lora_b must be 2-D")
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"pypeft.lora_linear: argument 'x': expected in_features {weight.shape[1]}")
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    u = x.new_empty((*x.shape[:-1], lora_a.shape[0]))
+    return y, u
+
+
+@torch.library.register_fake("pypeft::lora_linear_backward")
+def _lora_linear_backward_fake(grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p,
+                               seed, output_mask):
+    need_x, need_weight, need_bias, need_a, need_b = output_mask
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None,
+        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        torch.empty_like(lora_a, memory_format=torch.contiguous_format) if need_a else None,
+        torch.empty_like(lora_b, memory_format=torch.contiguous_format) if need_b else None,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    _, u = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, grad_u):
+    x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x, grad_weight, grad_bias, grad_a, grad_b = _backward_op(
+        grad_y, grad_u, x, weight, lora_a, lora_b, u, ctx.scale, ctx.dropout_p, seed,
+        [need[0], need[1], need[2], need[3], need[4]],
+    )
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+
+
+torch.library.register_autograd("pypeft::lora_linear", _backward, setup_context=_setup_context)
