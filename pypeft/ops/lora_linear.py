@@ -92,3 +92,13 @@ def _backward(ctx, grad_y, grad_u):
 
 
 torch.library.register_autograd("pypeft::lora_linear", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("pypeft.lora_linear: second-order gradients (backward of the backward) are not supported")
+
+
+# Registered so that create_graph=True builds a graph whose use fails loudly,
+# instead of the backward op running with autograd silently switched off.
+torch.library.register_autograd("pypeft::lora_linear_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,73 @@
+"""Plain-PyTorch references for pypeft's native ops. Never imports pypeft.
+
+Each function here is written from the op's definition (docstrings in
+pypeft/ops/ and csrc/), so that the tests compare two independent
+implementations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+# --- the counter-based dropout mask (csrc/include/pypeft/dropout_mask.h) -----
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors holding uint32 values, without
+    overflowing int64: multiply the two 16-bit halves of x separately."""
+    lo = (x & 0xFFFF) * c
+    hi = ((x >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0xD35A2D97)
+    return x ^ (x >> 15)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
+    """[rows, cols] bool: True where drop() keeps element (row, col)."""
+    if p <= 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool)
+    threshold = min(int(p * 4294967296.0), 0xFFFFFFFF)
+    seed &= _M64
+    keys = [_splitmix64(seed ^ _splitmix64(r)) for r in range(rows)]
+    lo = torch.tensor([k & _M32 for k in keys], dtype=torch.int64).unsqueeze(1)
+    hi = torch.tensor([k >> 32 for k in keys], dtype=torch.int64).unsqueeze(1)
+    col = torch.arange(cols, dtype=torch.int64).unsqueeze(0)
+    bits = _mix32((_mix32(col ^ lo) + hi) & _M32)
+    return bits >= threshold
+
+
+def dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """drop(x) for x of shape [..., cols], rows counted over the leading dims."""
+    if p <= 0.0:
+        return x
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    keep = dropout_keep_mask(seed, rows, cols, p).reshape(x.shape).to(x.device)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+# --- LoRA ------------------------------------------------------------------
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=0):
+    """y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ, differentiable by autograd."""
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    u = dropout(x, seed, dropout_p) @ lora_a.t()
+    return y + scale * (u @ lora_b.t())
