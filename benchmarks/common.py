@@ -1,0 +1,59 @@
+"""Measuring helpers shared by the benchmark scripts (DESIGN.md, "Measuring").
+
+Time: candidates alternate in one process, round after round, and we report
+medians and ratios; absolute times count only on a GPU. Memory: bytes of the
+distinct storages saved for backward during one forward, parameters excluded.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate_timings(candidates: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+                      warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each candidate, the candidates interleaved."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in forward()."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
