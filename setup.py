@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 try:
     import torch
@@ -41,12 +42,14 @@ def real_cuda_home():
     if nvcc is None:
         return None
     try:
-        probe = os.path.join(HERE, "build", "cuda_home_probe.cu")
-        os.makedirs(os.path.dirname(probe), exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("\n")
-        out = subprocess.run([nvcc, "-dryrun", "-c", probe, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        # A dry run compiles nothing; the probe lives in a temporary directory
+        # so that the source tree stays untouched.
+        with tempfile.TemporaryDirectory(prefix="pypeft-nvcc-") as tmp:
+            probe = os.path.join(tmp, "probe.cu")
+            with open(probe, "w") as f:
+                f.write("\n")
+            out = subprocess.run([nvcc, "-dryrun", "-c", probe, "-o", os.path.join(tmp, "probe.o")],
+                                 capture_output=True, text=True, timeout=60)
         match = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.MULTILINE)
         if match:
             return os.path.realpath(match.group(1).strip())
@@ -70,18 +73,29 @@ def want_cuda():
                 sys.exit("pypeft: FORCE_CUDA=1, but no nvcc is on PATH and CUDA_HOME is not set")
             return False
         os.environ["CUDA_HOME"] = home
+        # cpp_extension reads CUDA_HOME once, when it is first imported; if
+        # something imported it already, correct its copy too.
+        cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+        if cpp_extension is not None:
+            cpp_extension.CUDA_HOME = home
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # torch's arch detection fails with no visible GPU: name Ampere and Hopper.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     return True
 
 
-def wheel_cuda_includes():
+def wheel_cuda_include_flags():
     """Headers such as cublas_v2.h that a runtime-only toolkit lacks but the
-    nvidia-* wheels beside a CUDA torch carry (site-packages/nvidia/*/include)."""
+    nvidia-* wheels beside a CUDA torch carry (site-packages/nvidia/*/include).
+
+    Passed as -isystem, which is searched after every -I directory: the
+    toolkit's own headers (cuda_runtime.h, crt/, which must match its nvcc)
+    win, and the wheel's directory only fills in what the toolkit lacks.
+    """
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    dirs = sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
                   if os.path.exists(os.path.join(d, "cublas_v2.h")))
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 def extension():
@@ -96,19 +110,22 @@ def extension():
         return CppExtension("pypeft._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags})
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    wheel_includes = wheel_cuda_include_flags()
     return CUDAExtension(
         "pypeft._C", sources,
-        include_dirs=include_dirs + wheel_cuda_includes(),
+        include_dirs=include_dirs,
         define_macros=[("PYPEFT_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags + wheel_includes,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr"] + wheel_includes},
     )
 
 
 if __name__ == "__main__":
     from setuptools import setup
+
+    ext = extension()  # before importing cpp_extension: it may set CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension
 
-    ext = extension()
     kernels = "CPU and CUDA" if any(s.endswith(".cu") for s in ext.sources) else "CPU"
     print(f"pypeft: building {ext.name} with {kernels} kernels")
     setup(

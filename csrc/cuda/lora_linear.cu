@@ -30,6 +30,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
                                                     const c10::optional<at::Tensor>& seed) {
   const auto dims =
       check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
+  // The math inside is not itself differentiated (the autograd formula is
+  // the backward op), also when called from C++ on tensors requiring grad.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto drop = DropoutParams::from_probability(dropout_p);
   const at::Tensor x2 = as_rows(x, dims.in);
@@ -50,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     std::array<bool, 5> output_mask) {
   const auto dims = check_lora_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight,
                                                     lora_a, lora_b, u, scale, dropout_p, seed);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
   const auto drop = DropoutParams::from_probability(dropout_p);
