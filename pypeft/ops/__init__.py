@@ -4,6 +4,8 @@ Importing this package loads the compiled library once; each submodule adds
 the fake (meta) kernel and the autograd formula of one op and a typed wrapper.
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from pypeft import _C  # noqa: F401  (registers torch.ops.pypeft.*)
 except ImportError as e:  # pragma: no cover - only on a broken install
