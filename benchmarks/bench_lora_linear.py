@@ -46,16 +46,17 @@ def main(argv=None):
     torch.manual_seed(0)
     base = nn.Linear(args.features, args.features).to(device, dtype).requires_grad_(False)
     ours = pypeft.LoraLinear(base, r=args.r, alpha=2 * args.r, dropout=args.dropout).to(device)
-    nn.init.normal_(ours.lora_B, std=0.02)  # a trained-looking adapter; zeros would be a special case
+    ours_a, ours_b = ours.lora_A["default"], ours.lora_B["default"]
+    nn.init.normal_(ours_b, std=0.02)  # a trained-looking adapter; zeros would be a special case
 
     # PEFT's eager composition, with the same (fp32-for-low-precision) adapter dtype PEFT uses.
-    lora_a = nn.Linear(args.features, args.r, bias=False).to(device, ours.lora_A.dtype)
-    lora_b = nn.Linear(args.r, args.features, bias=False).to(device, ours.lora_B.dtype)
+    lora_a = nn.Linear(args.features, args.r, bias=False).to(device, ours_a.dtype)
+    lora_b = nn.Linear(args.r, args.features, bias=False).to(device, ours_b.dtype)
     with torch.no_grad():
-        lora_a.weight.copy_(ours.lora_A)
-        lora_b.weight.copy_(ours.lora_B)
+        lora_a.weight.copy_(ours_a)
+        lora_b.weight.copy_(ours_b)
     drop = nn.Dropout(args.dropout)
-    scale = ours.scaling
+    scale = ours.scaling["default"]
 
     def eager(x):
         result = base(x)

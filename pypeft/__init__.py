@@ -1,12 +1,38 @@
 """pypeft: parameter-efficient fine-tuning as native PyTorch ops.
 
     import pypeft
-    layer = pypeft.LoraLinear(nn.Linear(1024, 1024), r=8, alpha=16, dropout=0.1)
-    y = pypeft.ops.lora_linear(x, W, b, A, B, scale, dropout_p, seed)
+    pypeft.patch(model, method="lora", r=8, alpha=16, dropout=0.1)   # or pypeft.LoraConfig(...)
+    ... train ...
+    pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 """
 
 from pypeft import ops
-from pypeft.methods.lora import LoraLinear
+from pypeft.io import load_adapter, save_adapter
+from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.patch import (
+    delete_adapter,
+    disabled,
+    merge,
+    patch,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+    unpatch,
+)
 
-__all__ = ["LoraLinear", "ops"]
+__all__ = [
+    "LoraConfig",
+    "LoraLinear",
+    "delete_adapter",
+    "disabled",
+    "load_adapter",
+    "merge",
+    "ops",
+    "patch",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+    "unpatch",
+]
 __version__ = "0.1.0"

@@ -28,12 +28,12 @@ def test_scaling_and_outputs_equal_peft(r, alpha, rslora):
     base = nn.Linear(24, 20)
     theirs = peft_lora_layer(base, r, alpha, rslora)
     ours = LoraLinear(copy.deepcopy(base), r=r, alpha=alpha, rslora=rslora)
-    assert ours.scaling == pytest.approx(theirs.scaling["default"], rel=1e-12)
+    assert ours.scaling["default"] == pytest.approx(theirs.scaling["default"], rel=1e-12)
     # Give both the same non-trivial adapter (B starts at zero in both).
     with torch.no_grad():
         theirs.lora_B["default"].weight.normal_()
-        ours.lora_A.copy_(theirs.lora_A["default"].weight)
-        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        ours.lora_A["default"].copy_(theirs.lora_A["default"].weight)
+        ours.lora_B["default"].copy_(theirs.lora_B["default"].weight)
     x = torch.randn(3, 7, 24)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
@@ -44,13 +44,13 @@ def test_initialisation_follows_peft():
     ours = LoraLinear(base, r=32, alpha=16)
     theirs = peft_lora_layer(base, 32, 16)
     a_peft = theirs.lora_A["default"].weight
-    assert ours.lora_A.shape == a_peft.shape and ours.lora_B.shape == theirs.lora_B["default"].weight.shape
-    assert torch.count_nonzero(ours.lora_B) == 0 and torch.count_nonzero(theirs.lora_B["default"].weight) == 0
+    assert ours.lora_A["default"].shape == a_peft.shape and ours.lora_B["default"].shape == theirs.lora_B["default"].weight.shape
+    assert torch.count_nonzero(ours.lora_B["default"]) == 0 and torch.count_nonzero(theirs.lora_B["default"].weight) == 0
     # Kaiming-uniform with a=√5 is U(-1/√in, 1/√in): same bound, same spread as PEFT's.
     bound = 1 / math.sqrt(256)
-    assert ours.lora_A.abs().max() <= bound and a_peft.abs().max() <= bound
-    assert ours.lora_A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert ours.lora_A.std().item() == pytest.approx(a_peft.std().item(), rel=0.05)
+    assert ours.lora_A["default"].abs().max() <= bound and a_peft.abs().max() <= bound
+    assert ours.lora_A["default"].std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert ours.lora_A["default"].std().item() == pytest.approx(a_peft.std().item(), rel=0.05)
     # A fresh adapter leaves the layer equal to the base.
     x = torch.randn(4, 256)
     assert torch.equal(ours(x), base(x))
@@ -61,8 +61,8 @@ def test_adapter_dtype_follows_peft(dtype):
     base = nn.Linear(16, 8).to(dtype)
     ours = LoraLinear(base, r=4, alpha=8)
     theirs = peft_lora_layer(base, 4, 8)
-    assert ours.lora_A.dtype == theirs.lora_A["default"].weight.dtype
-    assert ours.lora_B.dtype == theirs.lora_B["default"].weight.dtype
+    assert ours.lora_A["default"].dtype == theirs.lora_A["default"].weight.dtype
+    assert ours.lora_B["default"].dtype == theirs.lora_B["default"].weight.dtype
     y = ours(torch.randn(2, 16, dtype=dtype))
     assert y.dtype == dtype
 
@@ -72,14 +72,14 @@ def test_training_updates_only_the_adapter():
     base = nn.Linear(16, 8)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
     layer = LoraLinear(base, r=4, alpha=8, dropout=0.1)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.default", "lora_B.default"]
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
-    a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    a0, b0 = layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone()
     for _ in range(3):
         opt.zero_grad()
         layer(torch.randn(5, 16)).pow(2).mean().backward()
         opt.step()
-    assert not torch.equal(layer.lora_A, a0) and not torch.equal(layer.lora_B, b0)
+    assert not torch.equal(layer.lora_A["default"], a0) and not torch.equal(layer.lora_B["default"], b0)
     for k, v in base.state_dict().items():
         assert torch.equal(v, frozen[k]), k
 
@@ -87,12 +87,13 @@ def test_training_updates_only_the_adapter():
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(32, 16), r=4, alpha=8, dropout=0.5)
-    nn.init.normal_(layer.lora_B)
+    nn.init.normal_(layer.lora_B["default"])
     x = torch.randn(6, 32)
     layer.eval()
     y_eval = layer(x)
     torch.testing.assert_close(y_eval, R.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias,
-                                                     layer.lora_A, layer.lora_B, layer.scaling))
+                                                     layer.lora_A["default"], layer.lora_B["default"],
+                                                     layer.scaling["default"]))
     assert torch.equal(layer(x), y_eval)
     layer.train()
     y1, y2 = layer(x), layer(x)
@@ -116,14 +117,14 @@ def test_base_must_be_linear():
 def test_compiled_module_training_step_matches_eager():
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.0)
-    nn.init.normal_(layer.lora_B)
+    nn.init.normal_(layer.lora_B["default"])
     x = torch.randn(3, 5, 16)
 
     def step(m):
         m.zero_grad()
         loss = m(x).pow(2).mean()
         loss.backward()
-        return loss.detach(), m.lora_A.grad.clone(), m.lora_B.grad.clone()
+        return loss.detach(), m.lora_A["default"].grad.clone(), m.lora_B["default"].grad.clone()
 
     eager = step(layer)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -132,7 +133,7 @@ def test_compiled_module_training_step_matches_eager():
         torch.testing.assert_close(u, v)
     # With dropout the seed is drawn inside the graph: one graph serves every step.
     torch._dynamo.reset()
-    layer.dropout = 0.3
+    layer.dropout["default"] = 0.3
     counts = torch._dynamo.utils.counters
     counts.clear()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

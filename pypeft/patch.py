@@ -1,0 +1,319 @@
+"""pypeft.patch(): adapt a model in place, and the rest of a patched model's
+lifecycle (unpatch, merge, unmerge, disabled, set_adapter, delete_adapter).
+
+What patch() did is recorded on the model (`model.pypeft`, a PatchState), so
+that unpatch() restores the original modules and flags exactly, and saving
+and loading know which adapters exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from torch import nn
+
+from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.methods.modules_to_save import TrainableCopies
+from pypeft.models import classifier_head_names, default_lora_targets, is_linear_like, output_head_names
+
+STATE_ATTR = "pypeft"
+
+# method name -> its config class; the config names the method (config.method).
+METHODS: dict[str, type] = {"lora": LoraConfig}
+
+# Modules pypeft puts into a model; nothing inside them is a target.
+_PYPEFT_LAYERS = (LoraLinear, TrainableCopies)
+
+
+@dataclass
+class AdapterRecord:
+    config: Any                      # the method's config (e.g. LoraConfig)
+    layers: list[str]                # names of the layers holding this adapter
+    modules_to_save: list[str]       # names of the modules trained in full with it
+
+
+@dataclass
+class PatchState:
+    replaced: dict[str, nn.Module] = field(default_factory=dict)   # name -> original module
+    requires_grad: dict[str, bool] = field(default_factory=dict)   # parameter -> original flag
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: str | None = None
+    merged: bool = False
+
+
+def state_of(model: nn.Module) -> PatchState | None:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def _require_state(model: nn.Module, what: str) -> PatchState:
+    state = state_of(model)
+    if state is None:
+        raise ValueError(f"pypeft.{what}: the model is not patched (call pypeft.patch first)")
+    return state
+
+
+# --- resolving what to adapt ----------------------------------------------------
+
+def _owned_prefixes(model: nn.Module) -> list[str]:
+    return [name + "." for name, m in model.named_modules() if isinstance(m, _PYPEFT_LAYERS)]
+
+
+def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for the model's own modules, not the insides of pypeft layers."""
+    owned = _owned_prefixes(model)
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(p) for p in owned):
+            yield name, module
+
+
+def _name_matches(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _describe_linear_layers(model: nn.Module) -> str:
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name, m in _user_modules(model)
+                       if is_linear_like(m) or isinstance(m, LoraLinear)})
+    return ", ".join(suffixes) if suffixes else "(none)"
+
+
+def find_targets(model: nn.Module, target_modules, method: str) -> list[str]:
+    """Names of the linear layers `target_modules` selects (PEFT's rules)."""
+    if target_modules is None:
+        target_modules = default_lora_targets(model)
+        if target_modules is None:
+            raise ValueError(
+                f"pypeft.patch(method={method!r}): argument 'target_modules': no default for model type "
+                f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}; pass a list of layer names, "
+                f"a regex or 'all-linear'. Its linear layers are named: {_describe_linear_layers(model)}")
+    modules = dict(_user_modules(model))
+    eligible = {n for n, m in modules.items() if is_linear_like(m) or isinstance(m, LoraLinear)}
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        heads = output_head_names(model)
+        chosen = sorted(n for n in eligible if n not in heads)
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"pypeft.patch(method={method!r}): argument 'target_modules': {target_modules!r} "
+                             f"is not a valid regular expression ({e})") from None
+        chosen = sorted(n for n in eligible if pattern.fullmatch(n))
+    else:
+        keys = list(target_modules)
+        for key in keys:
+            wrong = [n for n, m in modules.items() if _name_matches(n, key) and n not in eligible]
+            if wrong and not any(_name_matches(n, key) for n in eligible):
+                raise ValueError(
+                    f"pypeft.patch(method={method!r}): argument 'target_modules': {key!r} names "
+                    f"{wrong[0]!r}, a {type(modules[wrong[0]]).__name__}; {method} adapts linear layers only")
+        chosen = sorted(n for n in eligible if any(_name_matches(n, k) for k in keys))
+    if not chosen:
+        raise ValueError(
+            f"pypeft.patch(method={method!r}): argument 'target_modules': {target_modules!r} matched no linear "
+            f"layer of {type(model).__name__}; its linear layers are named: {_describe_linear_layers(model)}")
+    return chosen
+
+
+def find_modules_to_save(model: nn.Module, modules_to_save, strict: bool = True) -> list[str]:
+    """Names of the modules trained in full; strict: every name must exist."""
+    if modules_to_save is None:
+        return classifier_head_names(model)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, TrainableCopies)}
+    names = [n for n, _ in _user_modules(model)] + sorted(wrapped)
+    chosen = []
+    for key in modules_to_save:
+        hits = [n for n in names if _name_matches(n, key)]
+        if not hits and strict:
+            raise ValueError(f"pypeft.patch: argument 'modules_to_save': {key!r} names no module of "
+                             f"{type(model).__name__}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+# --- patching -------------------------------------------------------------------
+
+def _make_config(config, method, options, adapter_name):
+    if isinstance(config, str):
+        config, method = None, config
+    if config is not None:
+        if method is not None or options:
+            raise ValueError("pypeft.patch: give either a config object or method= with options, not both")
+        if not any(isinstance(config, cls) for cls in METHODS.values()):
+            raise TypeError(f"pypeft.patch: argument 'config': expected one of "
+                            f"{[c.__name__ for c in METHODS.values()]}, got {type(config).__name__}")
+        return config if adapter_name is None else dataclasses.replace(config, adapter_name=adapter_name)
+    if method not in METHODS:
+        raise ValueError(f"pypeft.patch: argument 'method': expected one of {sorted(METHODS)}, got {method!r}")
+    cls = METHODS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"pypeft.patch(method={method!r}): unknown option {unknown[0]!r}; "
+                         f"options: {', '.join(sorted(known))}")
+    if adapter_name is not None:
+        options["adapter_name"] = adapter_name
+    return cls(**options)
+
+
+def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_name: str | None = None,
+          **options) -> nn.Module:
+    """Patch `model` in place with a PEFT method and return it.
+
+        pypeft.patch(model, method="lora", r=8, alpha=16, dropout=0.1)
+        pypeft.patch(model, pypeft.LoraConfig(r=8, alpha=16))
+
+    All base parameters are frozen; the new adapter (and the modules it trains
+    in full, by default a sequence classifier's head) is trainable and active.
+    Patching again with another adapter_name adds an adapter; a name in use
+    raises.
+    """
+    config = _make_config(config, method, dict(options), adapter_name)
+    state = state_of(model)
+    name = config.adapter_name
+    if state is not None and name in state.adapters:
+        raise ValueError(f"pypeft.patch: argument 'adapter_name': adapter {name!r} exists already "
+                         f"(adapters: {sorted(state.adapters)}); choose another name or delete_adapter first")
+    if state is not None and state.merged:
+        raise ValueError("pypeft.patch: the model has merged adapters; call pypeft.unmerge(model) first")
+    # Resolve everything before changing anything: a bad argument loses nothing.
+    targets = find_targets(model, config.target_modules, config.method)
+    to_save = find_modules_to_save(model, config.modules_to_save)
+    if state is None:
+        state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.__dict__[STATE_ATTR] = state
+    for target in targets:
+        layer = model.get_submodule(target)
+        if not isinstance(layer, LoraLinear):
+            state.replaced[target] = layer
+            layer = LoraLinear(layer)
+            model.set_submodule(target, layer)
+        layer.add_adapter(name, config.r, config.alpha, config.dropout, config.rslora)
+    for target in to_save:
+        module = model.get_submodule(target)
+        if not isinstance(module, TrainableCopies):
+            state.replaced[target] = module
+            module = TrainableCopies(module)
+            model.set_submodule(target, module)
+        module.add_adapter(name)
+    state.adapters[name] = AdapterRecord(config=config, layers=targets, modules_to_save=to_save)
+    _activate(model, state, name)
+    return model
+
+
+def _pypeft_layers(model: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in model.modules() if isinstance(m, _PYPEFT_LAYERS))
+
+
+def _activate(model: nn.Module, state: PatchState, name: str | None) -> None:
+    """Make `name` the adapter that runs and trains; the others are frozen."""
+    for layer in _pypeft_layers(model):
+        layer.active_adapter = name
+        if isinstance(layer, LoraLinear):
+            for adapter in layer.lora_A:
+                layer.lora_A[adapter].requires_grad_(adapter == name)
+                layer.lora_B[adapter].requires_grad_(adapter == name)
+        else:
+            for adapter, copy in layer.copies.items():
+                copy.requires_grad_(adapter == name)
+    state.active = name
+
+
+# --- the rest of the lifecycle ---------------------------------------------------
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch(): the original modules, weights and requires_grad flags."""
+    state = _require_state(model, "unpatch")
+    unmerge(model)
+    for name, original in state.replaced.items():
+        model.set_submodule(name, original)
+    for name, p in model.named_parameters():
+        if name in state.requires_grad:
+            p.requires_grad_(state.requires_grad[name])
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the base weights (forward then runs the
+    plain layers). unmerge() takes it out again."""
+    state = _require_state(model, "merge")
+    for layer in _pypeft_layers(model):
+        if isinstance(layer, LoraLinear):
+            layer.merge()
+    state.merged = True
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    state = _require_state(model, "unmerge")
+    for layer in _pypeft_layers(model):
+        if isinstance(layer, LoraLinear):
+            layer.unmerge()
+    state.merged = False
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: inside the block, no adapter (and no trained copy of
+    a module) takes part. Merged adapters are taken out and put back."""
+    state = _require_state(model, "disabled")
+    was_merged = state.merged
+    if was_merged:
+        unmerge(model)
+    layers = list(_pypeft_layers(model))
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        if was_merged:
+            merge(model)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    state = _require_state(model, "set_adapter")
+    if name not in state.adapters:
+        raise ValueError(f"pypeft.set_adapter: argument 'name': expected one of {sorted(state.adapters)}, "
+                         f"got {name!r}")
+    was_merged = state.merged
+    if was_merged:
+        unmerge(model)
+    _activate(model, state, name)
+    if was_merged:
+        merge(model)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    state = _require_state(model, "delete_adapter")
+    if name not in state.adapters:
+        raise ValueError(f"pypeft.delete_adapter: argument 'name': expected one of {sorted(state.adapters)}, "
+                         f"got {name!r}")
+    if len(state.adapters) == 1:
+        raise ValueError(f"pypeft.delete_adapter: {name!r} is the only adapter; call pypeft.unpatch(model) "
+                         "to remove it and restore the model")
+    was_merged = state.merged
+    if was_merged:
+        unmerge(model)
+    for layer in _pypeft_layers(model):
+        if (isinstance(layer, LoraLinear) and name in layer.lora_A) or \
+                (isinstance(layer, TrainableCopies) and name in layer.copies):
+            layer.delete_adapter(name)
+    del state.adapters[name]
+    if state.active == name:
+        _activate(model, state, next(iter(state.adapters)))
+    if was_merged:
+        merge(model)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as PEFT's print_trainable_parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

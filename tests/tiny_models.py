@@ -1,0 +1,82 @@
+"""Tiny Hugging Face models built from configs (no hub downloads), one per
+family the tests cover, with a batch of inputs for each."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 96
+
+
+def _common(**kw):
+    return dict(vocab_size=VOCAB, **kw)
+
+
+def bert():
+    cfg = transformers.BertConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=96, num_labels=3))
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def roberta():
+    cfg = transformers.RobertaConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=96, num_labels=3, pad_token_id=1,
+                                               max_position_embeddings=64))
+    return transformers.RobertaForSequenceClassification(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(**_common(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                            eos_token_id=0))
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=96,
+                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=0))
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def t5():
+    cfg = transformers.T5Config(**_common(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+                                          num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
+
+
+def make(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[family]().eval()
+
+
+def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -2:] = 0  # some padding, so masks matter
+    batch_inputs = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        batch_inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, 5), generator=g)
+    return batch_inputs
+
+
+def output(model, batch) -> torch.Tensor:
+    return model(**batch).logits
+
+
+def labels_for(family: str, batch: dict) -> dict:
+    """Inputs plus labels, so the model returns a loss."""
+    out = dict(batch)
+    if family in ("bert", "roberta"):
+        out["labels"] = torch.tensor([0, 2])[: batch["input_ids"].shape[0]]
+    elif family == "t5":
+        out["labels"] = batch["decoder_input_ids"]
+        del out["decoder_input_ids"]
+    else:
+        out["labels"] = batch["input_ids"]
+    return out
