@@ -52,26 +52,29 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const at::Tensor x2 = as_rows(x, dims.in);
   const auto ops = lora_adapter_operands(lora_a, lora_b, scale, x.scalar_type());
   const at::Tensor a_t = ops.a.t();
+  const at::Tensor b_t = ops.b_scaled.t();
 
+  // The frozen product first, computed exactly as nn.Linear computes it, so
+  // that a fresh adapter (B = 0) gives the base layer's output bit for bit.
+  at::Tensor y2 = has_value(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  // Then the rank-r update, block by block: u's block is still in cache when
+  // it is multiplied out, and the dropped copy of x never exceeds one block.
   at::Tensor u2 = at::empty({dims.rows, dims.r}, x.options());
   const int64_t block = rows_per_block(dims.in, x.element_size());
-  for_each_row_block(dims.rows, block, [&](int64_t, int64_t b, int64_t e) {
+  const at::Tensor scratch = drop.active
+      ? at::empty({num_row_chunks(dims.rows, block), block, dims.in}, x.options())
+      : at::Tensor();
+  for_each_row_block(dims.rows, block, [&](int64_t c, int64_t b, int64_t e) {
     at::Tensor xb = x2.slice(0, b, e);
     if (drop.active) {
-      at::Tensor dropped = at::empty_like(xb, at::MemoryFormat::Contiguous);
+      at::Tensor dropped = scratch[c].slice(0, 0, e - b);
       dropout_rows(xb, dropped, b, seed_v, drop);
       xb = dropped;
     }
     at::Tensor ub = u2.slice(0, b, e);
     at::mm_out(ub, xb, a_t);
+    y2.slice(0, b, e).addmm_(ub, b_t);
   });
-
-  // The rank-r product initialises y (in place of the bias broadcast a plain
-  // linear does), then the frozen GEMM accumulates onto it.
-  at::Tensor y2 = has_value(bias)
-                      ? at::addmm(*bias, u2, ops.b_scaled.t())
-                      : at::mm(u2, ops.b_scaled.t());
-  y2.addmm_(x2, weight.t());
   return {y2.view(with_last_dim(x.sizes(), dims.out)), u2.view(with_last_dim(x.sizes(), dims.r))};
 }
 

@@ -39,10 +39,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   const auto ops = lora_adapter_operands(lora_a, lora_b, scale, x.scalar_type());
 
   // The dropped copy of x is a temporary: only u is kept for backward.
+  // The frozen product exactly as nn.Linear computes it (a fresh adapter
+  // gives the base output bit for bit), then the rank-r update onto it.
+  at::Tensor y2 = has_value(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   at::Tensor u2 = at::mm(dropped(x2, seed_source(seed), drop), ops.a.t());
-  at::Tensor y2 = has_value(bias) ? at::addmm(*bias, u2, ops.b_scaled.t())
-                                  : at::mm(u2, ops.b_scaled.t());
-  y2.addmm_(x2, weight.t());
+  y2.addmm_(u2, ops.b_scaled.t());
   return {y2.view(with_last_dim(x.sizes(), dims.out)), u2.view(with_last_dim(x.sizes(), dims.r))};
 }
 

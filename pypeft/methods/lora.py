@@ -118,6 +118,15 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return linear_dims(self.base_layer)[1]
 
+    # Model code reads these off the layer it calls (e.g. T5 checks `wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None) -> None:
         _check_lora_options("LoraLinear", r, alpha, dropout)

