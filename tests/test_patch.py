@@ -23,7 +23,7 @@ def randomize_adapters(model, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def lora_layers(model):
@@ -64,10 +64,8 @@ def test_lifecycle_merge_unmerge_disabled(family):
 
     model = base  # patched in place
     pypeft.patch(model, method="lora", r=4, alpha=8, target_modules="all-linear")
-    # B = 0: every layer gives its base output bit for bit (the frozen product is
-    # computed as nn.Linear does); downstream ops may still round differently
-    # where a layer's output strides differ from nn.Linear's (seen on T5).
-    torch.testing.assert_close(T.output(model, batch), base_out, atol=1e-5, rtol=0)
+    # B = 0: the frozen product is computed exactly as nn.Linear does.
+    assert torch.equal(T.output(model, batch), base_out)
     randomize_adapters(model)
     adapted = T.output(model, batch)
     assert (adapted - base_out).abs().max() > 1e-3

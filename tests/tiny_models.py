@@ -65,7 +65,11 @@ def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
     return batch_inputs
 
 
+@torch.no_grad()
 def output(model, batch) -> torch.Tensor:
+    """Logits, under no_grad: kernels chosen for inference can differ from those
+    chosen when parameters require grad (CPU attention does), and the tests
+    compare models whose parameters differ in requires_grad."""
     return model(**batch).logits
 
 
