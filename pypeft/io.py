@@ -222,9 +222,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "
                          f"already (adapters: {sorted(state.adapters)})")
-    layers = find_targets(model, config.target_modules, "lora")
     # PEFT lists every head name a task may have (["classifier", "score"]); keep those this model has.
     to_save = find_modules_to_save(model, config.modules_to_save or [], strict=False)
+    layers = find_targets(model, config.target_modules, "lora", to_save)
     _check_tensors(directory / WEIGHTS_NAME, tensors, _expected_shapes(model, config, layers, to_save))
     config.modules_to_save = to_save  # what was saved, not the default head
     previous = state.active if state is not None else None

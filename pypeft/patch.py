@@ -80,8 +80,11 @@ def _describe_linear_layers(model: nn.Module) -> str:
     return ", ".join(suffixes) if suffixes else "(none)"
 
 
-def find_targets(model: nn.Module, target_modules, method: str) -> list[str]:
-    """Names of the linear layers `target_modules` selects (PEFT's rules)."""
+def find_targets(model: nn.Module, target_modules, method: str, trained_in_full: list[str] = ()) -> list[str]:
+    """Names of the linear layers `target_modules` selects (PEFT's rules).
+
+    Layers inside modules trained in full (modules_to_save) are not adapted,
+    as in PEFT."""
     if target_modules is None:
         target_modules = default_lora_targets(model)
         if target_modules is None:
@@ -89,7 +92,8 @@ def find_targets(model: nn.Module, target_modules, method: str) -> list[str]:
                 f"pypeft.patch(method={method!r}): argument 'target_modules': no default for model type "
                 f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}; pass a list of layer names, "
                 f"a regex or 'all-linear'. Its linear layers are named: {_describe_linear_layers(model)}")
-    modules = dict(_user_modules(model))
+    inside_full = tuple(n + "." for n in trained_in_full)
+    modules = {n: m for n, m in _user_modules(model) if n not in trained_in_full and not n.startswith(inside_full)}
     eligible = {n for n, m in modules.items() if is_linear_like(m) or isinstance(m, LoraLinear)}
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         heads = output_head_names(model)
@@ -121,9 +125,8 @@ def find_modules_to_save(model: nn.Module, modules_to_save, strict: bool = True)
     """Names of the modules trained in full; strict: every name must exist."""
     if modules_to_save is None:
         return classifier_head_names(model)
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, TrainableCopies)}
-    names = [n for n, _ in _user_modules(model)] + sorted(wrapped)
-    chosen = []
+    names = [n for n, _ in _user_modules(model)]  # a wrapped module keeps its name
+    chosen: list[str] = []
     for key in modules_to_save:
         hits = [n for n in names if _name_matches(n, key)]
         if not hits and strict:
@@ -179,8 +182,8 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
     if state is not None and state.merged:
         raise ValueError("pypeft.patch: the model has merged adapters; call pypeft.unmerge(model) first")
     # Resolve everything before changing anything: a bad argument loses nothing.
-    targets = find_targets(model, config.target_modules, config.method)
     to_save = find_modules_to_save(model, config.modules_to_save)
+    targets = find_targets(model, config.target_modules, config.method, to_save)
     if state is None:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         for p in model.parameters():

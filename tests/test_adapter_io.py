@@ -1,0 +1,183 @@
+"""Adapters on disk in PEFT's format: both directions against the real `peft`
+package, named adapters, and bad directories (clear errors, nothing lost)."""
+
+import copy
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import pypeft
+import tiny_models as T
+
+peft = pytest.importorskip("peft", reason="the `peft` package is the oracle for the adapter format")
+
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+
+def randomize(model, seed=0):
+    """Non-trivial adapter (and head copy) values, the same way for peft and pypeft models."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def peft_model(base, family, **lora):
+    cfg = peft.LoraConfig(task_type=TASK[family], **lora)
+    return peft.get_peft_model(copy.deepcopy(base), cfg)
+
+
+@pytest.mark.parametrize("family", list(T.FAMILIES))
+@pytest.mark.parametrize("variant", ["default", "all-linear+rslora"])
+def test_peft_adapter_loads_into_pypeft(tmp_path, family, variant):
+    base = T.make(family)
+    lora = dict(r=4, lora_alpha=8)
+    if variant != "default":
+        lora.update(target_modules="all-linear", use_rslora=True, r=8)
+    theirs = peft_model(base, family, **lora)
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    batch = T.inputs(family)
+    want = T.output(theirs.eval(), batch)
+    ours = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+    got = T.output(ours, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - T.output(base, batch)).abs().max() > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("family", list(T.FAMILIES))
+@pytest.mark.parametrize("variant", ["default", "all-linear+rslora"])
+def test_pypeft_adapter_loads_into_peft(tmp_path, family, variant):
+    base = T.make(family)
+    options = dict(r=4, alpha=8) if variant == "default" else dict(r=8, alpha=8, rslora=True,
+                                                                  target_modules="all-linear")
+    ours = pypeft.patch(copy.deepcopy(base), method="lora", **options)
+    randomize(ours)
+    pypeft.save_adapter(ours, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    batch = T.inputs(family)
+    want = T.output(ours, batch)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(T.output(theirs, batch), want, atol=1e-5, rtol=1e-5)
+    # and back: pypeft reads its own files
+    again = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(T.output(again, batch), want, atol=1e-6, rtol=1e-6)
+
+
+def test_saved_keys_are_peft_keys(tmp_path):
+    base = T.make("gpt2")
+    ours = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    pypeft.save_adapter(ours, tmp_path / "ours")
+    theirs = peft_model(base, "gpt2", r=4, lora_alpha=8)
+    theirs.save_pretrained(tmp_path / "theirs")
+    load = safetensors.torch.load_file
+    a = load(tmp_path / "ours" / "adapter_model.safetensors")
+    b = load(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] is True and cfg["r"] == 4
+
+
+def test_named_adapter_joins_a_patched_model(tmp_path):
+    base = T.make("bert")
+    batch = T.inputs("bert")
+    first = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    randomize(first, seed=1)
+    pypeft.save_adapter(first, tmp_path / "first")
+    model = pypeft.patch(copy.deepcopy(base), method="lora", r=2, alpha=4, adapter_name="other")
+    randomize(model, seed=2)
+    out_other = T.output(model, batch)
+    pypeft.load_adapter(model, tmp_path / "first", adapter_name="first")
+    assert model.pypeft.active == "other" and torch.equal(T.output(model, batch), out_other)
+    pypeft.set_adapter(model, "first")
+    torch.testing.assert_close(T.output(model, batch), T.output(first, batch), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="'adapter_name'.*'first' exists already"):
+        pypeft.load_adapter(model, tmp_path / "first", adapter_name="first")
+
+
+# --- bad directories ---------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    model = pypeft.patch(T.make("bert"), method="lora", r=4, alpha=8)
+    randomize(model)
+    pypeft.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _assert_untouched(model, before):
+    assert "pypeft" not in model.__dict__
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def test_adapter_for_other_shapes_names_the_key(saved):
+    cfg = T.bert().config
+    cfg.hidden_size, cfg.intermediate_size = 32, 48
+    import transformers
+    torch.manual_seed(0)
+    other = transformers.BertForSequenceClassification(cfg)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"'base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query"
+                                         r"\.lora_A\.weight'.*expected shape \[4, 32\], got \[4, 64\]"):
+        pypeft.load_adapter(other, saved)
+    _assert_untouched(other, before)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing weights", "bad json", "not lora",
+                                    "dora", "missing dir"])
+def test_damaged_directory_raises_and_loses_nothing(saved, damage, tmp_path):
+    weights, config = saved / "adapter_model.safetensors", saved / "adapter_config.json"
+    if damage == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif damage == "missing weights":
+        weights.unlink()
+    elif damage == "bad json":
+        config.write_text("{not json")
+    elif damage in ("not lora", "dora"):
+        cfg = json.loads(config.read_text())
+        cfg.update({"peft_type": "IA3"} if damage == "not lora" else {"use_dora": True})
+        config.write_text(json.dumps(cfg))
+    target = saved if damage != "missing dir" else tmp_path / "nowhere"
+    model = T.make("bert")
+    before = copy.deepcopy(model.state_dict())
+    pattern = {"truncated": "corrupt or truncated", "garbage": "corrupt or truncated",
+               "missing weights": "no adapter_model.safetensors", "bad json": "not valid JSON",
+               "not lora": "expected peft_type 'LORA', got 'IA3'", "dora": "use_dora=True is not supported",
+               "missing dir": "no adapter_config.json"}[damage]
+    with pytest.raises(ValueError, match=pattern):
+        pypeft.load_adapter(model, target)
+    _assert_untouched(model, before)
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    """A crash while the new weights are written leaves the previous adapter intact."""
+    files = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = pypeft.patch(T.make("bert"), method="lora", r=4, alpha=8)
+    randomize(model, seed=5)
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pypeft.io, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pypeft.save_adapter(model, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == files  # same files, same bytes, no leftovers
+    monkeypatch.undo()
+    pypeft.save_adapter(model, saved)
+    assert (saved / "adapter_model.safetensors").read_bytes() != files["adapter_model.safetensors"]
+
+
+def test_save_needs_a_patched_model(tmp_path):
+    with pytest.raises(ValueError, match="not patched"):
+        pypeft.save_adapter(T.make("bert"), tmp_path)
