@@ -262,58 +262,61 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def disabled(model: nn.Module):
-    """Run the base model: inside the block, no adapter (and no trained copy of
-    a module) takes part. Merged adapters are taken out and put back."""
-    state = _require_state(model, "disabled")
+def _unmerged(model: nn.Module, state: PatchState):
+    """Take merged adapters out of the base weights for the block, then put
+    the (then active) adapter back in."""
     was_merged = state.merged
     if was_merged:
         unmerge(model)
-    layers = list(_pypeft_layers(model))
-    for layer in layers:
-        layer.disabled = True
     try:
-        yield model
+        yield
     finally:
-        for layer in layers:
-            layer.disabled = False
         if was_merged:
             merge(model)
 
 
+def _require_adapter(state: PatchState, name: str, what: str) -> None:
+    if name not in state.adapters:
+        raise ValueError(f"pypeft.{what}: argument 'name': expected one of {sorted(state.adapters)}, got {name!r}")
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: inside the block, no adapter (and no trained copy of
+    a module) takes part. Merged adapters are taken out and put back."""
+    state = _require_state(model, "disabled")
+    with _unmerged(model, state):
+        layers = list(_pypeft_layers(model))
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+
 def set_adapter(model: nn.Module, name: str) -> None:
     state = _require_state(model, "set_adapter")
-    if name not in state.adapters:
-        raise ValueError(f"pypeft.set_adapter: argument 'name': expected one of {sorted(state.adapters)}, "
-                         f"got {name!r}")
-    was_merged = state.merged
-    if was_merged:
-        unmerge(model)
-    _activate(model, state, name)
-    if was_merged:
-        merge(model)
+    _require_adapter(state, name, "set_adapter")
+    with _unmerged(model, state):
+        _activate(model, state, name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     state = _require_state(model, "delete_adapter")
-    if name not in state.adapters:
-        raise ValueError(f"pypeft.delete_adapter: argument 'name': expected one of {sorted(state.adapters)}, "
-                         f"got {name!r}")
+    _require_adapter(state, name, "delete_adapter")
     if len(state.adapters) == 1:
         raise ValueError(f"pypeft.delete_adapter: {name!r} is the only adapter; call pypeft.unpatch(model) "
                          "to remove it and restore the model")
-    was_merged = state.merged
-    if was_merged:
-        unmerge(model)
-    for layer in _pypeft_layers(model):
-        if (isinstance(layer, LoraLinear) and name in layer.lora_A) or \
-                (isinstance(layer, TrainableCopies) and name in layer.copies):
-            layer.delete_adapter(name)
-    del state.adapters[name]
-    if state.active == name:
-        _activate(model, state, next(iter(state.adapters)))
-    if was_merged:
-        merge(model)
+    with _unmerged(model, state):
+        for layer in _pypeft_layers(model):
+            if (isinstance(layer, LoraLinear) and name in layer.lora_A) or \
+                    (isinstance(layer, TrainableCopies) and name in layer.copies):
+                layer.delete_adapter(name)
+        del state.adapters[name]
+        if state.active == name:
+            _activate(model, state, next(iter(state.adapters)))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

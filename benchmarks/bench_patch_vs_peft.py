@@ -1,0 +1,112 @@
+"""pypeft.patch against the `peft` package on a MiniLM-shaped BERT classifier
+(6 layers, hidden 384, 12 heads, FFN 1536, random weights): train-step time
+and saved-activation bytes, LoRA on query/value and on all linear layers, with
+full fine-tuning and the frozen network as references.
+
+Prints one JSON object. Candidates alternate in one process; medians, ratios.
+
+    python benchmarks/bench_patch_vs_peft.py [--seq 256 --batch 8 --r 8 --rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import alternate_timings, machine_description, saved_activation_bytes  # noqa: E402
+
+import pypeft  # noqa: E402
+
+
+def minilm_shaped(dropout: float) -> transformers.BertForSequenceClassification:
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                  intermediate_size=1536, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout, num_labels=5)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    import peft
+
+    device = torch.device("cpu")
+    base = minilm_shaped(args.dropout)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 30522, (args.batch, args.seq), generator=g),
+             "labels": torch.randint(0, 5, (args.batch,), generator=g)}
+
+    models = {"full_finetuning": copy.deepcopy(base)}
+    frozen = copy.deepcopy(base)
+    frozen.requires_grad_(False)
+    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(True)  # gradients flow back to the embeddings
+    models["frozen_floor"] = frozen
+    for targets, name in ((["query", "value"], "qv"), ("all-linear", "all_linear")):
+        models[f"pypeft_{name}"] = pypeft.patch(copy.deepcopy(base), method="lora", r=args.r, alpha=2 * args.r,
+                                                dropout=args.dropout, target_modules=targets)
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                              target_modules=targets)
+        models[f"peft_{name}"] = peft.get_peft_model(copy.deepcopy(base), cfg)
+    for m in models.values():
+        m.train()
+
+    def step(model):
+        def run():
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    times = alternate_timings({k: step(m) for k, m in models.items()}, device, args.rounds, warmup=1)
+    saved = {}
+    for k, m in models.items():
+        params = list(m.parameters())
+        saved[k] = saved_activation_bytes(lambda m=m: m(**batch).loss, params)
+    trainable = {k: pypeft.trainable_parameters(m)[0] if k.startswith("pypeft") else
+                 sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+
+    def ratio(a, b, table):
+        return round(table[a] / table[b], 3)
+
+    report = {
+        "benchmark": "patch_vs_peft",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(device),
+        "torch": torch.__version__, "peft": peft.__version__,
+        "config": vars(args),
+        "median_ms_train_step": {k: round(v * 1e3, 1) for k, v in times.items()},
+        "saved_mb": {k: round(v / 1e6, 1) for k, v in saved.items()},
+        "trainable_parameters": trainable,
+        "ratios": {
+            "time_pypeft_vs_peft_qv": ratio("pypeft_qv", "peft_qv", times),
+            "time_pypeft_vs_peft_all_linear": ratio("pypeft_all_linear", "peft_all_linear", times),
+            "saved_pypeft_vs_peft_qv": ratio("pypeft_qv", "peft_qv", saved),
+            "saved_pypeft_vs_peft_all_linear": ratio("pypeft_all_linear", "peft_all_linear", saved),
+            "time_peft_all_linear_vs_full": ratio("peft_all_linear", "full_finetuning", times),
+            "saved_peft_all_linear_vs_full": ratio("peft_all_linear", "full_finetuning", saved),
+        },
+    }
+    r = report["ratios"]
+    report["targets_met"] = {
+        "all-linear saved <= 0.8x peft": r["saved_pypeft_vs_peft_all_linear"] <= 0.8,
+        "all-linear step <= 0.8x peft": r["time_pypeft_vs_peft_all_linear"] <= 0.8,
+        "qv step <= 0.9x peft": r["time_pypeft_vs_peft_qv"] <= 0.9,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
