@@ -41,6 +41,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--memory-only", action="store_true", help="skip the timings")
     args = p.parse_args(argv)
     import peft
 
@@ -70,7 +71,8 @@ def main(argv=None):
             model.zero_grad(set_to_none=True)
         return run
 
-    times = alternate_timings({k: step(m) for k, m in models.items()}, device, args.rounds, warmup=1)
+    times = ({k: float("nan") for k in models} if args.memory_only else
+             alternate_timings({k: step(m) for k, m in models.items()}, device, args.rounds, warmup=1))
     saved = {}
     for k, m in models.items():
         params = list(m.parameters())
@@ -88,7 +90,7 @@ def main(argv=None):
         "torch": torch.__version__, "peft": peft.__version__,
         "config": vars(args),
         "median_ms_train_step": {k: round(v * 1e3, 1) for k, v in times.items()},
-        "saved_mb": {k: round(v / 1e6, 1) for k, v in saved.items()},
+        "saved_mib": {k: round(v / 2**20, 1) for k, v in saved.items()},
         "trainable_parameters": trainable,
         "ratios": {
             "time_pypeft_vs_peft_qv": ratio("pypeft_qv", "peft_qv", times),

@@ -2,7 +2,9 @@
 
     y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ
 
-Saved for backward: x and u = drop(x) Aᵀ ([..., r]) only. The dropout mask is
+Saved for backward: x and u = drop(x) Aᵀ ([..., r]) only — and where x is the
+output of a GELU or a product whose inputs autograd keeps anyway, those instead
+of x (see saved_inputs.py). The dropout mask is
 a counter hash of (seed, row, column), regenerated in backward, identical on
 CPU and CUDA for the same seed.
 
@@ -16,6 +18,8 @@ float32. Any other mix raises a TypeError naming the argument.
 from __future__ import annotations
 
 import torch
+
+from pypeft.ops import saved_inputs
 
 _op = torch.ops.pypeft.lora_linear.default
 _backward_op = torch.ops.pypeft.lora_linear_backward.default
@@ -76,13 +80,15 @@ def _lora_linear_backward_fake(grad_out, grad_u, x, weight, lora_a, lora_b, u, s
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
     _, u = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+    ctx.x_recipe, x_saved = saved_inputs.plan(x)
+    ctx.save_for_backward(weight, lora_a, lora_b, u, seed, *x_saved)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, grad_y, grad_u):
-    x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+    weight, lora_a, lora_b, u, seed, *x_saved = ctx.saved_tensors
+    x = saved_inputs.rebuild(ctx.x_recipe, tuple(x_saved))
     need = ctx.needs_input_grad
     grad_x, grad_weight, grad_bias, grad_a, grad_b = _backward_op(
         grad_y, grad_u, x, weight, lora_a, lora_b, u, ctx.scale, ctx.dropout_p, seed,
