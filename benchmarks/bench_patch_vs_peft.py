@@ -56,6 +56,11 @@ def main(argv=None):
     frozen.requires_grad_(False)
     frozen.bert.embeddings.word_embeddings.weight.requires_grad_(True)  # gradients flow back to the embeddings
     models["frozen_floor"] = frozen
+    head_only = copy.deepcopy(base)  # no adapter at all: what any adapter's step costs at least
+    head_only.requires_grad_(False)
+    head_only.classifier.requires_grad_(True)
+    head_only.bert.embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    models["head_only"] = head_only
     for targets, name in ((["query", "value"], "qv"), ("all-linear", "all_linear")):
         models[f"pypeft_{name}"] = pypeft.patch(copy.deepcopy(base), method="lora", r=args.r, alpha=2 * args.r,
                                                 dropout=args.dropout, target_modules=targets)
