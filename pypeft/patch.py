@@ -190,22 +190,24 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
             p.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
     for target in targets:
-        layer = model.get_submodule(target)
-        if not isinstance(layer, LoraLinear):
-            state.replaced[target] = layer
-            layer = LoraLinear(layer)
-            model.set_submodule(target, layer)
-        layer.add_adapter(name, config.r, config.alpha, config.dropout, config.rslora)
+        _wrapped(model, state, target, LoraLinear).add_adapter(name, config.r, config.alpha, config.dropout,
+                                                              config.rslora)
     for target in to_save:
-        module = model.get_submodule(target)
-        if not isinstance(module, TrainableCopies):
-            state.replaced[target] = module
-            module = TrainableCopies(module)
-            model.set_submodule(target, module)
-        module.add_adapter(name)
+        _wrapped(model, state, target, TrainableCopies).add_adapter(name)
     state.adapters[name] = AdapterRecord(config=config, layers=targets, modules_to_save=to_save)
     _activate(model, state, name)
     return model
+
+
+def _wrapped(model: nn.Module, state: PatchState, name: str, wrapper: type) -> nn.Module:
+    """The pypeft layer at `name`, wrapping the original module there first if
+    needed (the original is recorded, for unpatch)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, wrapper):
+        state.replaced[name] = module
+        module = wrapper(module)
+        model.set_submodule(name, module)
+    return module
 
 
 def _pypeft_layers(model: nn.Module) -> Iterator[nn.Module]:
