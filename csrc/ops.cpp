@@ -21,4 +21,17 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor lora_a, Tensor lora_b, Tensor u, float scale, float dropout_p, Tensor? seed, "
       "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_lora_a, Tensor grad_lora_b)");
+
+  // VeRA: y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ), u = drop(x) A_sᵀ, where
+  // A [r, max_in] and B [max_out, r] are frozen matrices shared by every layer,
+  // sliced to A_s = A[:, :in], B_s = B[:out, :]. Dropout as in lora_linear.
+  m.def(
+      "vera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
+      "Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)");
+  // Gradients for (x, weight, bias, lambda_d, lambda_b) where output_mask says.
+  m.def(
+      "vera_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
+      "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u, float dropout_p, "
+      "Tensor? seed, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_lambda_d, Tensor grad_lambda_b)");
 }

@@ -71,3 +71,15 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=0):
         y = y + bias
     u = dropout(x, seed, dropout_p) @ lora_a.t()
     return y + scale * (u @ lora_b.t())
+
+
+# --- VeRA ------------------------------------------------------------------
+
+def vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p=0.0, seed=0):
+    """y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ), A_s = A[:, :in], B_s = B[:out, :]."""
+    n_out, n_in = weight.shape
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    u = dropout(x, seed, dropout_p) @ vera_a[:, :n_in].t()
+    return y + lambda_b * ((lambda_d * u) @ vera_b[:n_out].t())

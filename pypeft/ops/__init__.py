@@ -15,5 +15,6 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from pypeft.ops.lora_linear import lora_linear
+from pypeft.ops.vera_linear import vera_linear
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "vera_linear"]

@@ -1,0 +1,79 @@
+"""pypeft::vera_linear: a frozen linear layer plus a VeRA update, in one op.
+
+    y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ)
+
+A ([r, max_in]) and B ([max_out, r]) are frozen random matrices shared by
+every adapted layer, sliced per layer: A_s = A[:, :in], B_s = B[:out, :]. Only
+λ_d ([r]) and λ_b ([out]) train. Saved for backward: x (or what rebuilds it,
+see saved_inputs.py) and u = drop(x) A_sᵀ ([..., r]); no N×in or N×out tensor.
+It runs on lora_linear's kernels with B_eff = diag(λ_b) B_s diag(λ_d).
+
+dtypes as lora_linear: A, B, λ_d, λ_b share x's dtype, or float32 when x is
+bfloat16/float16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pypeft.ops import saved_inputs
+
+_op = torch.ops.pypeft.vera_linear.default
+_backward_op = torch.ops.pypeft.vera_linear_backward.default
+
+
+def vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p: float = 0.0, seed=None):
+    """y = x @ weight.T + bias + lambda_b * ((lambda_d * (dropout(x) @ A_s.T)) @ B_s.T)."""
+    return _op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)[0]
+
+
+@torch.library.register_fake("pypeft::vera_linear")
+def _vera_linear_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed):
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"pypeft.vera_linear: argument 'x': expected in_features {weight.shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], vera_a.shape[0]))
+
+
+@torch.library.register_fake("pypeft::vera_linear_backward")
+def _vera_linear_backward_fake(grad_out, grad_u, x, weight, vera_a, vera_b, lambda_d, lambda_b, u, dropout_p,
+                               seed, output_mask):
+    need_x, need_weight, need_bias, need_ld, need_lb = output_mask
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None,
+        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        torch.empty_like(lambda_d) if need_ld else None,
+        torch.empty_like(lambda_b) if need_lb else None,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed = inputs
+    ctx.x_recipe, x_saved = saved_inputs.plan(x)
+    ctx.save_for_backward(weight, vera_a, vera_b, lambda_d, lambda_b, output[1], seed, *x_saved)
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, grad_u):
+    weight, vera_a, vera_b, lambda_d, lambda_b, u, seed, *x_saved = ctx.saved_tensors
+    x = saved_inputs.rebuild(ctx.x_recipe, tuple(x_saved))
+    need = ctx.needs_input_grad
+    if need[3] or need[4]:
+        raise RuntimeError("pypeft.vera_linear: the shared matrices vera_a and vera_b are frozen; "
+                           "they must not require grad")
+    grad_x, grad_weight, grad_bias, grad_ld, grad_lb = _backward_op(
+        grad_y, grad_u, x, weight, vera_a, vera_b, lambda_d, lambda_b, u, ctx.dropout_p, seed,
+        [need[0], need[1], need[2], need[5], need[6]],
+    )
+    return grad_x, grad_weight, grad_bias, None, None, grad_ld, grad_lb, None, None
+
+
+torch.library.register_autograd("pypeft::vera_linear", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("pypeft.vera_linear: second-order gradients (backward of the backward) are not supported")
+
+
+torch.library.register_autograd("pypeft::vera_linear_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
