@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from pypeft.ops import saved_inputs
+from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.lora_linear.default
 _backward_op = torch.ops.pypeft.lora_linear_backward.default
@@ -99,12 +100,4 @@ def _backward(ctx, grad_y, grad_u):
 
 torch.library.register_autograd("pypeft::lora_linear", _backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("pypeft.lora_linear: second-order gradients (backward of the backward) are not supported")
-
-
-# Registered so that create_graph=True builds a graph whose use fails loudly,
-# instead of the backward op running with autograd silently switched off.
-torch.library.register_autograd("pypeft::lora_linear_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+forbid_double_backward("pypeft::lora_linear_backward", "pypeft.lora_linear")

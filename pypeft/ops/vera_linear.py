@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from pypeft.ops import saved_inputs
+from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.vera_linear.default
 _backward_op = torch.ops.pypeft.vera_linear_backward.default
@@ -70,10 +71,4 @@ def _backward(ctx, grad_y, grad_u):
 
 torch.library.register_autograd("pypeft::vera_linear", _backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("pypeft.vera_linear: second-order gradients (backward of the backward) are not supported")
-
-
-torch.library.register_autograd("pypeft::vera_linear_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+forbid_double_backward("pypeft::vera_linear_backward", "pypeft.vera_linear")
