@@ -214,6 +214,10 @@ def _pypeft_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, _PYPEFT_LAYERS))
 
 
+def _lora_layers(model: nn.Module) -> Iterator[LoraLinear]:
+    return (m for m in model.modules() if isinstance(m, LoraLinear))
+
+
 def _activate(model: nn.Module, state: PatchState, name: str | None) -> None:
     """Make `name` the adapter that runs and trains; the others are frozen."""
     for layer in _pypeft_layers(model):
@@ -247,18 +251,16 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (forward then runs the
     plain layers). unmerge() takes it out again."""
     state = _require_state(model, "merge")
-    for layer in _pypeft_layers(model):
-        if isinstance(layer, LoraLinear):
-            layer.merge()
+    for layer in _lora_layers(model):
+        layer.merge()
     state.merged = True
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     state = _require_state(model, "unmerge")
-    for layer in _pypeft_layers(model):
-        if isinstance(layer, LoraLinear):
-            layer.unmerge()
+    for layer in _lora_layers(model):
+        layer.unmerge()
     state.merged = False
     return model
 
