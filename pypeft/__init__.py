@@ -2,6 +2,7 @@
 
     import pypeft
     pypeft.patch(model, method="lora", r=8, alpha=16, dropout=0.1)   # or pypeft.LoraConfig(...)
+    pypeft.patch(model, method="vera", r=256)                        # or pypeft.VeraConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 """
@@ -9,6 +10,8 @@
 from pypeft import ops
 from pypeft.io import load_adapter, save_adapter
 from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.methods.vera import VeraConfig, VeraLinear
+from pypeft.mixed_batch import mixed_batch
 from pypeft.patch import (
     delete_adapter,
     disabled,
@@ -23,10 +26,13 @@ from pypeft.patch import (
 __all__ = [
     "LoraConfig",
     "LoraLinear",
+    "VeraConfig",
+    "VeraLinear",
     "delete_adapter",
     "disabled",
     "load_adapter",
     "merge",
+    "mixed_batch",
     "ops",
     "patch",
     "save_adapter",

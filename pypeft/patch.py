@@ -16,17 +16,21 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.modules_to_save import TrainableCopies
-from pypeft.models import classifier_head_names, default_lora_targets, is_linear_like, output_head_names
+from pypeft.methods.vera import VeraConfig, VeraLinear, VeraProjections
+from pypeft.models import classifier_head_names, default_lora_targets, is_linear_like, linear_dims, output_head_names
 
 STATE_ATTR = "pypeft"
 
 # method name -> its config class; the config names the method (config.method).
-METHODS: dict[str, type] = {"lora": LoraConfig}
+METHODS: dict[str, type] = {"lora": LoraConfig, "vera": VeraConfig}
+# method name -> the layer class that holds its adapters.
+LAYERS: dict[str, type[AdaptedLinear]] = {"lora": LoraLinear, "vera": VeraLinear}
 
 # Modules pypeft puts into a model; nothing inside them is a target.
-_PYPEFT_LAYERS = (LoraLinear, TrainableCopies)
+_PYPEFT_LAYERS = (AdaptedLinear, TrainableCopies)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class PatchState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: str | None = None
     merged: bool = False
+    vera_projections: VeraProjections | None = None  # shared by every VeRA adapter of the model
 
 
 def state_of(model: nn.Module) -> PatchState | None:
@@ -76,7 +81,7 @@ def _name_matches(name: str, key: str) -> bool:
 
 def _describe_linear_layers(model: nn.Module) -> str:
     suffixes = sorted({name.rsplit(".", 1)[-1] for name, m in _user_modules(model)
-                       if is_linear_like(m) or isinstance(m, LoraLinear)})
+                       if is_linear_like(m) or isinstance(m, AdaptedLinear)})
     return ", ".join(suffixes) if suffixes else "(none)"
 
 
@@ -94,7 +99,7 @@ def find_targets(model: nn.Module, target_modules, method: str, trained_in_full:
                 f"a regex or 'all-linear'. Its linear layers are named: {_describe_linear_layers(model)}")
     inside_full = tuple(n + "." for n in trained_in_full)
     modules = {n: m for n, m in _user_modules(model) if n not in trained_in_full and not n.startswith(inside_full)}
-    eligible = {n for n, m in modules.items() if is_linear_like(m) or isinstance(m, LoraLinear)}
+    eligible = {n for n, m in modules.items() if is_linear_like(m) or isinstance(m, AdaptedLinear)}
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         heads = output_head_names(model)
         chosen = sorted(n for n in eligible if n not in heads)
@@ -184,19 +189,56 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
     # Resolve everything before changing anything: a bad argument loses nothing.
     to_save = find_modules_to_save(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.method, to_save)
+    _check_one_method_per_layer(model, targets, config.method)
+    projections = _vera_projections(model, state, config, targets) if config.method == "vera" else None
     if state is None:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         for p in model.parameters():
             p.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
+    layer_class = LAYERS[config.method]
     for target in targets:
-        _wrapped(model, state, target, LoraLinear).add_adapter(name, config.r, config.alpha, config.dropout,
-                                                              config.rslora)
+        layer = _wrapped(model, state, target, layer_class)
+        if config.method == "lora":
+            layer.add_adapter(name, config.r, config.alpha, config.dropout, config.rslora)
+        else:
+            layer.add_adapter(name, projections, config.d_initial, config.dropout)
+    state.vera_projections = projections or state.vera_projections
     for target in to_save:
         _wrapped(model, state, target, TrainableCopies).add_adapter(name)
     state.adapters[name] = AdapterRecord(config=config, layers=targets, modules_to_save=to_save)
     _activate(model, state, name)
     return model
+
+
+def _check_one_method_per_layer(model: nn.Module, targets: list[str], method: str) -> None:
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdaptedLinear) and module.method != method:
+            raise ValueError(f"pypeft.patch(method={method!r}): layer {name!r} holds {module.method} adapters; "
+                             "a layer takes adapters of one method (choose other target_modules)")
+
+
+def _base_dims(model: nn.Module, name: str) -> tuple[int, int]:
+    module = model.get_submodule(name)
+    return linear_dims(module.base_layer if isinstance(module, AdaptedLinear) else module)
+
+
+def _vera_projections(model: nn.Module, state: PatchState | None, config: VeraConfig,
+                      targets: list[str]) -> VeraProjections:
+    """The model's shared VeRA matrices: the existing ones, if they fit this
+    adapter, or new ones sized by its largest layer."""
+    dims = {name: _base_dims(model, name) for name in targets}
+    existing = state.vera_projections if state is not None else None
+    if existing is not None:
+        existing.check_compatible(config, dims, "pypeft.patch(method='vera')")
+        return existing
+    like = _base_layer_weight(model.get_submodule(targets[0]))
+    return VeraProjections.for_layers(config, list(dims.values()), like)
+
+
+def _base_layer_weight(module: nn.Module):
+    return (module.base_layer if isinstance(module, AdaptedLinear) else module).weight
 
 
 def _wrapped(model: nn.Module, state: PatchState, name: str, wrapper: type) -> nn.Module:
@@ -214,21 +256,14 @@ def _pypeft_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, _PYPEFT_LAYERS))
 
 
-def _lora_layers(model: nn.Module) -> Iterator[LoraLinear]:
-    return (m for m in model.modules() if isinstance(m, LoraLinear))
+def _adapted_layers(model: nn.Module) -> Iterator[AdaptedLinear]:
+    return (m for m in model.modules() if isinstance(m, AdaptedLinear))
 
 
 def _activate(model: nn.Module, state: PatchState, name: str | None) -> None:
     """Make `name` the adapter that runs and trains; the others are frozen."""
     for layer in _pypeft_layers(model):
-        layer.active_adapter = name
-        if isinstance(layer, LoraLinear):
-            for adapter in layer.lora_A:
-                layer.lora_A[adapter].requires_grad_(adapter == name)
-                layer.lora_B[adapter].requires_grad_(adapter == name)
-        else:
-            for adapter, copy in layer.copies.items():
-                copy.requires_grad_(adapter == name)
+        layer.activate(name)
     state.active = name
 
 
@@ -251,7 +286,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (forward then runs the
     plain layers). unmerge() takes it out again."""
     state = _require_state(model, "merge")
-    for layer in _lora_layers(model):
+    for layer in _adapted_layers(model):
         layer.merge()
     state.merged = True
     return model
@@ -259,7 +294,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     state = _require_state(model, "unmerge")
-    for layer in _lora_layers(model):
+    for layer in _adapted_layers(model):
         layer.unmerge()
     state.merged = False
     return model
@@ -315,10 +350,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                          "to remove it and restore the model")
     with _unmerged(model, state):
         for layer in _pypeft_layers(model):
-            if (isinstance(layer, LoraLinear) and name in layer.lora_A) or \
-                    (isinstance(layer, TrainableCopies) and name in layer.copies):
+            if layer.has_adapter(name):
                 layer.delete_adapter(name)
         del state.adapters[name]
+        if not any(r.config.method == "vera" for r in state.adapters.values()):
+            state.vera_projections = None
         if state.active == name:
             _activate(model, state, next(iter(state.adapters)))
 

@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
 
-from pypeft.models.linear import is_linear_like, is_transposed, linear_dims, weight_out_in
+from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
+from pypeft.methods.config_checks import TargetModules, check_common, check_dropout, check_finite, check_rank
+from pypeft.models.linear import weight_out_in
 from pypeft.ops.lora_linear import lora_linear
-
-TargetModules = Union[None, str, list, tuple, set]
 
 
 def _check_lora_options(owner: str, r, alpha, dropout):
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{owner}: argument 'r': expected an int >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"{owner}: argument 'alpha': expected a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{owner}: argument 'dropout': expected a probability in [0, 1), got {dropout!r}")
+    check_rank(owner, r)
+    check_finite(owner, "alpha", alpha)
+    check_dropout(owner, dropout)
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
@@ -59,28 +55,14 @@ class LoraConfig:
 
     def __post_init__(self):
         _check_lora_options("LoraConfig", self.r, self.alpha, self.dropout)
-        if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
-            raise ValueError("LoraConfig: argument 'adapter_name': expected a name made of letters, digits "
-                             f"and underscores, got {self.adapter_name!r}")
-        if isinstance(self.target_modules, (list, tuple, set)):
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError("LoraConfig: argument 'target_modules': expected a non-empty list of module "
-                                 f"names, got {self.target_modules!r}")
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise ValueError("LoraConfig: argument 'target_modules': expected None, a list of names, a regex "
-                             f"or 'all-linear', got {type(self.target_modules).__name__}")
-        if self.modules_to_save is not None and (
-                isinstance(self.modules_to_save, str) or
-                not all(isinstance(m, str) for m in self.modules_to_save)):
-            raise ValueError("LoraConfig: argument 'modules_to_save': expected a list of module names, "
-                             f"got {self.modules_to_save!r}")
+        check_common("LoraConfig", self)
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.rslora)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdaptedLinear):
     """A frozen linear layer (nn.Linear or transformers' Conv1D) plus named
     LoRA adapters; the active one runs with the base in one native op.
 
@@ -88,54 +70,28 @@ class LoraLinear(nn.Module):
     one adapter named "default"; `add_adapter` adds more.
     """
 
+    adapter_dicts = ("lora_A", "lora_B")
+    method = "lora"
+
     def __init__(self, base: nn.Module, r: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, rslora: bool = False, adapter_dtype: torch.dtype | None = None,
                  adapter_name: str = "default"):
-        super().__init__()
-        if not is_linear_like(base):
-            raise TypeError("LoraLinear: argument 'base': expected torch.nn.Linear or transformers Conv1D, "
-                            f"got {type(base).__name__}")
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self.active_adapter: str | None = None
-        self.disabled = False  # set by pypeft.disabled(): the base alone
-        self.merged: list[str] = []  # adapters folded into base_layer's weight
         if r is not None:
             self.add_adapter(adapter_name, r, alpha if alpha is not None else r, dropout, rslora, adapter_dtype)
             self.active_adapter = adapter_name
 
-    @property
-    def in_features(self) -> int:
-        return linear_dims(self.base_layer)[0]
-
-    @property
-    def out_features(self) -> int:
-        return linear_dims(self.base_layer)[1]
-
-    # Model code reads these off the layer it calls (e.g. T5 checks `wo.weight.dtype`).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None) -> None:
         _check_lora_options("LoraLinear", r, alpha, dropout)
-        if name in self.lora_A:
-            raise ValueError(f"LoraLinear: adapter {name!r} exists already (adapters: {sorted(self.lora_A)})")
+        self._check_new_name(name)
         weight = self.base_layer.weight
-        if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-        factory = {"device": weight.device, "dtype": adapter_dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype or default_adapter_dtype(weight)}
         a = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A[name] = a
@@ -144,13 +100,8 @@ class LoraLinear(nn.Module):
         self.scaling[name] = lora_scaling(r, alpha, rslora)
         self.dropout[name] = float(dropout)
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            self.unmerge()
-        del self.lora_A[name], self.lora_B[name]
+    def _forget(self, name: str) -> None:
         del self.r[name], self.scaling[name], self.dropout[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scale · B A as [out, in], in float32 (or float64)."""
@@ -158,34 +109,17 @@ class LoraLinear(nn.Module):
         dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
         return (b.to(dtype) @ a.to(dtype)) * self.scaling[name]
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        name = self.active_adapter
-        if name is None or name not in self.lora_A or name in self.merged:
-            return
-        self._add_to_weight(self.delta_weight(name), +1)
-        self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged:
-            self._add_to_weight(self.delta_weight(self.merged.pop()), -1)
-
-    def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
-        w = self.base_layer.weight
-        d = delta.t() if is_transposed(self.base_layer) else delta
-        w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if self.disabled or self.merged or name is None or name not in self.lora_A:
-            return self.base_layer(x)
+    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout[name] if self.training else 0.0
-        # A fresh mask every step; the seed is a tensor so that torch.compile
-        # keeps one graph while it changes.
-        seed = torch.randint(0, 2**62, (), device=x.device) if p > 0.0 else None
         return lora_linear(x, weight_out_in(self.base_layer), self.base_layer.bias, self.lora_A[name],
-                           self.lora_B[name], self.scaling[name], p, seed)
+                           self.lora_B[name], self.scaling[name], p, self.dropout_seed(p, x))
+
+    def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        from pypeft.ops.mixed_linear import lora_linear_mixed  # TEMP until the op lands
+        names = self.mixed_adapters
+        return lora_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias,
+                                 [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
+                                 [self.scaling[n] for n in names], rows)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.r[n]}, scaling={self.scaling[n]:g}, dropout={self.dropout[n]})"

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
+
+from pypeft.methods.adapted_linear import BASE
 
 
 class TrainableCopies(nn.Module):
@@ -22,6 +25,7 @@ class TrainableCopies(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.mixed_row_names: list[str] | None = None  # set by pypeft.mixed_batch()
 
     def add_adapter(self, name: str) -> None:
         if name in self.copies:
@@ -31,16 +35,50 @@ class TrainableCopies(nn.Module):
             p.requires_grad_(True)
         self.copies[name] = trainable
 
+    def has_adapter(self, name: str) -> bool:
+        return name in self.copies
+
+    def activate(self, name: str | None) -> None:
+        self.active_adapter = name
+        for adapter, trainable in self.copies.items():
+            trainable.requires_grad_(adapter == name)
+
+    def set_mixed_rows(self, row_names: list[str] | None) -> None:
+        self.mixed_row_names = row_names
+
     def delete_adapter(self, name: str) -> None:
         del self.copies[name]
         if self.active_adapter == name:
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
+        if self.mixed_row_names is not None and not self.disabled:
+            return self._mixed_forward(*args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.copies:
             return self.original_module(*args, **kwargs)
         return self.copies[name](*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs):
+        """Each batch row through its adapter's copy. A loop over the adapters
+        in the batch, in Python: these are whole modules of any kind (a task
+        head, once per model), not the per-layer hot path."""
+        names = self.mixed_row_names
+        if x.dim() < 1 or x.shape[0] != len(names):
+            raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
+                             f"({x.shape[0] if x.dim() else 'no batch dimension'}), got {len(names)}")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name if name in self.copies else BASE, []).append(row)
+        out = None
+        for name, rows in groups.items():
+            module = self.original_module if name == BASE else self.copies[name]
+            index = torch.tensor(rows, device=x.device)
+            y = module(x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, index, y)
+        return out
 
     def __getattr__(self, name: str):
         # Model code sometimes reads attributes of its head (e.g. `.weight`,

@@ -1,0 +1,159 @@
+"""What every pypeft linear-layer method shares: a frozen base layer (nn.Linear
+or transformers' Conv1D) plus named adapters, one (or none) active, and the
+lifecycle around them (merge/unmerge, disable, activate, delete, mixed-adapter
+batches). A method (LoRA, VeRA) says what an adapter holds and how it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pypeft.models.linear import is_linear_like, is_transposed, linear_dims
+
+BASE = "base"  # the row name, in a mixed batch, of rows that run without an adapter
+
+
+def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """PEFT's autocast_adapter_dtype: float32 adapters on a bfloat16/float16 layer."""
+    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+
+
+class AdaptedLinear(nn.Module):
+    """Subclasses hold their adapters' tensors in ParameterDicts keyed by
+    adapter name, list those dicts in `adapter_dicts`, and implement
+    `delta_weight(name)` ([out, in]), `_adapter_forward(x, name)` and
+    `_mixed_forward(x, rows)`."""
+
+    adapter_dicts: tuple[str, ...] = ()
+    method = ""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"{type(self).__name__}: argument 'base': expected torch.nn.Linear or transformers "
+                            f"Conv1D, got {type(base).__name__}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.active_adapter: str | None = None
+        self.disabled = False  # set by pypeft.disabled(): the base alone
+        self.merged: list[str] = []  # adapters folded into base_layer's weight
+        self.mixed_rows: list[int] | None = None  # set by pypeft.mixed_batch(): an adapter index per row
+        self.mixed_adapters: list[str] = []
+
+    @property
+    def in_features(self) -> int:
+        return linear_dims(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return linear_dims(self.base_layer)[1]
+
+    # Model code reads these off the layer it calls (e.g. T5 checks `wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_dicts[0]))
+
+    def has_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_dicts[0])
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        return (getattr(self, d)[name] for d in self.adapter_dicts)
+
+    def _check_new_name(self, name: str) -> None:
+        if self.has_adapter(name):
+            raise ValueError(f"{type(self).__name__}: adapter {name!r} exists already "
+                             f"(adapters: {sorted(self.adapter_names())})")
+
+    def activate(self, name: str | None) -> None:
+        """Make `name` the adapter that runs and trains; the others are frozen."""
+        self.active_adapter = name
+        for adapter in self.adapter_names():
+            for p in self.adapter_parameters(adapter):
+                p.requires_grad_(adapter == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge()
+        for d in self.adapter_dicts:
+            del getattr(self, d)[name]
+        self._forget(name)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def _forget(self, name: str) -> None:
+        """Drop a deleted adapter's non-tensor settings."""
+
+    # --- merging ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        name = self.active_adapter
+        if name is None or not self.has_adapter(name) or name in self.merged:
+            return
+        self._add_to_weight(self.delta_weight(name), +1)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            self._add_to_weight(self.delta_weight(self.merged.pop()), -1)
+
+    def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+        w = self.base_layer.weight
+        d = delta.t() if is_transposed(self.base_layer) else delta
+        w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- running --------------------------------------------------------------------
+
+    def set_mixed_rows(self, row_names: list[str] | None) -> None:
+        """Per-row adapters for pypeft.mixed_batch (None: back to normal).
+        An adapter this layer does not hold leaves its rows at the base."""
+        if row_names is None:
+            self.mixed_rows, self.mixed_adapters = None, []
+            return
+        present = [n for n in dict.fromkeys(row_names) if n != BASE and self.has_adapter(n)]
+        index = {n: i for i, n in enumerate(present)}
+        self.mixed_adapters = present
+        self.mixed_rows = [index.get(n, -1) for n in row_names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        if self.mixed_rows is not None:
+            if x.dim() < 2 or x.shape[0] != len(self.mixed_rows):
+                raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
+                                 f"({x.shape[0] if x.dim() >= 2 else 'no batch dimension'}), got "
+                                 f"{len(self.mixed_rows)}")
+            if not self.mixed_adapters:
+                return self.base_layer(x)
+            return self._mixed_forward(x, self.mixed_rows)
+        name = self.active_adapter
+        if name is None or not self.has_adapter(name):
+            return self.base_layer(x)
+        return self._adapter_forward(x, name)
+
+    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:
+        # A fresh mask every step; the seed is a tensor so that torch.compile
+        # keeps one graph while it changes.
+        return torch.randint(0, 2**62, (), device=x.device) if p > 0.0 else None

@@ -1,0 +1,47 @@
+"""pypeft.mixed_batch(): serve many adapters at once, each batch row with its own.
+
+    with pypeft.mixed_batch(model, ["alice", "bob", "base", "alice"]):
+        logits = model(**batch).logits
+
+Each adapted layer runs its rows in one native op call (pypeft::lora_linear_mixed,
+pypeft::vera_linear_mixed), not a Python loop over adapters. Inference only, as
+peft's `adapter_names=`: the model must be in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from pypeft.methods.adapted_linear import BASE
+from pypeft.patch import _pypeft_layers, _require_state, _unmerged
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names):
+    """Run row i of every batch in the block with adapter `adapter_names[i]`
+    ("base": no adapter). Rows equal running each alone with its adapter
+    active. Merged adapters are taken out for the block and put back."""
+    state = _require_state(model, "mixed_batch")
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise ValueError("pypeft.mixed_batch: argument 'adapter_names': expected a list of adapter names, one "
+                         f"per batch row, got {adapter_names!r}")
+    names = list(adapter_names)
+    known = sorted(state.adapters)
+    for name in names:
+        if name != BASE and name not in state.adapters:
+            raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': unknown adapter {name!r}; "
+                             f"expected one of {known} or {BASE!r}")
+    if model.training:
+        raise ValueError("pypeft.mixed_batch: mixed-adapter batches are for inference (as peft's adapter_names); "
+                         "call model.eval() first")
+    with _unmerged(model, state):
+        layers = list(_pypeft_layers(model))
+        for layer in layers:
+            layer.set_mixed_rows(names)
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.set_mixed_rows(None)
