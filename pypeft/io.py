@@ -19,15 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.modules_to_save import TrainableCopies
-from pypeft.models import linear_dims, task_type
+from pypeft.models import task_type
 from pypeft.models.linear import is_transposed
-from pypeft.patch import _require_state, find_modules_to_save, find_targets, patch, set_adapter, state_of
+from pypeft.patch import (_base_dims, _require_state, find_modules_to_save, find_targets, patch, set_adapter,
+                          state_of)
+from pypeft.peft_formats import FORMAT_OF_PEFT_TYPE, FORMATS, PREFIX, VeraFormat
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # PEFT's prefix for keys of the wrapped model
 
 
 class AdapterFormatError(ValueError):
@@ -36,29 +36,23 @@ class AdapterFormatError(ValueError):
 
 # --- saving ---------------------------------------------------------------------
 
-def _peft_config(model: nn.Module, config: LoraConfig, layers: list[str], to_save: list[str]) -> dict:
+def _peft_config(model: nn.Module, config, layers: list[str], to_save: list[str]) -> dict:
+    fmt = FORMATS[config.method]
     fan_in_fan_out = any(is_transposed(model.get_submodule(n).base_layer) for n in layers)
     return {
-        "peft_type": "LORA",
+        "peft_type": fmt.peft_type,
         "task_type": task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.rslora,
         # The resolved module names: PEFT's suffix matching selects exactly these.
         "target_modules": layers,
         "modules_to_save": [n.rsplit(".", 1)[-1] for n in to_save] or None,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
-        "use_dora": False,
-        "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
+        **fmt.config_fields(config),
     }
 
 
@@ -66,11 +60,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     """The adapter's tensors under PEFT's key names."""
     state = _require_state(model, "save_adapter")
     record = state.adapters[adapter_name]
-    tensors = {}
+    fmt = FORMATS[record.config.method]
+    tensors = dict(fmt.model_tensors(state, record.config))
     for name in record.layers:
-        layer = model.get_submodule(name)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name]
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name]
+        for suffix, value in fmt.layer_tensors(model.get_submodule(name), adapter_name).items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = value
     for name in record.modules_to_save:
         copy = model.get_submodule(name).copies[adapter_name]
         for key, value in copy.state_dict().items():
@@ -142,16 +136,15 @@ def _read_config(directory: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"pypeft.load_adapter: {path} holds no JSON object")
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"pypeft.load_adapter: {path}: expected peft_type 'LORA', got {peft_type!r}")
-    # Options that change what the weights mean; pypeft loads only the plain kind.
-    plain = {"use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-             "layers_to_transform": None, "target_parameters": None}
-    for key, expected in plain.items():
+    if peft_type not in FORMAT_OF_PEFT_TYPE:
+        raise AdapterFormatError(f"pypeft.load_adapter: {path}: expected peft_type one of "
+                                 f"{sorted(FORMAT_OF_PEFT_TYPE)}, got {peft_type!r}")
+    fmt = FORMAT_OF_PEFT_TYPE[peft_type]
+    for key, expected in fmt.plain.items():
         got = config.get(key)
         if got is not None and got != expected:
             raise AdapterFormatError(f"pypeft.load_adapter: {path}: option {key}={got!r} is not supported "
-                                     f"by pypeft's LoRA (expected {expected!r})")
+                                     f"by pypeft's {peft_type} (expected {expected!r})")
     return config
 
 
@@ -167,23 +160,19 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"pypeft.load_adapter: {path} is corrupt or truncated ({e})") from None
 
 
-def _lora_config_from_peft(config: dict, adapter_name: str) -> LoraConfig:
+def _config_from_peft(fields: dict, adapter_name: str):
     try:
-        return LoraConfig(r=config["r"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
-                          target_modules=config.get("target_modules"), rslora=bool(config.get("use_rslora")),
-                          adapter_name=adapter_name, modules_to_save=config.get("modules_to_save"))
+        return FORMAT_OF_PEFT_TYPE[fields["peft_type"]].config_from_peft(fields, adapter_name)
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {CONFIG_NAME}: {e}") from None
 
 
-def _expected_shapes(model: nn.Module, config: LoraConfig, layers: list[str], to_save: list[str]):
+def _expected_shapes(model: nn.Module, config, layers: list[str], to_save: list[str]):
+    fmt = FORMATS[config.method]
     shapes = {}
     for name in layers:
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        n_in, n_out = linear_dims(base)
-        shapes[f"{PREFIX}{name}.lora_A.weight"] = (config.r, n_in)
-        shapes[f"{PREFIX}{name}.lora_B.weight"] = (n_out, config.r)
+        for suffix, shape in fmt.layer_shapes(config, *_base_dims(model, name)).items():
+            shapes[f"{PREFIX}{name}.{suffix}"] = shape
     for name in to_save:
         module = model.get_submodule(name)
         source = module.original_module if isinstance(module, TrainableCopies) else module
@@ -206,8 +195,40 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[st
                                  "this model")
 
 
+def _saved_projections(path: Path, model: nn.Module, config, layers: list[str],
+                       tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """VeRA: the shared matrices saved with the adapter (checked against the
+    layers and against the model's own, if it has VeRA adapters already), or
+    None when the seed is to regenerate them."""
+    if config.method != "vera":
+        return None
+    keys = VeraFormat.PROJECTION_KEYS
+    if not all(k in tensors for k in keys):
+        if config.save_projection:
+            raise AdapterFormatError(f"pypeft.load_adapter: {path}: save_projection is true but {keys[0]!r} / "
+                                     f"{keys[1]!r} are missing")
+        return None
+    a, b = (tensors[k] for k in keys)
+    dims = [_base_dims(model, n) for n in layers]
+    need_in, need_out = max(d[0] for d in dims), max(d[1] for d in dims)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.r or b.shape[1] != config.r \
+            or a.shape[1] < need_in or b.shape[0] < need_out:
+        raise AdapterFormatError(f"pypeft.load_adapter: {path}: shared matrices {keys[0]!r} {list(a.shape)} and "
+                                 f"{keys[1]!r} {list(b.shape)}: expected [{config.r}, >={need_in}] and "
+                                 f"[>={need_out}, {config.r}]")
+    state = state_of(model)
+    existing = state.vera_projections if state is not None else None
+    if existing is not None:
+        same = existing.vera_A.shape == a.shape and existing.vera_B.shape == b.shape and \
+            torch.equal(existing.vera_A.cpu().to(a.dtype), a) and torch.equal(existing.vera_B.cpu().to(b.dtype), b)
+        if not same:
+            raise AdapterFormatError(f"pypeft.load_adapter: {path}: its shared VeRA matrices differ from the ones "
+                                     "the model's VeRA adapters share; every VeRA adapter on a model must share them")
+    return a, b
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Load an adapter saved by pypeft or `peft` (PEFT's LoRA format).
+    """Load an adapter saved by pypeft or `peft` (PEFT's LoRA or VeRA format).
 
     On an unpatched model this patches it and makes the adapter active; on a
     patched one it adds the adapter under `adapter_name` and leaves the active
@@ -215,25 +236,36 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     the model changes: a bad directory raises and loses nothing.
     """
     directory = Path(directory)
+    path = directory / WEIGHTS_NAME
     peft_config = _read_config(directory)
     tensors = _read_weights(directory)
-    config = _lora_config_from_peft(peft_config, adapter_name)
+    config = _config_from_peft(peft_config, adapter_name)
+    fmt = FORMATS[config.method]
     state = state_of(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "
                          f"already (adapters: {sorted(state.adapters)})")
     # PEFT lists every head name a task may have (["classifier", "score"]); keep those this model has.
     to_save = find_modules_to_save(model, config.modules_to_save or [], strict=False)
-    layers = find_targets(model, config.target_modules, "lora", to_save)
-    _check_tensors(directory / WEIGHTS_NAME, tensors, _expected_shapes(model, config, layers, to_save))
+    layers = find_targets(model, config.target_modules, config.method, to_save)
+    projections = _saved_projections(path, model, config, layers, tensors)
+    shapes = _expected_shapes(model, config, layers, to_save)
+    if projections is not None:
+        shapes.update({k: tuple(tensors[k].shape) for k in VeraFormat.PROJECTION_KEYS})
+    _check_tensors(path, tensors, shapes)
     config.modules_to_save = to_save  # what was saved, not the default head
     previous = state.active if state is not None else None
     patch(model, config)
+    state = state_of(model)
     with torch.no_grad():
+        if projections is not None:
+            shared = state.vera_projections
+            like = shared.vera_A
+            shared.vera_A, shared.vera_B = (t.to(device=like.device, dtype=like.dtype) for t in projections)
         for name in layers:
             layer = model.get_submodule(name)
-            layer.lora_A[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-            layer.lora_B[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            for suffix, value in fmt.layer_tensors(layer, adapter_name).items():
+                value.copy_(tensors[f"{PREFIX}{name}.{suffix}"])
         for name in to_save:
             copy = model.get_submodule(name).copies[adapter_name]
             copy.load_state_dict({k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items()

@@ -129,7 +129,7 @@ def test_adapter_for_other_shapes_names_the_key(saved):
     _assert_untouched(other, before)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing weights", "bad json", "not lora",
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing weights", "bad json", "unknown method",
                                     "dora", "missing dir"])
 def test_damaged_directory_raises_and_loses_nothing(saved, damage, tmp_path):
     weights, config = saved / "adapter_model.safetensors", saved / "adapter_config.json"
@@ -142,16 +142,16 @@ def test_damaged_directory_raises_and_loses_nothing(saved, damage, tmp_path):
         weights.unlink()
     elif damage == "bad json":
         config.write_text("{not json")
-    elif damage in ("not lora", "dora"):
+    elif damage in ("unknown method", "dora"):
         cfg = json.loads(config.read_text())
-        cfg.update({"peft_type": "IA3"} if damage == "not lora" else {"use_dora": True})
+        cfg.update({"peft_type": "IA3"} if damage == "unknown method" else {"use_dora": True})
         config.write_text(json.dumps(cfg))
     target = saved if damage != "missing dir" else tmp_path / "nowhere"
     model = T.make("bert")
     before = copy.deepcopy(model.state_dict())
     pattern = {"truncated": "corrupt or truncated", "garbage": "corrupt or truncated",
                "missing weights": "no adapter_model.safetensors", "bad json": "not valid JSON",
-               "not lora": "expected peft_type 'LORA', got 'IA3'", "dora": "use_dora=True is not supported",
+               "unknown method": r"expected peft_type one of \['LORA', 'VERA'\], got 'IA3'", "dora": "use_dora=True is not supported",
                "missing dir": "no adapter_config.json"}[damage]
     with pytest.raises(ValueError, match=pattern):
         pypeft.load_adapter(model, target)
