@@ -4,9 +4,11 @@
 
 A ([r, max_in]) and B ([max_out, r]) are frozen random matrices shared by
 every adapted layer, sliced per layer: A_s = A[:, :in], B_s = B[:out, :]. Only
-λ_d ([r]) and λ_b ([out]) train. Saved for backward: x (or what rebuilds it,
-see saved_inputs.py) and u = drop(x) A_sᵀ ([..., r]); no N×in or N×out tensor.
-It runs on lora_linear's kernels with B_eff = diag(λ_b) B_s diag(λ_d).
+λ_d ([r]) and λ_b ([out]) train. Saved for backward: u = drop(x) A_sᵀ
+([..., r]) and nothing of size N×in or N×out: both vectors' gradients come
+from gᵀu ([out, r]), grad_x needs only g and the regenerated dropout mask. (x
+itself is kept only if the frozen weight is made to require grad.) It runs on
+lora_linear's kernels with B_eff = diag(λ_b) B_s diag(λ_d).
 
 dtypes as lora_linear: A, B, λ_d, λ_b share x's dtype, or float32 when x is
 bfloat16/float16.
@@ -50,14 +52,23 @@ def _vera_linear_backward_fake(grad_out, grad_u, x, weight, vera_a, vera_b, lamb
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed = inputs
-    ctx.x_recipe, x_saved = saved_inputs.plan(x)
+    ctx.keep_x = ctx.needs_input_grad[1]  # grad_weight = gᵀx is the only use of x's values
+    ctx.x_recipe, x_saved = saved_inputs.plan(x) if ctx.keep_x else (None, ())
+    ctx.x_shape, ctx.x_dtype = tuple(x.shape), x.dtype
     ctx.save_for_backward(weight, vera_a, vera_b, lambda_d, lambda_b, output[1], seed, *x_saved)
     ctx.dropout_p = dropout_p
 
 
+def _x_stand_in(ctx, device):
+    """A tensor with x's shape, dtype and device but one row of storage: the
+    backward kernels read only its metadata when grad_weight is not asked for
+    (the unit stride in the last dim keeps them from copying it)."""
+    return torch.empty(ctx.x_shape[-1], dtype=ctx.x_dtype, device=device).expand(ctx.x_shape)
+
+
 def _backward(ctx, grad_y, grad_u):
     weight, vera_a, vera_b, lambda_d, lambda_b, u, seed, *x_saved = ctx.saved_tensors
-    x = saved_inputs.rebuild(ctx.x_recipe, tuple(x_saved))
+    x = saved_inputs.rebuild(ctx.x_recipe, tuple(x_saved)) if ctx.keep_x else _x_stand_in(ctx, u.device)
     need = ctx.needs_input_grad
     if need[3] or need[4]:
         raise RuntimeError("pypeft.vera_linear: the shared matrices vera_a and vera_b are frozen; "
