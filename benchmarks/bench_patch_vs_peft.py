@@ -18,20 +18,11 @@ import os
 import sys
 
 import torch
-import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import alternate_timings, machine_description, saved_activation_bytes  # noqa: E402
+from common import alternate_timings, machine_description, minilm_shaped, saved_activation_bytes  # noqa: E402
 
 import pypeft  # noqa: E402
-
-
-def minilm_shaped(dropout: float) -> transformers.BertForSequenceClassification:
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536, hidden_dropout_prob=dropout,
-                                  attention_probs_dropout_prob=dropout, num_labels=5)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg)
 
 
 def main(argv=None):

@@ -15,6 +15,18 @@ from typing import Callable
 import torch
 
 
+def minilm_shaped(dropout: float, num_labels: int = 5):
+    """A BERT classifier shaped as all-MiniLM-L6-v2 (6 layers, hidden 384, 12
+    heads, FFN 1536), random weights, seed 0."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                  intermediate_size=1536, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout, num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
