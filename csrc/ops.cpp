@@ -34,4 +34,17 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u, float dropout_p, "
       "Tensor? seed, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_lambda_d, Tensor grad_lambda_b)");
+
+  // Mixed-adapter batches (inference only; no backward op): each batch row b of
+  // x [B, ..., in] runs with its own adapter k = row_adapter[b], or with none
+  // when k == -1, whose rows equal torch.nn.functional.linear bit for bit.
+  // LoRA: K adapters of their own ranks, y[b] += scale[k] · (x[b] A_kᵀ) B_kᵀ.
+  m.def(
+      "lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, "
+      "Tensor[] lora_b, float[] scale, int[] row_adapter) -> Tensor");
+  // VeRA: the shared A, B sliced as in vera_linear; λ_d [K, r] and λ_b [K, out]
+  // stack the K adapters' vectors: y[b] += λ_b[k] ⊙ ((λ_d[k] ⊙ (x[b] A_sᵀ)) B_sᵀ).
+  m.def(
+      "vera_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
+      "Tensor lambda_d, Tensor lambda_b, int[] row_adapter) -> Tensor");
 }

@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from pypeft.ops.lora_linear import lora_linear
+from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
 from pypeft.ops.vera_linear import vera_linear
 
-__all__ = ["lora_linear", "vera_linear"]
+__all__ = ["lora_linear", "lora_linear_mixed", "vera_linear", "vera_linear_mixed"]
