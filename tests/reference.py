@@ -83,3 +83,37 @@ def vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p=0
         y = y + bias
     u = dropout(x, seed, dropout_p) @ vera_a[:, :n_in].t()
     return y + lambda_b * ((lambda_d * u) @ vera_b[:n_out].t())
+
+
+# --- mixed-adapter batches (inference) ---------------------------------------
+
+def _rows_or_empty(rows, x, n_out):
+    return torch.stack(rows) if rows else x.new_empty((*x.shape[:-1], n_out))
+
+
+def lora_linear_mixed(x, weight, bias, lora_a, lora_b, scale, row_adapter):
+    """Row by row: y[b] = x[b] Wᵀ + b, plus scale[k] · (x[b] A_kᵀ) B_kᵀ when
+    k = row_adapter[b] >= 0, the adapter part in the adapter's dtype."""
+    rows = []
+    for b, k in enumerate(row_adapter):
+        y = torch.nn.functional.linear(x[b], weight, bias)
+        if k >= 0:
+            a, bb = lora_a[k], lora_b[k]
+            y = y + (scale[k] * ((x[b].to(a.dtype) @ a.t()) @ bb.t())).to(y.dtype)
+        rows.append(y)
+    return _rows_or_empty(rows, x, weight.shape[0])
+
+
+def vera_linear_mixed(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter):
+    """Row by row: y[b] = x[b] Wᵀ + b, plus λ_b[k] ⊙ ((λ_d[k] ⊙ (x[b] A_sᵀ)) B_sᵀ)
+    when k = row_adapter[b] >= 0, A_s = A[:, :in], B_s = B[:out, :]."""
+    n_out, n_in = weight.shape
+    a_s, b_s = vera_a[:, :n_in], vera_b[:n_out]
+    rows = []
+    for b, k in enumerate(row_adapter):
+        y = torch.nn.functional.linear(x[b], weight, bias)
+        if k >= 0:
+            u = x[b].to(a_s.dtype) @ a_s.t()
+            y = y + (lambda_b[k] * ((lambda_d[k] * u) @ b_s.t())).to(y.dtype)
+        rows.append(y)
+    return _rows_or_empty(rows, x, n_out)

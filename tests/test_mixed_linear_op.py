@@ -1,0 +1,401 @@
+"""pypeft::lora_linear_mixed and pypeft::vera_linear_mixed (mixed-adapter
+batches, inference only) against tests/reference.py and against running each
+row alone through lora_linear / vera_linear; base rows bit for bit F.linear;
+opcheck, torch.compile, TorchScript, the backward error, argument checks."""
+
+from typing import List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.library import opcheck
+
+import reference as R
+from conftest import DEVICES, requires_cuda
+from pypeft.ops import lora_linear, lora_linear_mixed, vera_linear, vera_linear_mixed
+
+lora_op = torch.ops.pypeft.lora_linear_mixed.default
+vera_op = torch.ops.pypeft.vera_linear_mixed.default
+
+
+def _rnd(g, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+def lora_inputs(batch=7, middle=(3,), n_in=10, n_out=6, ranks=(2, 5, 1), dtype=torch.float32,
+                adapter_dtypes=None, device="cpu", bias=True, seed=0):
+    """adapter_dtypes: one dtype per adapter (default: x's)."""
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtypes = adapter_dtypes or [dtype] * len(ranks)
+    return dict(
+        x=_rnd(g, batch, *middle, n_in, dtype=dtype, device=device),
+        weight=_rnd(g, n_out, n_in, dtype=dtype, device=device),
+        bias=_rnd(g, n_out, dtype=dtype, device=device) if bias else None,
+        lora_a=[_rnd(g, r, n_in, dtype=dt, device=device) for r, dt in zip(ranks, adapter_dtypes)],
+        lora_b=[_rnd(g, n_out, r, dtype=dt, device=device) for r, dt in zip(ranks, adapter_dtypes)],
+        scale=[0.5 + 0.75 * k for k in range(len(ranks))],
+    )
+
+
+def vera_inputs(batch=7, middle=(3,), n_in=10, n_out=6, r=4, adapters=3, extra_in=3, extra_out=2,
+                dtype=torch.float32, adapter_dtype=None, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adt = adapter_dtype or dtype
+    return dict(
+        x=_rnd(g, batch, *middle, n_in, dtype=dtype, device=device),
+        weight=_rnd(g, n_out, n_in, dtype=dtype, device=device),
+        bias=_rnd(g, n_out, dtype=dtype, device=device) if bias else None,
+        vera_a=_rnd(g, r, n_in + extra_in, dtype=adt, device=device),
+        vera_b=_rnd(g, n_out + extra_out, r, dtype=adt, device=device),
+        lambda_d=_rnd(g, adapters, r, dtype=adt, device=device),
+        lambda_b=_rnd(g, adapters, n_out, dtype=adt, device=device),
+    )
+
+
+def as_double(inputs):
+    return {k: ([t.double() for t in v] if k.startswith("lora_") else v.double() if torch.is_tensor(v) else v)
+            for k, v in inputs.items()}
+
+
+def assignment(kind, batch, adapters, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "base":
+        return [-1] * batch
+    if kind == "one":
+        return [adapters - 1] * batch
+    if kind == "one, between base rows":
+        return [adapters - 1 if b % 3 else -1 for b in range(batch)]
+    ra = torch.randint(-1, adapters, (batch,), generator=g).tolist()
+    return sorted(ra) if kind == "contiguous" else ra
+
+
+# Every row a different case: scattered rows of adapters 0 and 1, a contiguous
+# run of 2, base rows in between.
+INTERLEAVED = [1, 0, -1, 1, 2, 2, 0]
+
+OPS = {
+    "lora": (lora_op, lora_inputs, R.lora_linear_mixed, lambda i: len(i["lora_a"])),
+    "vera": (vera_op, vera_inputs, R.vera_linear_mixed, lambda i: i["lambda_d"].shape[0]),
+}
+
+
+def call(name, inputs, row_adapter):
+    return OPS[name][0](*inputs.values(), row_adapter)
+
+
+def check_base_rows_bitwise(y, inputs, row_adapter):
+    base = F.linear(inputs["x"], inputs["weight"], inputs["bias"])
+    for b, k in enumerate(row_adapter):
+        if k < 0:
+            assert torch.equal(y[b], base[b]), f"base row {b} differs from F.linear"
+
+
+# --- against the reference ------------------------------------------------------
+
+middle_dims = st.lists(st.integers(0, 3), max_size=2)  # 2-D x, T = 0, T = 1, 3-D, 4-D
+
+
+@st.composite
+def row_assignments(draw, batch, adapters):
+    kind = draw(st.sampled_from(["random", "contiguous", "base", "one"]))
+    if kind == "base":
+        return [-1] * batch
+    if kind == "one":
+        return [draw(st.integers(0, adapters - 1))] * batch
+    ra = draw(st.lists(st.integers(-1, adapters - 1), min_size=batch, max_size=batch))
+    return sorted(ra) if kind == "contiguous" else ra
+
+
+def strided(x):
+    """The same values in a non-contiguous tensor (every other element of a wider last dim)."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), batch=st.integers(0, 6), middle=middle_dims, n_in=st.integers(1, 12),
+       n_out=st.integers(1, 12), ranks=st.lists(st.integers(1, 6), min_size=1, max_size=5), bias=st.booleans(),
+       non_contiguous=st.booleans())
+def test_lora_matches_reference_random_shapes(data, batch, middle, n_in, n_out, ranks, bias, non_contiguous):
+    i = lora_inputs(batch, tuple(middle), n_in, n_out, ranks, dtype=torch.float64, bias=bias)
+    if non_contiguous:
+        i["x"] = strided(i["x"])
+    ra = data.draw(row_assignments(batch, len(ranks)))
+    y = lora_op(*i.values(), ra)
+    assert y.shape == (batch, *middle, n_out) and y.dtype == torch.float64
+    torch.testing.assert_close(y, R.lora_linear_mixed(*i.values(), ra), atol=1e-10, rtol=1e-10)
+    check_base_rows_bitwise(y, i, ra)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), batch=st.integers(0, 6), middle=middle_dims, n_in=st.integers(1, 12),
+       n_out=st.integers(1, 12), r=st.integers(1, 8), adapters=st.integers(1, 5), extra_in=st.integers(0, 3),
+       extra_out=st.integers(0, 3), bias=st.booleans(), non_contiguous=st.booleans())
+def test_vera_matches_reference_random_shapes(data, batch, middle, n_in, n_out, r, adapters, extra_in, extra_out,
+                                              bias, non_contiguous):
+    i = vera_inputs(batch, tuple(middle), n_in, n_out, r, adapters, extra_in, extra_out, dtype=torch.float64,
+                    bias=bias)
+    if non_contiguous:
+        i["x"] = strided(i["x"])
+    ra = data.draw(row_assignments(batch, adapters))
+    y = vera_op(*i.values(), ra)
+    assert y.shape == (batch, *middle, n_out) and y.dtype == torch.float64
+    torch.testing.assert_close(y, R.vera_linear_mixed(*i.values(), ra), atol=1e-10, rtol=1e-10)
+    check_base_rows_bitwise(y, i, ra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("kind", ["random", "contiguous", "base", "one", "one, between base rows"])
+def test_float32_matches_reference_and_base_rows_are_bitwise(device, name, kind):
+    _, make, ref, adapters = OPS[name]
+    i = make(batch=9, middle=(5,), n_in=24, n_out=20, device=device)
+    ra = assignment(kind, 9, adapters(i), seed=3)
+    y = call(name, i, ra)
+    torch.testing.assert_close(y.double(), ref(*as_double(i).values(), ra), atol=1e-4, rtol=1e-4)
+    check_base_rows_bitwise(y, i, ra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("row_adapter", [INTERLEAVED, sorted(INTERLEAVED)], ids=["interleaved", "contiguous"])
+def test_bfloat16_x_with_float32_adapters(device, name, row_adapter):
+    """bf16 activations beside fp32 adapters (for LoRA, mixed with a bf16 adapter)."""
+    if name == "lora":
+        i = lora_inputs(middle=(4,), n_in=32, n_out=24, ranks=(8, 4, 16), dtype=torch.bfloat16, device=device,
+                        adapter_dtypes=[torch.float32, torch.bfloat16, torch.float32])
+    else:
+        i = vera_inputs(middle=(4,), n_in=32, n_out=24, r=16, dtype=torch.bfloat16, adapter_dtype=torch.float32,
+                        device=device)
+    y = call(name, i, row_adapter)
+    assert y.dtype == torch.bfloat16
+    want = OPS[name][2](*as_double(i).values(), row_adapter)
+    torch.testing.assert_close(y.double(), want, atol=0.02 * want.abs().max().item(), rtol=0.02)
+    check_base_rows_bitwise(y, i, row_adapter)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_non_contiguous_x(name):
+    _, make, ref, _ = OPS[name]
+    i = make(batch=7, middle=(4,), n_in=6)
+    for xn in (torch.randn(6, 4, 7).permute(2, 1, 0), torch.randn(14, 4, 6)[::2]):  # transposed; strided rows
+        assert not xn.is_contiguous()
+        i["x"] = xn
+        y = call(name, i, INTERLEAVED)
+        torch.testing.assert_close(y, ref(*i.values(), INTERLEAVED), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, call(name, {**i, "x": xn.contiguous()}, INTERLEAVED))
+        check_base_rows_bitwise(y, i, INTERLEAVED)
+
+
+def test_lora_without_adapters_is_the_base_layer():
+    i = lora_inputs(ranks=())
+    assert torch.equal(lora_op(*i.values(), [-1] * 7), F.linear(i["x"], i["weight"], i["bias"]))
+
+
+def test_vera_with_zero_lambda_b_is_the_base_layer():
+    i = vera_inputs()
+    i["lambda_b"] = torch.zeros_like(i["lambda_b"])
+    base = F.linear(i["x"], i["weight"], i["bias"])
+    torch.testing.assert_close(vera_op(*i.values(), INTERLEAVED), base, atol=0, rtol=0)
+
+
+# --- against the single-adapter ops, row by row ------------------------------------
+
+@pytest.mark.parametrize("row_adapter", [INTERLEAVED, sorted(INTERLEAVED), [2] * 7])
+def test_each_row_equals_lora_linear_alone(row_adapter):
+    i = lora_inputs(n_in=16, n_out=12)
+    y = lora_linear_mixed(*i.values(), row_adapter)
+    for b, k in enumerate(row_adapter):
+        want = (F.linear(i["x"][b], i["weight"], i["bias"]) if k < 0 else
+                lora_linear(i["x"][b], i["weight"], i["bias"], i["lora_a"][k], i["lora_b"][k], i["scale"][k]))
+        torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("row_adapter", [INTERLEAVED, sorted(INTERLEAVED), [2] * 7])
+def test_each_row_equals_vera_linear_alone(row_adapter):
+    i = vera_inputs(n_in=16, n_out=12)
+    y = vera_linear_mixed(*i.values(), row_adapter)
+    for b, k in enumerate(row_adapter):
+        want = (F.linear(i["x"][b], i["weight"], i["bias"]) if k < 0 else
+                vera_linear(i["x"][b], i["weight"], i["bias"], i["vera_a"], i["vera_b"], i["lambda_d"][k],
+                            i["lambda_b"][k]))
+        torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
+
+
+# --- opcheck, torch.compile, TorchScript --------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(device, name, bias):
+    op, make, _, _ = OPS[name]
+    i = make(device=device, bias=bias)
+    opcheck(op, (*i.values(), INTERLEAVED))
+    opcheck(op, (*make(batch=0, device=device, bias=bias).values(), []))
+    if bias:  # non-contiguous x, with adapter rows and with base rows only
+        i_t = {**i, "x": i["x"].transpose(1, 2).contiguous().transpose(1, 2)}
+        for ra in (INTERLEAVED, [-1] * 7):
+            opcheck(op, (*i_t.values(), ra))
+    # With inputs requiring grad: autograd is registered (its formula raises,
+    # so the AOT check, which runs backward, is left out here).
+    i["x"].requires_grad_(True)
+    opcheck(op, (*i.values(), INTERLEAVED), test_utils=("test_schema", "test_autograd_registration",
+                                                        "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    li, vi = lora_inputs(), vera_inputs()
+
+    def serve(x, ra_lora: List[int], ra_vera: List[int]):
+        h = lora_linear_mixed(x, li["weight"], li["bias"], li["lora_a"], li["lora_b"], li["scale"], ra_lora)
+        return vera_linear_mixed(torch.relu(h).repeat(1, 1, 2)[..., :10], vi["weight"], vi["bias"], vi["vera_a"],
+                                 vi["vera_b"], vi["lambda_d"], vi["lambda_b"], ra_vera)
+
+    compiled = torch.compile(serve, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for ra in (INTERLEAVED, sorted(INTERLEAVED)):  # a new assignment recompiles (int[] is specialised)
+            torch.testing.assert_close(compiled(li["x"], ra, ra[::-1]), serve(li["x"], ra, ra[::-1]))
+
+
+def test_torchscript():
+    @torch.jit.script
+    def scripted_lora(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], a: List[torch.Tensor],
+                      bb: List[torch.Tensor], s: List[float], ra: List[int]) -> torch.Tensor:
+        return torch.ops.pypeft.lora_linear_mixed(x, w, b, a, bb, s, ra)
+
+    @torch.jit.script
+    def scripted_vera(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ld: torch.Tensor,
+                      lb: torch.Tensor, ra: List[int]) -> torch.Tensor:
+        return torch.ops.pypeft.vera_linear_mixed(x, w, None, a, b, ld, lb, ra)
+
+    assert "pypeft::lora_linear_mixed" in str(scripted_lora.graph)
+    li = lora_inputs()
+    torch.testing.assert_close(scripted_lora(*li.values(), INTERLEAVED),
+                               R.lora_linear_mixed(*li.values(), INTERLEAVED), atol=1e-5, rtol=1e-5)
+    vi = vera_inputs()
+    args = (vi["x"], vi["weight"], vi["vera_a"], vi["vera_b"], vi["lambda_d"], vi["lambda_b"])
+    torch.testing.assert_close(scripted_vera(*args, INTERLEAVED),
+                               R.vera_linear_mixed(*args[:2], None, *args[2:], INTERLEAVED), atol=1e-5, rtol=1e-5)
+
+
+# --- inference only -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("trained", ["x", "weight", "adapter"])
+def test_backward_raises_a_clear_error(name, trained):
+    i = OPS[name][1]()
+    if trained == "adapter":
+        (i["lora_a"][1] if name == "lora" else i["lambda_d"]).requires_grad_(True)
+    else:
+        i[trained].requires_grad_(True)
+    y = call(name, i, INTERLEAVED)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match=f"pypeft.{name}_linear_mixed: mixed-adapter batches are for inference"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_runs_under_no_grad_and_inference_mode(name):
+    i = OPS[name][1]()
+    i["x"].requires_grad_(True)
+    want = call(name, i, INTERLEAVED).detach()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = call(name, i, INTERLEAVED)
+        assert not y.requires_grad and torch.equal(y, want)
+
+
+# --- bad input -------------------------------------------------------------------
+
+LORA_BAD = {
+    "row_adapter too short": (dict(row_adapter=[0] * 6), ValueError, "'row_adapter'", "6 entries"),
+    "row_adapter too long": (dict(row_adapter=[0] * 8), ValueError, "'row_adapter'", "8 entries"),
+    "row_adapter < -1": (dict(row_adapter=[0, 1, -2, 0, 0, 0, 0]), ValueError, "'row_adapter'", "row_adapter[2] = -2"),
+    "row_adapter >= K": (dict(row_adapter=[0, 1, 3, 0, 0, 0, 0]), ValueError, "'row_adapter'", "[-1, 3)"),
+    "lora_b count": (dict(lora_b=[torch.randn(6, 2)] * 2), ValueError, "'lora_b'", "2 tensors"),
+    "scale count": (dict(scale=[1.0] * 4), ValueError, "'scale'", "4 numbers"),
+    "scale inf": (dict(scale=[1.0, float("inf"), 1.0]), ValueError, "'scale[1]'", "inf"),
+    "lora_a in": (dict(lora_a=[torch.randn(2, 10), torch.randn(5, 9), torch.randn(1, 10)]), ValueError,
+                  "'lora_a[1]'", "[5, 9]"),
+    "lora_a 1-D": (dict(lora_a=[torch.randn(10), torch.randn(5, 10), torch.randn(1, 10)]), ValueError,
+                   "'lora_a[0]'", "1-D"),
+    "lora_a rank 0": (dict(lora_a=[torch.randn(2, 10), torch.randn(5, 10), torch.randn(0, 10)],
+                           lora_b=[torch.randn(6, 2), torch.randn(6, 5), torch.randn(6, 0)]), ValueError,
+                      "'lora_a[2]'", "r >= 1"),
+    "lora_b out": (dict(lora_b=[torch.randn(6, 2), torch.randn(7, 5), torch.randn(6, 1)]), ValueError,
+                   "'lora_b[1]'", "[7, 5]"),
+    "lora_b rank": (dict(lora_b=[torch.randn(6, 2), torch.randn(6, 4), torch.randn(6, 1)]), ValueError,
+                    "'lora_b[1]'", "rank r"),
+    "lora_a dtype": (dict(lora_a=[torch.randn(2, 10, dtype=torch.float64), torch.randn(5, 10), torch.randn(1, 10)]),
+                     TypeError, "'lora_a[0]'", "Double"),
+    "lora_b dtype": (dict(lora_b=[torch.randn(6, 2), torch.randn(6, 5).bfloat16(), torch.randn(6, 1)]),
+                     TypeError, "'lora_b[1]'", "BFloat16"),
+    "x 1-D": (dict(x=torch.randn(10), row_adapter=[]), ValueError, "'x'", "1-D"),
+    "x int": (dict(x=torch.ones(7, 3, 10, dtype=torch.int64)), TypeError, "'x'", "Long"),
+    "x last dim": (dict(x=torch.randn(7, 3, 9)), ValueError, "'x'", "[7, 3, 9]"),
+    "weight dtype": (dict(weight=torch.randn(6, 10, dtype=torch.float64)), TypeError, "'weight'", "Double"),
+    "weight 1-D": (dict(weight=torch.randn(6)), ValueError, "'weight'", "1-D"),
+    "bias shape": (dict(bias=torch.randn(5)), ValueError, "'bias'", "[5]"),
+}
+
+VERA_BAD = {
+    "row_adapter length": (dict(row_adapter=[0] * 6), ValueError, "'row_adapter'", "6 entries"),
+    "row_adapter >= K": (dict(row_adapter=[0, 1, 3, 0, 0, 0, 0]), ValueError, "'row_adapter'", "row_adapter[2] = 3"),
+    "layer wider than shared A": (dict(vera_a=torch.randn(4, 9)), ValueError, "'vera_a'", "max_in >= in_features 10"),
+    "layer taller than shared B": (dict(vera_b=torch.randn(5, 4)), ValueError, "'vera_b'",
+                                   "max_out >= out_features 6"),
+    "vera_b rank": (dict(vera_b=torch.randn(8, 3)), ValueError, "'vera_b'", "rank r"),
+    "lambda_d 1-D": (dict(lambda_d=torch.randn(4)), ValueError, "'lambda_d'", "1-D"),
+    "lambda_d width": (dict(lambda_d=torch.randn(3, 5)), ValueError, "'lambda_d'", "[3, 5]"),
+    "lambda_b rows": (dict(lambda_b=torch.randn(2, 6)), ValueError, "'lambda_b'", "[2, 6]"),
+    "lambda_b width": (dict(lambda_b=torch.randn(3, 7)), ValueError, "'lambda_b'", "[3, 7]"),
+    "lambda_b dtype": (dict(lambda_b=torch.randn(3, 6, dtype=torch.float64)), TypeError, "'lambda_b'", "Double"),
+    "vera_a dtype": (dict(vera_a=torch.randn(4, 13, dtype=torch.float64)), TypeError, "'vera_a'", "Double"),
+    "x 1-D": (dict(x=torch.randn(10), row_adapter=[]), ValueError, "'x'", "1-D"),
+    "bias shape": (dict(bias=torch.randn(7)), ValueError, "'bias'", "[7]"),
+}
+
+
+def _check_bad(name, changes, exc, arg, got):
+    i = OPS[name][1]()
+    ra = changes.pop("row_adapter", INTERLEAVED)
+    i.update(changes)
+    with pytest.raises(exc) as info:
+        call(name, i, ra)
+    msg = str(info.value)
+    assert f"pypeft.{name}_linear_mixed" in msg and arg in msg and "expected" in msg and got in msg, msg
+
+
+@pytest.mark.parametrize("case", LORA_BAD, ids=list(LORA_BAD))
+def test_lora_bad_input_names_the_argument(case):
+    changes, exc, arg, got = LORA_BAD[case]
+    _check_bad("lora", dict(changes), exc, arg, got)
+
+
+@pytest.mark.parametrize("case", VERA_BAD, ids=list(VERA_BAD))
+def test_vera_bad_input_names_the_argument(case):
+    changes, exc, arg, got = VERA_BAD[case]
+    _check_bad("vera", dict(changes), exc, arg, got)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_device_mismatch_names_the_argument(name):
+    i = OPS[name][1](device="cuda")
+    wrong = "lora_a" if name == "lora" else "lambda_b"
+    i[wrong] = [t.cpu() for t in i[wrong]] if name == "lora" else i[wrong].cpu()
+    with pytest.raises(ValueError, match=f"'{wrong}(\\[0\\])?'.*cuda"):
+        call(name, i, INTERLEAVED)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_matches_cpu(name):
+    i = OPS[name][1](batch=7, middle=(33,), n_in=70, n_out=40, dtype=torch.float64)
+    y_cpu = call(name, i, INTERLEAVED)
+    cu = {k: ([t.cuda() for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+              else v.cuda() if torch.is_tensor(v) else v) for k, v in i.items()}
+    torch.testing.assert_close(call(name, cu, INTERLEAVED).cpu(), y_cpu, atol=1e-10, rtol=1e-10)
