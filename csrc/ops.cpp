@@ -41,10 +41,10 @@ TORCH_LIBRARY(pypeft, m) {
   // LoRA: K adapters of their own ranks, y[b] += scale[k] · (x[b] A_kᵀ) B_kᵀ.
   m.def(
       "lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, "
-      "Tensor[] lora_b, float[] scale, int[] row_adapter) -> Tensor");
+      "Tensor[] lora_b, float[] scale, SymInt[] row_adapter) -> Tensor");
   // VeRA: the shared A, B sliced as in vera_linear; λ_d [K, r] and λ_b [K, out]
   // stack the K adapters' vectors: y[b] += λ_b[k] ⊙ ((λ_d[k] ⊙ (x[b] A_sᵀ)) B_sᵀ).
   m.def(
       "vera_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
-      "Tensor lambda_d, Tensor lambda_b, int[] row_adapter) -> Tensor");
+      "Tensor lambda_d, Tensor lambda_b, SymInt[] row_adapter) -> Tensor");
 }

@@ -75,7 +75,7 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
-    from pypeft.finetune.train import METHOD_DEFAULTS, FinetuneOptions
+    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, FinetuneOptions
 
     d = FinetuneOptions()  # the defaults live there, once
     lora = METHOD_DEFAULTS["lora"]
@@ -98,8 +98,9 @@ def _add_finetune(commands) -> None:
     p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F",
                    help=f"share of each class held out for testing (default: {d.test_fraction})")
     p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, metavar="N", help=f"default: {d.epochs}")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, metavar="LR",
-                   help=f"AdamW learning rate (default: {d.lr:g})")
+    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+                   help=f"AdamW learning rate (default: {DEFAULT_LR:g}; "
+                        + ", ".join(f"{m}: {lr:g}" for m, lr in METHOD_LR.items()) + ")")
     p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size, metavar="N",
                    help=f"default: {d.batch_size}")
     p.add_argument("--max-length", type=_int_at_least(2), default=d.max_length, metavar="N",

@@ -103,16 +103,18 @@ def test_finetune_csv_end_to_end(capsys, tiny_model, csv_data, tmp_path):
     assert labels["id2label"] == {"0": "sport", "1": "tech"}
 
 
-def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data, tmp_path, method):
     """The adapter directory (adapter + labels.json) is all it takes to get the
     reported test accuracy back: the trained head is saved with the adapter."""
     output = tmp_path / "adapter"
-    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs", "2",
-                          "--lr", "2e-2", "--batch-size", "4", "--max-length", "16", "--test-fraction", "0.25",
-                          "--no-progress", "--output", str(output))
+    code, out, err = _run(capsys, "finetune", "--method", method, "--model", str(tiny_model), "--data",
+                          str(csv_data), "--epochs", "2", "--lr", "2e-2", "--batch-size", "4", "--max-length", "16",
+                          "--test-fraction", "0.25", "--no-progress", "--output", str(output))
     assert code == 0, err
     assert err == ""  # --no-progress
     reported = _summary(out)["accuracy_after"]
+    assert json.loads((output / "adapter_config.json").read_text())["peft_type"] == method.upper()
 
     id2label = json.loads((output / "labels.json").read_text())["id2label"]
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -20,6 +20,7 @@ from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
 from pypeft.methods.config_checks import TargetModules, check_common, check_dropout, check_finite, check_rank
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.lora_linear import lora_linear
+from pypeft.ops.mixed_linear import lora_linear_mixed
 
 
 def _check_lora_options(owner: str, r, alpha, dropout):
@@ -115,7 +116,6 @@ class LoraLinear(AdaptedLinear):
                            self.lora_B[name], self.scaling[name], p, self.dropout_seed(p, x))
 
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        from pypeft.ops.mixed_linear import lora_linear_mixed  # TEMP until the op lands
         names = self.mixed_adapters
         return lora_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias,
                                  [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],

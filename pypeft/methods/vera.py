@@ -26,6 +26,7 @@ from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
 from pypeft.methods.config_checks import TargetModules, check_common, check_dropout, check_finite, check_rank
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.vera_linear import vera_linear
+from pypeft.ops.mixed_linear import vera_linear_mixed
 
 
 @dataclass
@@ -182,7 +183,6 @@ class VeraLinear(AdaptedLinear):
                            self.dropout_seed(p, x))
 
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        from pypeft.ops.mixed_linear import vera_linear_mixed  # TEMP until the op lands
         names = self.mixed_adapters
         lambda_d = torch.stack([self.vera_lambda_d[n] for n in names])
         lambda_b = torch.stack([self.vera_lambda_b[n] for n in names])
