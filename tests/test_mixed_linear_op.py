@@ -216,6 +216,19 @@ def test_each_row_equals_lora_linear_alone(row_adapter):
         torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
 
 
+# The op picks, per call, between one GEMM pair over all adapters stacked (few
+# tokens: the shapes above) and a GEMM pair per adapter (long rows: these).
+@pytest.mark.parametrize("row_adapter", [INTERLEAVED, sorted(INTERLEAVED), [0, 1, 0, 1, 2, 2, 1],
+                                         [-1, 0, 0, 1, 1, 2, -1]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_rows_match_the_reference(row_adapter, dtype):
+    i = lora_inputs(middle=(96,), n_in=384, n_out=320, ranks=(8, 4, 8), dtype=dtype)
+    y = lora_linear_mixed(*i.values(), row_adapter)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(y, R.lora_linear_mixed(*i.values(), row_adapter), atol=tol, rtol=tol)
+    check_base_rows_bitwise(y, i, row_adapter)
+
+
 @pytest.mark.parametrize("row_adapter", [INTERLEAVED, sorted(INTERLEAVED), [2] * 7])
 def test_each_row_equals_vera_linear_alone(row_adapter):
     i = vera_inputs(n_in=16, n_out=12)
