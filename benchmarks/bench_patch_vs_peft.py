@@ -20,7 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import alternate_timings, machine_description, minilm_shaped, saved_activation_bytes  # noqa: E402
+from common import (alternate_timings, classification_batch, machine_description, minilm_shaped,  # noqa: E402
+                    reference_models, saved_activation_bytes, train_step)
 
 import pypeft  # noqa: E402
 
@@ -38,15 +39,8 @@ def main(argv=None):
 
     device = torch.device("cpu")
     base = minilm_shaped(args.dropout)
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 30522, (args.batch, args.seq), generator=g),
-             "labels": torch.randint(0, 5, (args.batch,), generator=g)}
-
-    models = {"full_finetuning": copy.deepcopy(base)}
-    frozen = copy.deepcopy(base)
-    frozen.requires_grad_(False)
-    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(True)  # gradients flow back to the embeddings
-    models["frozen_floor"] = frozen
+    batch = classification_batch(args.batch, args.seq)
+    models = reference_models(base)
     head_only = copy.deepcopy(base)  # no adapter at all: what any adapter's step costs at least
     head_only.requires_grad_(False)
     head_only.classifier.requires_grad_(True)
@@ -61,14 +55,8 @@ def main(argv=None):
     for m in models.values():
         m.train()
 
-    def step(model):
-        def run():
-            model(**batch).loss.backward()
-            model.zero_grad(set_to_none=True)
-        return run
-
     times = ({k: float("nan") for k in models} if args.memory_only else
-             alternate_timings({k: step(m) for k, m in models.items()}, device, args.rounds, warmup=1))
+             alternate_timings({k: train_step(m, batch) for k, m in models.items()}, device, args.rounds, warmup=1))
     saved = {}
     for k, m in models.items():
         params = list(m.parameters())

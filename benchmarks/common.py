@@ -27,6 +27,31 @@ def minilm_shaped(dropout: float, num_labels: int = 5):
     return transformers.BertForSequenceClassification(cfg)
 
 
+def classification_batch(batch: int, seq: int, num_labels: int = 5) -> dict:
+    """Random token ids and labels for minilm_shaped, seed 0."""
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 30522, (batch, seq), generator=g),
+            "labels": torch.randint(0, num_labels, (batch,), generator=g)}
+
+
+def reference_models(base) -> dict:
+    """Full fine-tuning, and the floor for any adapter: every weight frozen,
+    gradients flowing back to the embeddings."""
+    import copy
+
+    frozen = copy.deepcopy(base)
+    frozen.requires_grad_(False)
+    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    return {"full_finetuning": copy.deepcopy(base), "frozen_floor": frozen}
+
+
+def train_step(model, batch: dict) -> Callable[[], None]:
+    def run():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

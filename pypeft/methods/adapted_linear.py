@@ -6,6 +6,7 @@ batches). A method (LoRA, VeRA) says what an adapter holds and how it runs.
 
 from __future__ import annotations
 
+import abc
 from typing import Iterator
 
 import torch
@@ -21,7 +22,7 @@ def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(nn.Module, abc.ABC):
     """Subclasses hold their adapters' tensors in ParameterDicts keyed by
     adapter name, list those dicts in `adapter_dicts`, and implement
     `delta_weight(name)` ([out, in]), `_adapter_forward(x, name)` and
@@ -114,8 +115,9 @@ class AdaptedLinear(nn.Module):
         d = delta.t() if is_transposed(self.base_layer) else delta
         w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
 
+    @abc.abstractmethod
     def delta_weight(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's update as an [out, in] matrix (what merge() adds)."""
 
     # --- running --------------------------------------------------------------------
 
@@ -146,11 +148,13 @@ class AdaptedLinear(nn.Module):
             return self.base_layer(x)
         return self._adapter_forward(x, name)
 
+    @abc.abstractmethod
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The base layer plus adapter `name`, in one native op."""
 
+    @abc.abstractmethod
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """Each batch row with adapter self.mixed_adapters[rows[i]] (-1: none), in one native op."""
 
     @staticmethod
     def dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:
