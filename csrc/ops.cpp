@@ -47,4 +47,104 @@ TORCH_LIBRARY(pypeft, m) {
   m.def(
       "vera_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
       "Tensor lambda_d, Tensor lambda_b, SymInt[] row_adapter) -> Tensor");
+
+  // The counter-hash dropout mask on its own: x viewed as [rows, C] (C = its
+  // last dim); row i is masked as global row row_ids[i] (or i when row_ids is
+  // None), so a subset of rows gathered out of a larger tensor is masked as it
+  // was there. Kept elements are scaled by 1 / (1 - p).
+  m.def("counter_dropout(Tensor x, float p, Tensor? seed, Tensor? row_ids) -> Tensor");
+
+  // TokenTune: token-subset ops. positions [B, k] (int64; per batch row
+  // distinct, in [0, T)) name the tokens whose computations stay
+  // differentiable; x's leading dims are [B, T]. Forward computes every token
+  // exactly as the plain op does. Backward: grad_x is zero at every unselected
+  // token and parameter gradients sum over the selected tokens only, i.e. the
+  // unselected tokens' computations are constants. Saved for backward: the
+  // selected tokens' rows (returned as *_rows so the autograd layer can share
+  // one copy between several ops reading the same x).
+  m.def(
+      "token_subset_linear(Tensor x, Tensor weight, Tensor? bias, Tensor positions) "
+      "-> (Tensor y, Tensor x_rows)");
+  m.def(
+      "token_subset_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
+      "Tensor positions, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  // With a LoRA / VeRA adapter (as lora_linear / vera_linear, dropout mask keyed
+  // by the flat row b * T + t of x, so forward and backward agree). x_rows is
+  // needed in backward only for grad_lora_a or grad_weight; VeRA needs it only
+  // for grad_weight (pass an empty [0] tensor otherwise).
+  m.def(
+      "token_subset_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+      "Tensor lora_b, float scale, float dropout_p, Tensor? seed, Tensor positions) "
+      "-> (Tensor y, Tensor x_rows, Tensor u_rows)");
+  m.def(
+      "token_subset_lora_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
+      "Tensor lora_a, Tensor lora_b, Tensor u_rows, float scale, float dropout_p, Tensor? seed, "
+      "Tensor positions, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b)");
+  m.def(
+      "token_subset_vera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, "
+      "Tensor vera_b, Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed, "
+      "Tensor positions) -> (Tensor y, Tensor x_rows, Tensor u_rows)");
+  m.def(
+      "token_subset_vera_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
+      "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u_rows, "
+      "float dropout_p, Tensor? seed, Tensor positions, bool[5] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_lambda_d, Tensor grad_lambda_b)");
+  // Norms over the last dim. layer_norm as torch.nn.functional.layer_norm;
+  // rms_norm as transformers' Llama/Mistral/Qwen2 RMSNorm: normalised in
+  // float32, cast back to x's dtype, then times weight.
+  m.def(
+      "token_subset_layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor positions) -> (Tensor y, Tensor x_rows)");
+  m.def(
+      "token_subset_layer_norm_backward(Tensor grad_y, Tensor x_rows, Tensor? weight, "
+      "Tensor? bias, float eps, Tensor positions, bool[3] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "token_subset_rms_norm(Tensor x, Tensor? weight, float eps, Tensor positions) "
+      "-> (Tensor y, Tensor x_rows)");
+  m.def(
+      "token_subset_rms_norm_backward(Tensor grad_y, Tensor x_rows, Tensor? weight, float eps, "
+      "Tensor positions, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_weight)");
+  // Elementwise activations, kind: "gelu" (erf), "gelu_tanh", "silu", "relu";
+  // the gated one is act(gate) * up (Llama's SwiGLU with kind "silu").
+  m.def(
+      "token_subset_activation(Tensor x, str kind, Tensor positions) -> (Tensor y, Tensor x_rows)");
+  m.def(
+      "token_subset_activation_backward(Tensor grad_y, Tensor x_rows, str kind, "
+      "Tensor positions) -> Tensor");
+  m.def(
+      "token_subset_gated_activation(Tensor gate, Tensor up, str kind, Tensor positions) "
+      "-> (Tensor y, Tensor gate_rows, Tensor up_rows)");
+  m.def(
+      "token_subset_gated_activation_backward(Tensor grad_y, Tensor gate_rows, Tensor up_rows, "
+      "str kind, Tensor positions, bool[2] output_mask) -> (Tensor grad_gate, Tensor grad_up)");
+  // Dropout with counter_dropout's mask, x viewed as [B * T, features]: saves
+  // nothing but the seed. With p = 0 it is the identity whose gradient keeps
+  // only the selected tokens (where the token-subset region begins).
+  m.def("token_subset_dropout(Tensor x, float p, Tensor? seed, Tensor positions) -> Tensor");
+  m.def(
+      "token_subset_dropout_backward(Tensor grad_y, float p, Tensor? seed, Tensor positions) "
+      "-> Tensor");
+  // Attention, softmax(q kᵀ · scale + mask) v per head, with the layout of
+  // transformers' attention interface: query [B, Hq, T, D], key [B, Hkv, S, D],
+  // value [B, Hkv, S, Dv], Hq a multiple of Hkv (grouped K/V heads). positions
+  // index query tokens (dim 2). attn_mask: None, bool (True = attend) or
+  // additive float, broadcastable to [B, Hq, T, S]; is_causal adds the causal
+  // mask as torch's scaled_dot_product_attention does (query t sees keys <= t). Dropout on the probabilities uses
+  // counter_dropout's mask with row (b * Hq + h) * T + t and column s.
+  // Saved: the selected queries, all keys and values (a selected query
+  // attends to every token), the mask. grad_key / grad_value cover all key
+  // tokens (what selected queries send them); grad_query is zero at unselected
+  // tokens.
+  m.def(
+      "token_subset_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "float scale, bool is_causal, float dropout_p, Tensor? seed, Tensor positions) "
+      "-> (Tensor out, Tensor query_rows)");
+  m.def(
+      "token_subset_attention_backward(Tensor grad_out, Tensor query_rows, Tensor key, "
+      "Tensor value, Tensor? attn_mask, float scale, bool is_causal, float dropout_p, "
+      "Tensor? seed, Tensor positions, bool[3] output_mask) -> (Tensor grad_query, "
+      "Tensor grad_key, Tensor grad_value)");
 }

@@ -38,13 +38,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
-    """[rows, cols] bool: True where drop() keeps element (row, col)."""
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, row_ids=None) -> torch.Tensor:
+    """[rows, cols] bool: True where drop() keeps element (row, col); with
+    row_ids (a sequence of ints), row i is masked as global row row_ids[i]."""
     if p <= 0.0:
         return torch.ones(rows, cols, dtype=torch.bool)
     threshold = min(int(p * 4294967296.0), 0xFFFFFFFF)
     seed &= _M64
-    keys = [_splitmix64(seed ^ _splitmix64(r)) for r in range(rows)]
+    ids = range(rows) if row_ids is None else [int(r) for r in row_ids]
+    keys = [_splitmix64(seed ^ _splitmix64(r & _M64)) for r in ids]
     lo = torch.tensor([k & _M32 for k in keys], dtype=torch.int64).unsqueeze(1)
     hi = torch.tensor([k >> 32 for k in keys], dtype=torch.int64).unsqueeze(1)
     col = torch.arange(cols, dtype=torch.int64).unsqueeze(0)
@@ -52,13 +54,14 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor
     return bits >= threshold
 
 
-def dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """drop(x) for x of shape [..., cols], rows counted over the leading dims."""
+def dropout(x: torch.Tensor, seed: int, p: float, row_ids=None) -> torch.Tensor:
+    """drop(x) for x of shape [..., cols], rows counted over the leading dims
+    (or named by row_ids, one per row)."""
     if p <= 0.0:
         return x
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
-    keep = dropout_keep_mask(seed, rows, cols, p).reshape(x.shape).to(x.device)
+    keep = dropout_keep_mask(seed, rows, cols, p, row_ids).reshape(x.shape).to(x.device)
     return x * keep.to(x.dtype) / (1.0 - p)
 
 

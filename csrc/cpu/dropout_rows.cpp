@@ -45,7 +45,7 @@ void dropout_row_any(const scalar_t* src, scalar_t* dst, uint32_t cols, DropoutR
 }  // namespace
 
 void dropout_rows(const at::Tensor& src, const at::Tensor& dst, int64_t row0, uint64_t seed,
-                  const DropoutParams& d) {
+                  const DropoutParams& d, const int64_t* row_ids) {
   TORCH_INTERNAL_ASSERT(src.dim() == 2 && dst.sizes() == src.sizes());
   TORCH_INTERNAL_ASSERT(src.scalar_type() == dst.scalar_type());
   const int64_t rows = src.size(0);
@@ -56,7 +56,8 @@ void dropout_rows(const at::Tensor& src, const at::Tensor& dst, int64_t row0, ui
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     scalar_t* o = dst.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) {
-      const DropoutRowKey key = dropout_row_key(seed, static_cast<uint64_t>(row0 + i));
+      const int64_t row = row_ids ? row_ids[row0 + i] : row0 + i;
+      const DropoutRowKey key = dropout_row_key(seed, static_cast<uint64_t>(row));
       const scalar_t* si = s + i * src.stride(0);
       scalar_t* oi = o + i * dst.stride(0);
       dropout_row_any<scalar_t>(si, oi, cols, key, d.threshold, d.scale);

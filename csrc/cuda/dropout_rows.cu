@@ -18,12 +18,13 @@ namespace {
 template <typename scalar_t>
 __global__ void dropout_rows_kernel(const scalar_t* __restrict__ src, int64_t src_stride,
                                     scalar_t* dst, int64_t dst_stride, int64_t rows,
-                                    int64_t cols, SeedSource seed, uint32_t threshold,
-                                    at::opmath_type<scalar_t> scale) {
+                                    int64_t cols, SeedSource seed, const int64_t* row_ids,
+                                    uint32_t threshold, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const uint64_t s = seed.device_ptr ? static_cast<uint64_t>(*seed.device_ptr) : seed.value;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const DropoutRowKey key = dropout_row_key(s, static_cast<uint64_t>(row));
+    const int64_t global_row = row_ids ? row_ids[row] : row;
+    const DropoutRowKey key = dropout_row_key(s, static_cast<uint64_t>(global_row));
     for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < cols;
          col += int64_t(blockDim.x) * gridDim.x) {
       const acc_t m = dropout_bits(key, static_cast<uint32_t>(col)) >= threshold ? scale : acc_t(0);
@@ -46,7 +47,7 @@ SeedSource seed_source(const c10::optional<at::Tensor>& seed) {
 }
 
 void dropout_rows(const at::Tensor& src, const at::Tensor& dst, SeedSource seed,
-                  const DropoutParams& d) {
+                  const DropoutParams& d, const int64_t* row_ids) {
   TORCH_INTERNAL_ASSERT(src.dim() == 2 && dst.sizes() == src.sizes());
   const int64_t rows = src.size(0), cols = src.size(1);
   if (rows == 0 || cols == 0) return;
@@ -59,7 +60,7 @@ void dropout_rows(const at::Tensor& src, const at::Tensor& dst, SeedSource seed,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_rows", [&] {
     dropout_rows_kernel<scalar_t><<<grid, threads, 0, stream>>>(
         src.const_data_ptr<scalar_t>(), src.stride(0), dst.data_ptr<scalar_t>(), dst.stride(0),
-        rows, cols, seed, d.threshold, static_cast<at::opmath_type<scalar_t>>(d.scale));
+        rows, cols, seed, row_ids, d.threshold, static_cast<at::opmath_type<scalar_t>>(d.scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -20,8 +20,9 @@ struct SeedSource {
 SeedSource seed_source(const c10::optional<at::Tensor>& seed);
 
 // dst = drop(src) for [rows, cols] matrices with unit column stride whose
-// first row is global row 0; dst may be src. Launches on the current stream.
+// first row is global row 0, or whose row i is global row row_ids[i] (a device
+// pointer); dst may be src. Launches on the current stream.
 void dropout_rows(const at::Tensor& src, const at::Tensor& dst, SeedSource seed,
-                  const DropoutParams& d);
+                  const DropoutParams& d, const int64_t* row_ids = nullptr);
 
 }  // namespace pypeft::cuda
