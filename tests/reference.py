@@ -120,3 +120,28 @@ def vera_linear_mixed(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_a
             y = y + (lambda_b[k] * ((lambda_d[k] * u) @ b_s.t())).to(y.dtype)
         rows.append(y)
     return _rows_or_empty(rows, x, n_out)
+
+
+# --- TokenTune: token-subset semantics ---------------------------------------------
+
+def token_mask(positions: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, T] bool, True at the selected tokens."""
+    mask = torch.zeros(positions.shape[0], tokens, dtype=torch.bool, device=positions.device)
+    return mask.scatter_(1, positions, True)
+
+
+def keep_grad_at(t: torch.Tensor, positions: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+    """t with the same values, whose unselected tokens are constants (detached):
+    the definition of TokenTune's gradients. Batch is dim 0; tokens token_dim."""
+    mask = token_mask(positions, t.shape[token_dim])
+    shape = [1] * t.dim()
+    shape[0], shape[token_dim] = t.shape[0], t.shape[token_dim]
+    mask = mask.view(shape)
+    return torch.where(mask, t, t.detach())
+
+
+def token_subset(fn, positions: torch.Tensor, *tensors: torch.Tensor, token_dim: int = 1):
+    """fn(*tensors) where every token outside `positions` is computed as a
+    constant: inputs and output keep gradients only at the selected tokens."""
+    out = fn(*(keep_grad_at(t, positions, token_dim) for t in tensors))
+    return keep_grad_at(out, positions, token_dim)

@@ -1,0 +1,37 @@
+"""Sharing the saved rows of the selected tokens between token-subset ops.
+
+Every token-subset op returns the selected rows of its input (x_rows) and its
+autograd layer saves them. Several ops often read the same x (a layer's query,
+key and value projections; LoRA layers on them), and saving one gathered copy
+per op would triple what TokenTune keeps. `shared_rows` hands every op reading
+the same x (same tensor object, same version, same positions) the first op's
+copy, so autograd holds one.
+
+Only in eager mode: under torch.compile the graph is traced once and the
+compiler plans saved tensors itself (there each op keeps its own copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ATTR = "_pypeft_token_rows"
+
+
+def shared_rows(x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tag: str = "") -> torch.Tensor:
+    """The rows to save for x: an earlier op's copy if it gathered the same
+    rows of this x (same tag: ops that save different things of x use
+    different tags), otherwise `rows`, remembered on x for the next op."""
+    if torch.compiler.is_compiling():
+        return rows
+    cached = getattr(x, _ATTR, None)
+    key = (tag, positions, x._version)
+    if cached is not None:
+        for k, saved in cached:
+            if k[0] == tag and k[1] is positions and k[2] == x._version and saved.shape == rows.shape:
+                return saved
+    else:
+        cached = []
+        setattr(x, _ATTR, cached)
+    cached.append((key, rows))
+    return rows
