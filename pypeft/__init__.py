@@ -3,6 +3,7 @@
     import pypeft
     pypeft.patch(model, method="lora", r=8, alpha=16, dropout=0.1)   # or pypeft.LoraConfig(...)
     pypeft.patch(model, method="vera", r=256)                        # or pypeft.VeraConfig(...)
+    pypeft.patch(model, method="tokentune", k=16)                    # composes with LoRA / VeRA
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 """
@@ -10,6 +11,7 @@
 from pypeft import ops
 from pypeft.io import load_adapter, save_adapter
 from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
 from pypeft.mixed_batch import mixed_batch
 from pypeft.patch import (
@@ -26,6 +28,7 @@ from pypeft.patch import (
 __all__ = [
     "LoraConfig",
     "LoraLinear",
+    "TokenTuneConfig",
     "VeraConfig",
     "VeraLinear",
     "delete_adapter",

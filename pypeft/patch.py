@@ -18,15 +18,18 @@ from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.methods import tokentune
 from pypeft.methods.modules_to_save import TrainableCopies
+from pypeft.methods.tokentune import TokenTuneConfig, TokenTuneRecord
 from pypeft.methods.vera import VeraConfig, VeraLinear, VeraProjections
 from pypeft.models import classifier_head_names, default_lora_targets, is_linear_like, linear_dims, output_head_names
 
 STATE_ATTR = "pypeft"
 
 # method name -> its config class; the config names the method (config.method).
-METHODS: dict[str, type] = {"lora": LoraConfig, "vera": VeraConfig}
-# method name -> the layer class that holds its adapters.
+METHODS: dict[str, type] = {"lora": LoraConfig, "vera": VeraConfig, "tokentune": TokenTuneConfig}
+# method name -> the layer class that holds its adapters (TokenTune holds none:
+# it changes how the model trains, composing with the adapter methods).
 LAYERS: dict[str, type[AdaptedLinear]] = {"lora": LoraLinear, "vera": VeraLinear}
 
 # Modules pypeft puts into a model; nothing inside them is a target.
@@ -48,6 +51,7 @@ class PatchState:
     active: str | None = None
     merged: bool = False
     vera_projections: VeraProjections | None = None  # shared by every VeRA adapter of the model
+    tokentune: TokenTuneRecord | None = None  # set by patch(method="tokentune")
 
 
 def state_of(model: nn.Module) -> PatchState | None:
@@ -152,6 +156,8 @@ def _make_config(config, method, options, adapter_name):
         if not any(isinstance(config, cls) for cls in METHODS.values()):
             raise TypeError(f"pypeft.patch: argument 'config': expected one of "
                             f"{[c.__name__ for c in METHODS.values()]}, got {type(config).__name__}")
+        if adapter_name is not None and isinstance(config, TokenTuneConfig):
+            raise ValueError("pypeft.patch: argument 'adapter_name': TokenTune holds no adapter")
         return config if adapter_name is None else dataclasses.replace(config, adapter_name=adapter_name)
     if method not in METHODS:
         raise ValueError(f"pypeft.patch: argument 'method': expected one of {sorted(METHODS)}, got {method!r}")
@@ -162,6 +168,9 @@ def _make_config(config, method, options, adapter_name):
         raise ValueError(f"pypeft.patch(method={method!r}): unknown option {unknown[0]!r}; "
                          f"options: {', '.join(sorted(known))}")
     if adapter_name is not None:
+        if cls is TokenTuneConfig:
+            raise ValueError("pypeft.patch(method='tokentune'): argument 'adapter_name': TokenTune holds no adapter "
+                             f"(it changes how the model trains), got {adapter_name!r}")
         options["adapter_name"] = adapter_name
     return cls(**options)
 
@@ -177,8 +186,16 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
     in full, by default a sequence classifier's head) is trainable and active.
     Patching again with another adapter_name adds an adapter; a name in use
     raises.
+
+        pypeft.patch(model, method="tokentune", k=16)   # or fraction=0.25
+
+    TokenTune composes: alone, the model trains all its weights as before;
+    with LoRA or VeRA adapters (patched before or after), only those; either
+    way backward runs through k tokens per sequence (see TokenTuneConfig).
     """
     config = _make_config(config, method, dict(options), adapter_name)
+    if config.method == "tokentune":
+        return _patch_tokentune(model, config)
     state = state_of(model)
     name = config.adapter_name
     if state is not None and name in state.adapters:
@@ -191,11 +208,10 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
     targets = find_targets(model, config.target_modules, config.method, to_save)
     _check_one_method_per_layer(model, targets, config.method)
     projections = _vera_projections(model, state, config, targets) if config.method == "vera" else None
-    if state is None:
-        state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    state = _ensure_state(model)
+    if not state.adapters:  # the first adapter: the base stops training
         for p in model.parameters():
             p.requires_grad_(False)
-        model.__dict__[STATE_ATTR] = state
     layer_class = LAYERS[config.method]
     for target in targets:
         layer = _wrapped(model, state, target, layer_class)
@@ -208,6 +224,27 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
         _wrapped(model, state, target, TrainableCopies).add_adapter(name)
     state.adapters[name] = AdapterRecord(config=config, layers=targets, modules_to_save=to_save)
     _activate(model, state, name)
+    if state.tokentune is not None:
+        tokentune.tag_new_layers(model, state.tokentune)
+    return model
+
+
+def _ensure_state(model: nn.Module) -> PatchState:
+    """The model's PatchState, made (recording requires_grad flags) on first use."""
+    state = state_of(model)
+    if state is None:
+        state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def _patch_tokentune(model: nn.Module, config: TokenTuneConfig) -> nn.Module:
+    state = state_of(model)
+    if state is not None and state.tokentune is not None:
+        raise ValueError("pypeft.patch(method='tokentune'): the model is patched with TokenTune already; "
+                         "pypeft.unpatch(model) first to change its options")
+    record = tokentune.attach(model, config)  # checks everything before it changes anything
+    _ensure_state(model).tokentune = record
     return model
 
 
@@ -273,6 +310,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo patch(): the original modules, weights and requires_grad flags."""
     state = _require_state(model, "unpatch")
     unmerge(model)
+    if state.tokentune is not None:
+        tokentune.detach(model, state.tokentune)
     for name, original in state.replaced.items():
         model.set_submodule(name, original)
     for name, p in model.named_parameters():

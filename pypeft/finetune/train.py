@@ -35,12 +35,18 @@ DEFAULT_OUTPUT_ROOT = "pypeft-output"
 # listed gets pypeft.patch's own defaults.
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+    "tokentune": {"k": 16},  # a quarter of the default 64 tokens
 }
+# Not a pypeft.patch method: every weight trains, as the baseline TokenTune is
+# measured against.
+FULL_FINETUNING = "full"
 # VeRA trains two vectors per layer against fixed random matrices and wants a
 # larger step than LoRA (Kopiczko et al. use 4e-3 to 1e-2 on GLUE); 5e-3
 # reaches 0.94 on the default data in 2 epochs, 1e-3 stays near chance.
+# Methods that train every weight (full fine-tuning, TokenTune alone) want the
+# small step usual for BERT fine-tuning.
 DEFAULT_LR = 1e-3
-METHOD_LR: dict[str, float] = {"vera": 5e-3}
+METHOD_LR: dict[str, float] = {"vera": 5e-3, FULL_FINETUNING: 1e-4, "tokentune": 1e-4}
 
 
 def learning_rate(options: "FinetuneOptions") -> float:
@@ -285,6 +291,23 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _save(model, output: Path) -> str:
+    """The adapter (PEFT's format), or the whole model when every weight
+    trained (full fine-tuning, TokenTune alone); says which."""
+    state = getattr(model, "pypeft", None)
+    if state is not None and state.adapters:
+        pypeft.save_adapter(model, output)
+        return "adapter"
+    if state is not None:
+        pypeft.unpatch(model)  # the plain model, with its trained weights
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, output / f.name)
+    tmp.rmdir()
+    return "model"
+
+
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
@@ -310,8 +333,11 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
 
     tokenizer, model = load_classifier(model_dir, data.label_names)
     method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
+    if options.method == FULL_FINETUNING and method_options:
+        raise UsageError(f"argument --method: {FULL_FINETUNING!r} takes no method options, got {method_options}")
     try:
-        pypeft.patch(model, method=options.method, **method_options)
+        if options.method != FULL_FINETUNING:
+            pypeft.patch(model, method=options.method, **method_options)
     except (ValueError, TypeError) as exc:  # unknown method or option, bad rank, no target layers, ...
         raise UsageError(_first_line(exc)) from None
     model.to(device)
@@ -341,7 +367,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     train_seconds = time.perf_counter() - train_started
 
     correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress)
-    pypeft.save_adapter(model, output)
+    saved = _save(model, output)
     _write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
                                        "label2id": {n: i for i, n in enumerate(data.label_names)}})
     rss = peak_rss_bytes()
@@ -380,6 +406,6 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     if cuda_peak is not None:
         memory += f", {_mib(cuda_peak)} MiB CUDA allocated"
     print(memory, file=out)
-    print(f"adapter saved to: {output}", file=out)
+    print(f"{saved} saved to: {output}", file=out)
     print(json.dumps(summary), file=out, flush=True)
     return summary

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pypeft.models.linear import is_linear_like, is_transposed, linear_dims
+from pypeft.models.token_subset_attention import SELECTION_ATTR
 
 BASE = "base"  # the row name, in a mixed batch, of rows that run without an adapter
 
@@ -146,11 +147,18 @@ class AdaptedLinear(nn.Module, abc.ABC):
         name = self.active_adapter
         if name is None or not self.has_adapter(name):
             return self.base_layer(x)
-        return self._adapter_forward(x, name)
+        return self._adapter_forward(x, name, self._token_positions(x))
+
+    def _token_positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """TokenTune's selected positions for x, while a selection is active
+        (set on the layer by pypeft.patch(method="tokentune"))."""
+        selection = self.__dict__.get(SELECTION_ATTR)
+        return selection.positions_for(x) if selection is not None else None
 
     @abc.abstractmethod
-    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The base layer plus adapter `name`, in one native op."""
+    def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
+        """The base layer plus adapter `name`, in one native op; with
+        positions, its token-subset op (TokenTune)."""
 
     @abc.abstractmethod
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:

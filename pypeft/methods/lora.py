@@ -21,6 +21,7 @@ from pypeft.methods.config_checks import TargetModules, check_common, check_drop
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed
+from pypeft.ops.token_subset_linear import token_subset_lora_linear
 
 
 def _check_lora_options(owner: str, r, alpha, dropout):
@@ -110,10 +111,11 @@ class LoraLinear(AdaptedLinear):
         dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
         return (b.to(dtype) @ a.to(dtype)) * self.scaling[name]
 
-    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
         p = self.dropout[name] if self.training else 0.0
-        return lora_linear(x, weight_out_in(self.base_layer), self.base_layer.bias, self.lora_A[name],
-                           self.lora_B[name], self.scaling[name], p, self.dropout_seed(p, x))
+        args = (x, weight_out_in(self.base_layer), self.base_layer.bias, self.lora_A[name], self.lora_B[name],
+                self.scaling[name], p, self.dropout_seed(p, x))
+        return lora_linear(*args) if positions is None else token_subset_lora_linear(*args, positions)
 
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
         names = self.mixed_adapters

@@ -27,6 +27,7 @@ from pypeft.methods.config_checks import TargetModules, check_common, check_drop
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.vera_linear import vera_linear
 from pypeft.ops.mixed_linear import vera_linear_mixed
+from pypeft.ops.token_subset_linear import token_subset_vera_linear
 
 
 @dataclass
@@ -176,11 +177,12 @@ class VeraLinear(AdaptedLinear):
         b_s = self.projections.vera_B[:self.out_features].to(dtype)
         return (lb.to(dtype)[:, None] * b_s) @ (ld.to(dtype)[:, None] * a_s)
 
-    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
         p = self.dropout[name] if self.training else 0.0
-        return vera_linear(x, weight_out_in(self.base_layer), self.base_layer.bias, self.projections.vera_A,
-                           self.projections.vera_B, self.vera_lambda_d[name], self.vera_lambda_b[name], p,
-                           self.dropout_seed(p, x))
+        args = (x, weight_out_in(self.base_layer), self.base_layer.bias, self.projections.vera_A,
+                self.projections.vera_B, self.vera_lambda_d[name], self.vera_lambda_b[name], p,
+                self.dropout_seed(p, x))
+        return vera_linear(*args) if positions is None else token_subset_vera_linear(*args, positions)
 
     def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
         names = self.mixed_adapters

@@ -1,0 +1,211 @@
+"""pypeft TokenTune against full fine-tuning and against TokenTune written the
+paper's way in eager PyTorch (two streams: benchmarks/two_stream_bert.py), on
+a MiniLM-shaped BERT classifier; and TokenTune + LoRA(all-linear) against
+LoRA(all-linear) alone.
+
+Figures: saved-activation bytes per forward, train-step time (candidates
+alternated in one process, medians), peak process memory (one fresh
+subprocess per configuration: build, then train `--steps` steps), and a sweep
+of the fraction of tokens (1/16 ... 1) for TokenTune alone and with LoRA,
+plotted to benchmarks/tokentune_fraction.png.
+
+    python benchmarks/bench_tokentune.py [--seq 256 --batch 8 --k 32 --rounds 5] [--no-sweep] [--no-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import (alternate_timings, classification_batch, machine_description, minilm_shaped,  # noqa: E402
+                    saved_activation_bytes, train_step)
+from two_stream_bert import two_stream_loss  # noqa: E402
+
+import pypeft  # noqa: E402
+
+FRACTIONS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
+
+
+def first_and_random(seq: int, k: int, seed: int = 0):
+    """A selector as pypeft's default for encoders (token 0 plus k - 1 at
+    random), drawn from its own generator so that both implementations see
+    the same positions."""
+    g = torch.Generator().manual_seed(seed)
+
+    def select(input_ids, attention_mask, k_):
+        B = input_ids.shape[0]
+        rest = torch.stack([torch.randperm(seq - 1, generator=g)[: k_ - 1] + 1 for _ in range(B)])
+        return torch.cat([torch.zeros(B, 1, dtype=torch.long), rest], 1).sort(1).values
+    return select
+
+
+def build(name: str, dropout: float, seq: int, k: int, lora_r: int):
+    """(model, step function, forward-for-bytes) of one configuration."""
+    base = minilm_shaped(dropout)
+    base.train()
+    if name.startswith("lora") or name.startswith("tokentune+lora"):
+        pypeft.patch(base, method="lora", r=lora_r, alpha=2 * lora_r, target_modules="all-linear")
+    if "tokentune" in name and name != "two_stream":
+        pypeft.patch(base, method="tokentune", k=k, selector=first_and_random(seq, k))
+    return base
+
+
+def two_stream_step(model, batch, seq, k):
+    select = first_and_random(seq, k)
+
+    def loss():
+        positions = select(batch["input_ids"], None, k)
+        return two_stream_loss(model, batch["input_ids"], batch["labels"], positions)
+
+    def step():
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+    return step, loss
+
+
+def measure(names, args, k, rounds):
+    batch = classification_batch(args.batch, args.seq)
+    models, steps, forwards = {}, {}, {}
+    for name in names:
+        if name == "two_stream":
+            model = minilm_shaped(args.dropout).train()
+            steps[name], forwards[name] = two_stream_step(model, batch, args.seq, k)
+        else:
+            model = build(name, args.dropout, args.seq, k, args.lora_r)
+            steps[name] = train_step(model, batch)
+            forwards[name] = (lambda m: (lambda: m(**batch).loss))(model)
+        models[name] = model
+    saved = {n: saved_activation_bytes(forwards[n], list(models[n].parameters())) for n in names}
+    times = alternate_timings(steps, torch.device("cpu"), rounds) if rounds else {}
+    return saved, times
+
+
+def peak_rss(name: str, args) -> int:
+    """Peak resident bytes of a fresh process that builds `name` and trains it."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--seq", str(args.seq), "--batch",
+           str(args.batch), "--k", str(args.k), "--lora-r", str(args.lora_r), "--dropout", str(args.dropout)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def rss_child(args) -> None:
+    batch = classification_batch(args.batch, args.seq)
+    if args.rss_of == "two_stream":
+        model = minilm_shaped(args.dropout).train()
+        step, _ = two_stream_step(model, batch, args.seq, args.k)
+    else:
+        step = train_step(build(args.rss_of, args.dropout, args.seq, args.k, args.lora_r), batch)
+    for _ in range(args.steps):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def check_same_gradients(args) -> float:
+    """Largest gradient difference between native TokenTune and the two-stream
+    baseline on one batch without dropout: both must compute the same thing."""
+    batch = classification_batch(2, 32)
+    ours = build("tokentune", 0.0, 32, 8, args.lora_r)
+    theirs = minilm_shaped(0.0).train()
+    ours(**batch).loss.backward()
+    positions = first_and_random(32, 8)(batch["input_ids"], None, 8)
+    two_stream_loss(theirs, batch["input_ids"], batch["labels"], positions).backward()
+    return max((a.grad - b.grad).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters())
+               if b.grad is not None)
+
+
+def sweep(args):
+    rows = []
+    for f in FRACTIONS:
+        k = max(1, round(f * args.seq))
+        saved, times = measure(["tokentune", "tokentune+lora"], args, k, args.sweep_rounds)
+        rows.append({"fraction": f, "k": k, "saved_bytes": saved, "step_s": times})
+    return rows
+
+
+def plot(rows, full, lora, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fr = [r["fraction"] for r in rows]
+    for name, label in (("tokentune", "TokenTune"), ("tokentune+lora", "TokenTune + LoRA (all-linear)")):
+        ax1.plot(fr, [r["saved_bytes"][name] / 2**20 for r in rows], "o-", label=label)
+        ax2.plot(fr, [r["step_s"][name] for r in rows], "o-", label=label)
+    ax1.axhline(full["saved"] / 2**20, color="gray", ls="--", label="full fine-tuning")
+    ax1.axhline(lora["saved"] / 2**20, color="gray", ls=":", label="LoRA (all-linear)")
+    ax2.axhline(full["step"], color="gray", ls="--", label="full fine-tuning")
+    ax2.axhline(lora["step"], color="gray", ls=":", label="LoRA (all-linear)")
+    for ax, title in ((ax1, "saved activations (MiB)"), (ax2, "train step (s, CPU)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fraction of tokens with gradients")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sweep-rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="train steps in each peak-memory subprocess")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--plot", default=os.path.join(HERE, "tokentune_fraction.png"))
+    p.add_argument("--rss-of", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_of:
+        return rss_child(args)
+
+    names = ["full_finetuning", "two_stream", "tokentune", "lora", "tokentune+lora"]
+    saved, times = measure(names, args, args.k, args.rounds)
+    result = {
+        "benchmark": "tokentune", "date": datetime.date.today().isoformat(),
+        "machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
+        "shape": {"seq": args.seq, "batch": args.batch, "k": args.k, "dropout": args.dropout,
+                  "lora_r": args.lora_r},
+        "max_grad_difference_vs_two_stream": check_same_gradients(args),
+        "saved_bytes": saved, "step_s": times,
+        "ratios": {
+            "saved_tokentune_vs_full": saved["tokentune"] / saved["full_finetuning"],
+            "saved_two_stream_vs_full": saved["two_stream"] / saved["full_finetuning"],
+            "saved_tokentune_vs_two_stream": saved["tokentune"] / saved["two_stream"],
+            "saved_tokentune_lora_vs_lora": saved["tokentune+lora"] / saved["lora"],
+            "step_tokentune_vs_full": times["tokentune"] / times["full_finetuning"],
+            "step_two_stream_vs_full": times["two_stream"] / times["full_finetuning"],
+            "step_tokentune_vs_two_stream": times["tokentune"] / times["two_stream"],
+            "step_tokentune_lora_vs_lora": times["tokentune+lora"] / times["lora"],
+        },
+    }
+    if not args.no_rss:
+        rss = {n: peak_rss(n, args) for n in ["full_finetuning", "two_stream", "tokentune"]}
+        result["peak_rss_bytes"] = rss
+        result["ratios"]["rss_tokentune_vs_full"] = rss["tokentune"] / rss["full_finetuning"]
+    if not args.no_sweep:
+        rows = sweep(args)
+        result["fraction_sweep"] = rows
+        plot(rows, {"saved": saved["full_finetuning"], "step": times["full_finetuning"]},
+             {"saved": saved["lora"], "step": times["lora"]}, args.plot)
+        result["plot"] = os.path.relpath(args.plot, os.path.dirname(HERE))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

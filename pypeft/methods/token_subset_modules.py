@@ -1,0 +1,162 @@
+"""Running a model's per-token modules as TokenTune's token-subset ops.
+
+The modules stay where they are, with their parameters and state-dict keys:
+TokenTune swaps their class for a subclass whose forward calls the
+token-subset op while the model's TokenSelection is active, and the original
+forward otherwise (eval, no_grad, inputs that are not [B, T, ...] of the
+selection, e.g. a pooler's [B, H]). unswap() restores the class.
+
+What is swapped: linear layers (nn.Linear, transformers' Conv1D), LayerNorm,
+Llama-style RMSNorm, activations, dropout, the gated MLP of Llama-likes
+(whose product act(gate) * up would otherwise keep two full tensors), and the
+input embedding, whose output gets a gate that cuts unselected tokens'
+gradients (where the token-subset region begins). pypeft's adapter layers
+(LoRA, VeRA) run their token-subset op themselves (AdaptedLinear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pypeft import ops
+from pypeft.models.linear import is_linear_like, weight_out_in
+from pypeft.models.token_subset_attention import SELECTION_ATTR
+
+
+
+def _positions(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    return getattr(module, SELECTION_ATTR).positions_for(x)
+
+
+def _dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:
+    return torch.randint(0, 2**62, (), device=x.device) if p > 0.0 else None
+
+
+class TokenSubsetLinear:
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None:
+            return super().forward(x)
+        return ops.token_subset_linear(x, weight_out_in(self), self.bias, pos)
+
+
+class TokenSubsetLayerNorm:
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return ops.token_subset_layer_norm(x, self.weight, self.bias, self.eps, pos)
+
+
+class TokenSubsetRMSNorm:
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None:
+            return super().forward(x)
+        return ops.token_subset_rms_norm(x, self.weight, self.variance_epsilon, pos)
+
+
+class TokenSubsetActivation:
+    activation_kind = ""
+
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None:
+            return super().forward(x)
+        return ops.token_subset_activation(x, self.activation_kind, pos)
+
+
+class TokenSubsetDropout:
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None or not self.training:
+            return super().forward(x)
+        return ops.token_subset_dropout(x, self.p, _dropout_seed(self.p, x), pos)
+
+
+class TokenSubsetGatedMLP:
+    """down(act(gate(x)) * up(x)) with the product fused (Llama, Mistral, Qwen2)."""
+
+    def forward(self, x):
+        pos = _positions(self, x)
+        if pos is None:
+            return super().forward(x)
+        h = ops.token_subset_gated_activation(self.gate_proj(x), self.up_proj(x), "silu", pos)
+        return self.down_proj(h)
+
+
+class TokenSubsetEmbedding:
+    def forward(self, ids):
+        out = super().forward(ids)
+        pos = _positions(self, out)
+        return out if pos is None else ops.token_subset_dropout(out, 0.0, None, pos)
+
+
+# RMSNorms computed as LlamaRMSNorm (float32 normalisation, then weight * x.to(dtype)).
+_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The token_subset_activation kind computing `module`, or None."""
+    name = type(module).__name__
+    if name == "GELUActivation" or (isinstance(module, nn.GELU) and module.approximate == "none"):
+        return "gelu"
+    if name in ("NewGELUActivation", "GELUTanh", "FastGELUActivation") or isinstance(module, nn.GELU):
+        return "gelu_tanh"
+    if name == "SiLUActivation" or isinstance(module, nn.SiLU):
+        return "silu"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    return None
+
+
+def mixin_for(module: nn.Module) -> type | None:
+    """The token-subset forward for a module of the model, or None."""
+    if isinstance(module, nn.Embedding):
+        return None  # only the input embedding is gated (see swap_input_embedding)
+    if is_linear_like(module):
+        return TokenSubsetLinear
+    if isinstance(module, nn.LayerNorm):
+        return TokenSubsetLayerNorm
+    name = type(module).__name__
+    if name in _LLAMA_RMS_NORMS:
+        return TokenSubsetRMSNorm
+    if name in _GATED_MLPS and activation_kind(module.act_fn) == "silu":
+        return TokenSubsetGatedMLP
+    if isinstance(module, nn.Dropout):
+        return TokenSubsetDropout
+    if activation_kind(module) is not None:
+        return TokenSubsetActivation
+    return None
+
+
+_classes: dict[tuple, type] = {}
+
+
+def _subclass(mixin: type, cls: type, module: nn.Module) -> type:
+    """One subclass per (mixin, original class, activation kind), made once."""
+    kind = activation_kind(module) if mixin is TokenSubsetActivation else None
+    key = (mixin, cls, kind)
+    if key not in _classes:
+        attrs = {"__module__": __name__, "_pypeft_original_class": cls}
+        if kind is not None:
+            attrs["activation_kind"] = kind
+        _classes[key] = type(f"TokenSubset{cls.__name__}", (mixin, cls), attrs)
+    return _classes[key]
+
+
+def swap(module: nn.Module, mixin: type, selection) -> None:
+    module.__class__ = _subclass(mixin, type(module), module)
+    setattr(module, SELECTION_ATTR, selection)
+
+
+def unswap(module: nn.Module) -> None:
+    module.__class__ = module._pypeft_original_class
+    module.__dict__.pop(SELECTION_ATTR, None)
+
+
+def is_swapped(module: nn.Module) -> bool:
+    return hasattr(type(module), "_pypeft_original_class")
