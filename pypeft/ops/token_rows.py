@@ -35,3 +35,12 @@ def shared_rows(x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, ta
         setattr(x, _ATTR, cached)
     cached.append((key, rows))
     return rows
+
+
+def fake_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """For register_fake: the [B * k, F] rows a token-subset op gathers from x
+    ([B, T, ...], F the product of its dims after the first two)."""
+    features = 1
+    for size in x.shape[2:]:
+        features = features * size
+    return x.new_empty((positions.shape[0] * positions.shape[1], features))
