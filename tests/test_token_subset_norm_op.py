@@ -247,12 +247,19 @@ def test_torchscript():
     torch.testing.assert_close(scripted(x, w, pos), F.layer_norm(x, (8,), w, None, EPS) + rms_norm(x, w, EPS))
 
 
+def test_rows_output_is_differentiable():
+    pos, x, w = H.positions(2, 5, 3, seed=1), H.randn(2, 5, 4), H.randn(4, seed=2)
+    H.assert_rows_output_differentiable(lambda x_: layer_norm_op(x_, w, None, EPS, pos), x, pos)
+    H.assert_rows_output_differentiable(lambda x_: rms_norm_op(x_, w, EPS, pos), x, pos)
+
+
 def test_no_double_backward():
     pos = H.positions(1, 3, 2)
     x = H.randn(1, 3, 4).requires_grad_(True)
-    (g,) = torch.autograd.grad(token_subset_layer_norm(x, None, None, EPS, pos).pow(3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        g.sum().backward()
+    for loss in (lambda y: y.sum(), lambda y: y.pow(3).sum()):  # grad_y constant, or not
+        (g,) = torch.autograd.grad(loss(token_subset_layer_norm(x, None, None, EPS, pos)), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="second-order"):
+            g.sum().backward()
 
 
 @pytest.mark.parametrize("case", H.BAD_POSITIONS, ids=list(H.BAD_POSITIONS))

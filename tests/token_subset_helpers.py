@@ -113,3 +113,22 @@ def on_selected_tokens(fn, positions, *bases):
         return fn(*full, *args[len(bases):])[b, positions]
 
     return f, [base[b, positions].detach().clone() for base in bases]
+
+
+def assert_rows_output_differentiable(call, x, positions, which=1):
+    """call(x) returns (y, rows...): a gradient that reaches out[which] (the
+    [B * k, F] selected rows of x) must reach x at the selected tokens, and
+    add to y's there."""
+    B, k = positions.shape
+    b = torch.arange(B).unsqueeze(1).expand_as(positions)
+    x = x.detach().clone().requires_grad_(True)
+    out = call(x)
+    c = randn(*out[which].shape, dtype=x.dtype, seed=3)
+    (g,) = torch.autograd.grad((out[which] * c).sum(), x)
+    want = torch.zeros_like(x)
+    want[b, positions] = c.view(B, k, *x.shape[2:])
+    torch.testing.assert_close(g, want, atol=0, rtol=0)
+    out = call(x)
+    (g_both,) = torch.autograd.grad((out[0].sum(), (out[which] * c).sum()), x)
+    (g_y,) = torch.autograd.grad(call(x)[0].sum(), x)
+    torch.testing.assert_close(g_both, g_y + want)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pypeft.ops._double_backward import forbid_double_backward
-from pypeft.ops.token_rows import fake_rows, shared_rows
+from pypeft.ops.token_rows import add_rows_grad, fake_rows, shared_rows
 
 _op = torch.ops.pypeft.token_subset_activation.default
 _backward_op = torch.ops.pypeft.token_subset_activation_backward.default
@@ -85,31 +85,40 @@ def _gated_activation_backward_fake(grad_y, gate_rows, up_rows, kind, positions,
 def _activation_setup_context(ctx, inputs, output):
     x, kind, positions = inputs
     _, x_rows = output
-    # The rows are the op's copy for backward, not a value to differentiate.
-    ctx.mark_non_differentiable(x_rows)
+    # Unused outputs' gradients come as None, not zeros: x_rows' nearly always.
+    ctx.set_materialize_grads(False)
+    ctx.x_shape = tuple(x.shape)
     ctx.save_for_backward(shared_rows(x, positions, x_rows), positions)
     ctx.kind = kind
 
 
-def _activation_backward(ctx, grad_y, _grad_x_rows):
+def _activation_backward(ctx, grad_y, grad_x_rows):
     x_rows, positions = ctx.saved_tensors
-    return _backward_op(grad_y, x_rows, ctx.kind, positions), None, None
+    grad_x = None if grad_y is None else _backward_op(grad_y, x_rows, ctx.kind, positions)
+    return add_rows_grad(grad_x, grad_x_rows, positions, ctx.x_shape), None, None
 
 
 def _gated_activation_setup_context(ctx, inputs, output):
     gate, up, kind, positions = inputs
     _, gate_rows, up_rows = output
-    ctx.mark_non_differentiable(gate_rows, up_rows)
+    ctx.set_materialize_grads(False)
+    ctx.x_shape = tuple(gate.shape)
     ctx.save_for_backward(shared_rows(gate, positions, gate_rows), shared_rows(up, positions, up_rows),
                           positions)
     ctx.kind = kind
 
 
-def _gated_activation_backward(ctx, grad_y, _grad_gate_rows, _grad_up_rows):
+def _gated_activation_backward(ctx, grad_y, grad_gate_rows, grad_up_rows):
     gate_rows, up_rows, positions = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_gate, grad_up = _gated_backward_op(grad_y, gate_rows, up_rows, ctx.kind, positions,
-                                            [need[0], need[1]])
+    grad_gate = grad_up = None
+    if grad_y is not None:
+        grad_gate, grad_up = _gated_backward_op(grad_y, gate_rows, up_rows, ctx.kind, positions,
+                                                [need[0], need[1]])
+    if need[0]:
+        grad_gate = add_rows_grad(grad_gate, grad_gate_rows, positions, ctx.x_shape)
+    if need[1]:
+        grad_up = add_rows_grad(grad_up, grad_up_rows, positions, ctx.x_shape)
     return grad_gate, grad_up, None, None
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from pypeft.ops._double_backward import forbid_double_backward
-from pypeft.ops.token_rows import fake_rows, shared_rows
+from pypeft.ops.token_rows import add_rows_grad, fake_rows, shared_rows
 
 _layer_norm_op = torch.ops.pypeft.token_subset_layer_norm.default
 _layer_norm_backward_op = torch.ops.pypeft.token_subset_layer_norm_backward.default
@@ -96,8 +96,9 @@ def _rms_norm_backward_fake(grad_y, x_rows, weight, eps, positions, output_mask)
 
 
 def _save_rows(ctx, x, positions, x_rows, *params):
-    # x_rows is the op's copy for backward, not a value to differentiate.
-    ctx.mark_non_differentiable(x_rows)
+    # Unused outputs' gradients come as None, not zeros: x_rows' nearly always.
+    ctx.set_materialize_grads(False)
+    ctx.x_shape = tuple(x.shape)
     ctx.save_for_backward(shared_rows(x, positions, x_rows), positions, *params)
 
 
@@ -107,11 +108,15 @@ def _layer_norm_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _layer_norm_backward(ctx, grad_y, _grad_x_rows):
+def _layer_norm_backward(ctx, grad_y, grad_x_rows):
     x_rows, positions, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x, grad_weight, grad_bias = _layer_norm_backward_op(
-        grad_y, x_rows, weight, bias, ctx.eps, positions, [need[0], need[1], need[2]])
+    grad_x = grad_weight = grad_bias = None
+    if grad_y is not None:
+        grad_x, grad_weight, grad_bias = _layer_norm_backward_op(
+            grad_y, x_rows, weight, bias, ctx.eps, positions, [need[0], need[1], need[2]])
+    if need[0]:
+        grad_x = add_rows_grad(grad_x, grad_x_rows, positions, ctx.x_shape)
     return grad_x, grad_weight, grad_bias, None, None
 
 
@@ -121,10 +126,14 @@ def _rms_norm_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _rms_norm_backward(ctx, grad_y, _grad_x_rows):
+def _rms_norm_backward(ctx, grad_y, grad_x_rows):
     x_rows, positions, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x, grad_weight = _rms_norm_backward_op(grad_y, x_rows, weight, ctx.eps, positions, [need[0], need[1]])
+    grad_x = grad_weight = None
+    if grad_y is not None:
+        grad_x, grad_weight = _rms_norm_backward_op(grad_y, x_rows, weight, ctx.eps, positions, [need[0], need[1]])
+    if need[0]:
+        grad_x = add_rows_grad(grad_x, grad_x_rows, positions, ctx.x_shape)
     return grad_x, grad_weight, None, None
 
 
