@@ -55,8 +55,10 @@ Tensor token_subset_dropout_backward(const Tensor& grad_y, double p, const OptTe
   const Tensor rows = flat_rows(positions, dims.tokens);
   const Tensor grad_rows = gather_rows(grad_y, rows);
   // The mask is symmetric and linear: its gradient is the same mask. With p = 0
-  // there is no mask, and counter_dropout would only copy the rows.
-  const Tensor dropped = p > 0.0 ? counter_dropout_op().call(grad_rows, p, seed, rows) : grad_rows;
+  // or no elements there is nothing to mask (and counter_dropout counts no
+  // rows in a tensor of zero columns, so it would reject the row ids).
+  const bool masked = p > 0.0 && grad_rows.numel() > 0;
+  const Tensor dropped = masked ? counter_dropout_op().call(grad_rows, p, seed, rows) : grad_rows;
   return scatter_rows(dropped, rows, grad_y.sizes());
 }
 

@@ -6,6 +6,7 @@ torch.compile, TorchScript and their argument checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch.library import opcheck
 from transformers.activations import ACT2FN
 
@@ -47,6 +48,16 @@ def test_matches_reference(kind, shape):
     pos = H.positions(B, T, k, seed=k)
     H.assert_matches(*activation_pair(kind, pos), [H.randn(B, T, 8, seed=1) * 3])
     H.assert_matches(*gated_pair(kind, pos), [H.randn(B, T, 8, seed=2) * 3, H.randn(B, T, 8, seed=3)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=H.token_shapes(), features=st.lists(st.integers(0, 5), max_size=2), kind=st.sampled_from(KINDS))
+def test_random_shapes(shape, features, kind):
+    B, T, k, seed = shape
+    pos = H.positions(B, T, k, seed=seed)
+    gate, up = H.randn(B, T, *features, seed=seed), H.randn(B, T, *features, seed=seed + 1)
+    H.assert_matches(*activation_pair(kind, pos), [gate])
+    H.assert_matches(*gated_pair(kind, pos), [gate, up])
 
 
 @pytest.mark.parametrize("features", [(), (1,), (3, 4)], ids=["[B,T]", "[B,T,1]", "[B,T,3,4]"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch.library import opcheck
 
 import reference as R
@@ -36,6 +37,15 @@ def test_matches_reference(shape, p):
     B, T, k = shape
     pos = H.positions(B, T, k, seed=k)
     H.assert_matches(*dropout_pair(p, 17, pos), [H.randn(B, T, 16, seed=1)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=H.token_shapes(), features=st.lists(st.integers(0, 5), max_size=2),
+       p=st.sampled_from([0.0, 0.2, 0.7]), seed=st.integers(-(2**63), 2**63 - 1))
+def test_random_shapes(shape, features, p, seed):
+    B, T, k, pos_seed = shape
+    pos = H.positions(B, T, k, seed=pos_seed)
+    H.assert_matches(*dropout_pair(p, seed, pos), [H.randn(B, T, *features, seed=pos_seed)])
 
 
 @pytest.mark.parametrize("features", [(), (3, 4)], ids=["[B,T]", "[B,T,3,4]"])

@@ -6,6 +6,7 @@ argument checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch.library import opcheck
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -74,6 +75,16 @@ def test_rms_norm_matches_reference(shape, with_weight):
     x = H.randn(B, T, 8, seed=1) * 3 + 1
     w = H.randn(8, seed=2) if with_weight else None
     H.assert_matches(*rms_norm_pair(pos), [x, w])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=H.token_shapes(), d=st.integers(1, 12), with_w=st.booleans(), with_b=st.booleans())
+def test_random_shapes(shape, d, with_w, with_b):
+    B, T, k, seed = shape
+    pos = H.positions(B, T, k, seed=seed)
+    x, w, b = H.randn(B, T, d, seed=seed), H.randn(d, seed=1), H.randn(d, seed=2)
+    H.assert_matches(*layer_norm_pair(pos), [x, w if with_w else None, b if with_b else None])
+    H.assert_matches(*rms_norm_pair(pos), [x, w if with_w else None])
 
 
 def test_heads_dim_normalised_over_the_last_dim_only():

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 # (B, T, k): one token, a middle k, every token; one batch row and several.
 SHAPES = [(1, 6, 1), (1, 6, 3), (1, 5, 5), (3, 7, 1), (3, 7, 4), (2, 5, 5)]
 SHAPE_IDS = [f"B{b}-T{t}-k{k}" for b, t, k in SHAPES]
+
+
+@st.composite
+def token_shapes(draw):
+    """(B, T, k, positions seed) for hypothesis: empty batches and k = 0 included."""
+    tokens = draw(st.integers(1, 7))
+    return draw(st.integers(0, 3)), tokens, draw(st.integers(0, tokens)), draw(st.integers(0, 1000))
 
 
 def positions(batch: int, tokens: int, k: int, seed: int = 0, device="cpu") -> torch.Tensor:
