@@ -130,10 +130,14 @@ def test_rms_norm_is_llamas(device, dtypes):
     y = token_subset_rms_norm(x, llama.weight.detach(), 1e-6, pos)
     y_llama = llama(x)
     assert y.dtype == y_llama.dtype and torch.equal(y, y_llama)
+
     # Backward: Llama under the token-subset semantics, in the same dtypes.
-    ours = lambda x_, w_: token_subset_rms_norm(x_, w_, 1e-6, pos)  # noqa: E731
-    theirs = lambda x_, w_: R.token_subset(  # noqa: E731
-        lambda t: torch.func.functional_call(llama, {"weight": w_}, (t,)), pos, x_)
+    def ours(x_, w_):
+        return token_subset_rms_norm(x_, w_, 1e-6, pos)
+
+    def theirs(x_, w_):
+        return R.token_subset(lambda t: torch.func.functional_call(llama, {"weight": w_}, (t,)), pos, x_)
+
     args = H.leaves([x, llama.weight])
     _, got = H.outputs_and_grads(ours, args)
     _, want = H.outputs_and_grads(theirs, H.leaves(args))
