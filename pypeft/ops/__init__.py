@@ -17,14 +17,22 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from pypeft.ops.counter_dropout import counter_dropout
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
+from pypeft.ops.token_subset_activation import token_subset_activation, token_subset_gated_activation
 from pypeft.ops.token_subset_attention import token_subset_attention
+from pypeft.ops.token_subset_dropout import token_subset_dropout
+from pypeft.ops.token_subset_norm import token_subset_layer_norm, token_subset_rms_norm
 from pypeft.ops.vera_linear import vera_linear
 
 __all__ = [
     "counter_dropout",
     "lora_linear",
     "lora_linear_mixed",
+    "token_subset_activation",
     "token_subset_attention",
+    "token_subset_dropout",
+    "token_subset_gated_activation",
+    "token_subset_layer_norm",
+    "token_subset_rms_norm",
     "vera_linear",
     "vera_linear_mixed",
 ]

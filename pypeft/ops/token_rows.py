@@ -9,6 +9,11 @@ copy, so autograd holds one.
 
 Only in eager mode: under torch.compile the graph is traced once and the
 compiler plans saved tensors itself (there each op keeps its own copy).
+
+The rows are a real (differentiable) output, a gather of x: `add_rows_grad`
+sends a gradient that reaches them to x, and their being differentiable is
+what makes a backward of the backward op fail loudly, as every pypeft op does
+(_double_backward.py). `fake_rows` is their shape for register_fake.
 """
 
 from __future__ import annotations
@@ -35,3 +40,27 @@ def shared_rows(x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, ta
         setattr(x, _ATTR, cached)
     cached.append((key, rows))
     return rows
+
+
+def fake_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """For register_fake: the [B * k, F] rows a token-subset op gathers from x
+    ([B, T, ...], F the product of its dims after the first two)."""
+    features = 1
+    for size in x.shape[2:]:
+        features = features * size
+    return x.new_empty((positions.shape[0] * positions.shape[1], features))
+
+
+def add_rows_grad(grad_x: torch.Tensor | None, grad_rows: torch.Tensor | None, positions: torch.Tensor,
+                  shape) -> torch.Tensor | None:
+    """grad_x (or zeros of x's `shape` when None) plus grad_rows ([B * k, F],
+    the gradient that reached an op's rows output) at the selected tokens.
+    Ops set ctx.set_materialize_grads(False), so grad_rows is None, and this
+    costs nothing, unless someone used the rows."""
+    if grad_rows is None:
+        return grad_x
+    batch, tokens = positions.shape[0], shape[1]
+    flat = (positions + torch.arange(batch, device=positions.device).unsqueeze(1) * tokens).reshape(-1)
+    if grad_x is None:
+        grad_x = grad_rows.new_zeros(shape)
+    return grad_x.reshape(batch * tokens, grad_rows.shape[1]).index_add(0, flat, grad_rows).view(shape)

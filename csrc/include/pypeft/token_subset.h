@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include "pypeft/checks.h"
 
@@ -65,10 +66,15 @@ inline at::Tensor flat_rows(const at::Tensor& positions, int64_t tokens) {
   return (positions + base).reshape({-1});
 }
 
+// F, the features of one token's row: the product of x's dims after [B, T].
+inline int64_t row_features(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(2));
+}
+
 // The selected rows of x ([B, T, ...] viewed as [B * T, F]) as a [B * k, F] tensor.
+// (Both sizes explicit: an empty x has no -1 for reshape to infer.)
 inline at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& rows) {
-  const int64_t n = x.size(0) * x.size(1);
-  return x.reshape({n, -1}).index_select(0, rows);
+  return x.reshape({x.size(0) * x.size(1), row_features(x)}).index_select(0, rows);
 }
 
 // A [B, T, ...] tensor (shape `shape`) of zeros holding rows_values at `rows`.
@@ -77,6 +83,20 @@ inline at::Tensor scatter_rows(const at::Tensor& rows_values, const at::Tensor& 
   at::Tensor out = at::zeros({shape[0] * shape[1], rows_values.size(1)}, rows_values.options());
   out.index_copy_(0, rows, rows_values);
   return out.view(shape);
+}
+
+// A backward op's saved rows (rows_arg: [B * k, F]) against ref, the [B, T, ...]
+// gradient whose selected rows they pair with: a mismatch would index out of
+// bounds or pair rows with the wrong tokens.
+inline void check_rows(const char* op, const char* rows_arg, const at::Tensor& rows,
+                       const TokenSubsetDims& dims, const char* ref_arg, const at::Tensor& ref) {
+  check_dim(op, rows_arg, rows, 2);
+  check_same_device(op, rows_arg, rows, ref_arg, ref);
+  const int64_t n = dims.batch * dims.k, f = row_features(ref);
+  PYPEFT_CHECK_VALUE(rows.size(0) == n && rows.size(1) == f, op, rows_arg,
+                     "shape [" + std::to_string(n) + ", " + std::to_string(f) +
+                         "] (the B * k selected rows of '" + ref_arg + "')",
+                     "shape " + shape_str(rows.sizes()));
 }
 
 }  // namespace pypeft
