@@ -68,6 +68,7 @@ TORCH_LIBRARY(pypeft, m) {
   m.def(
       "token_subset_linear(Tensor x, Tensor weight, Tensor? bias, Tensor positions) "
       "-> (Tensor y, Tensor x_rows)");
+  // x_rows is read only for grad_weight (pass an empty [0] tensor otherwise).
   m.def(
       "token_subset_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
       "Tensor positions, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "

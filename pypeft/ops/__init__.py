@@ -17,6 +17,20 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from pypeft.ops.counter_dropout import counter_dropout
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
+from pypeft.ops.token_subset_linear import (
+    token_subset_linear,
+    token_subset_lora_linear,
+    token_subset_vera_linear,
+)
 from pypeft.ops.vera_linear import vera_linear
 
-__all__ = ["counter_dropout", "lora_linear", "lora_linear_mixed", "vera_linear", "vera_linear_mixed"]
+__all__ = [
+    "counter_dropout",
+    "lora_linear",
+    "lora_linear_mixed",
+    "token_subset_linear",
+    "token_subset_lora_linear",
+    "token_subset_vera_linear",
+    "vera_linear",
+    "vera_linear_mixed",
+]

@@ -68,7 +68,10 @@ inline at::Tensor flat_rows(const at::Tensor& positions, int64_t tokens) {
 // The selected rows of x ([B, T, ...] viewed as [B * T, F]) as a [B * k, F] tensor.
 inline at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& rows) {
   const int64_t n = x.size(0) * x.size(1);
-  return x.reshape({n, -1}).index_select(0, rows);
+  // F spelled out: reshape({0, -1}) of an empty batch is ambiguous and throws.
+  int64_t features = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) features *= x.size(d);
+  return x.reshape({n, features}).index_select(0, rows);
 }
 
 // A [B, T, ...] tensor (shape `shape`) of zeros holding rows_values at `rows`.
