@@ -16,11 +16,13 @@ TORCH_LIBRARY(pypeft, m) {
   // Gradients of lora_linear for (x, weight, bias, lora_a, lora_b), each computed
   // only where output_mask says so (an undefined tensor / None otherwise).
   // grad_u, the gradient flowing into the auxiliary output u, may be None.
+  // row_ids (int64, one per row of x, as counter_dropout's): row i's dropout
+  // mask is that of row row_ids[i], for rows gathered out of a larger x.
   m.def(
       "lora_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
       "Tensor lora_a, Tensor lora_b, Tensor u, float scale, float dropout_p, Tensor? seed, "
-      "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
-      "Tensor grad_lora_a, Tensor grad_lora_b)");
+      "bool[5] output_mask, Tensor? row_ids=None) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b)");
 
   // VeRA: y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ), u = drop(x) A_sᵀ, where
   // A [r, max_in] and B [max_out, r] are frozen matrices shared by every layer,
@@ -28,12 +30,13 @@ TORCH_LIBRARY(pypeft, m) {
   m.def(
       "vera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
       "Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)");
-  // Gradients for (x, weight, bias, lambda_d, lambda_b) where output_mask says.
+  // Gradients for (x, weight, bias, lambda_d, lambda_b) where output_mask says;
+  // row_ids as in lora_linear_backward.
   m.def(
       "vera_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
       "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u, float dropout_p, "
-      "Tensor? seed, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
-      "Tensor grad_lambda_d, Tensor grad_lambda_b)");
+      "Tensor? seed, bool[5] output_mask, Tensor? row_ids=None) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_lambda_d, Tensor grad_lambda_b)");
 
   // Mixed-adapter batches (inference only; no backward op): each batch row b of
   // x [B, ..., in] runs with its own adapter k = row_adapter[b], or with none
@@ -65,6 +68,7 @@ TORCH_LIBRARY(pypeft, m) {
   m.def(
       "token_subset_linear(Tensor x, Tensor weight, Tensor? bias, Tensor positions) "
       "-> (Tensor y, Tensor x_rows)");
+  // x_rows is read only for grad_weight (pass an empty [0] tensor otherwise).
   m.def(
       "token_subset_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
       "Tensor positions, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "

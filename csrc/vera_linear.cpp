@@ -7,9 +7,9 @@
 // two vectors' gradients. Saved for backward: x and u (N × r), as for LoRA;
 // nothing of size N × out is formed beyond y itself.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "pypeft/linear_ops.h"
 #include "pypeft/vera_linear.h"
 
 namespace pypeft {
@@ -20,27 +20,6 @@ constexpr const char* kBackwardOp = "pypeft.vera_linear_backward";
 
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<Tensor>;
-
-const auto& lora_linear_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pypeft::lora_linear", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                               const OptTensor&, const Tensor&,
-                                                               const Tensor&, double, double,
-                                                               const OptTensor&)>();
-  return op;
-}
-
-const auto& lora_linear_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pypeft::lora_linear_backward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-              const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-              const Tensor&, const Tensor&, double, double, const OptTensor&,
-              std::array<bool, 5>)>();
-  return op;
-}
 
 struct VeraOperands {
   Tensor a_s;    // [r, in], a view of the shared A
@@ -63,22 +42,24 @@ std::tuple<Tensor, Tensor> vera_linear(const Tensor& x, const Tensor& weight, co
   check_vera_linear_args(kOp, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto v = vera_operands(weight, vera_a, vera_b, lambda_d, lambda_b);
-  return lora_linear_op().call(x, weight, bias, v.a_s, v.b_eff, 1.0, dropout_p, seed);
+  return ops::lora_linear().call(x, weight, bias, v.a_s, v.b_eff, 1.0, dropout_p, seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vera_linear_backward(
     const Tensor& grad_out, const OptTensor& grad_u, const Tensor& x, const Tensor& weight,
     const Tensor& vera_a, const Tensor& vera_b, const Tensor& lambda_d, const Tensor& lambda_b,
-    const Tensor& u, double dropout_p, const OptTensor& seed, std::array<bool, 5> output_mask) {
-  check_vera_linear_args(kBackwardOp, x, weight, c10::nullopt, vera_a, vera_b, lambda_d, lambda_b,
-                         dropout_p, seed);
+    const Tensor& u, double dropout_p, const OptTensor& seed, std::array<bool, 5> output_mask,
+    const OptTensor& row_ids) {
+  const auto dims = check_vera_linear_args(kBackwardOp, x, weight, c10::nullopt, vera_a, vera_b,
+                                           lambda_d, lambda_b, dropout_p, seed);
+  check_row_ids(kBackwardOp, row_ids, x, dims.rows);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_x, need_weight, need_bias, need_ld, need_lb] = output_mask;
   const auto v = vera_operands(weight, vera_a, vera_b, lambda_d, lambda_b);
   const bool need_b_eff = need_ld || need_lb;
   const std::array<bool, 5> lora_mask{need_x, need_weight, need_bias, false, need_b_eff};
-  auto [grad_x, grad_weight, grad_bias, unused_a, grad_b_eff] = lora_linear_backward_op().call(
-      grad_out, grad_u, x, weight, v.a_s, v.b_eff, u, 1.0, dropout_p, seed, lora_mask);
+  auto [grad_x, grad_weight, grad_bias, unused_a, grad_b_eff] = ops::lora_linear_backward().call(
+      grad_out, grad_u, x, weight, v.a_s, v.b_eff, u, 1.0, dropout_p, seed, lora_mask, row_ids);
   Tensor grad_ld, grad_lb;
   if (need_ld) grad_ld = (grad_b_eff * v.b_s * lambda_b.unsqueeze(1)).sum(0);
   if (need_lb) grad_lb = (grad_b_eff * v.b_s * lambda_d.unsqueeze(0)).sum(1);

@@ -82,13 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& u, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids) {
   const auto dims = check_lora_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight,
-                                                    lora_a, lora_b, u, scale, dropout_p, seed);
+                                                    lora_a, lora_b, u, scale, dropout_p, seed,
+                                                    row_ids);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
   const auto drop = DropoutParams::from_probability(dropout_p);
   const uint64_t seed_v = seed_value(seed);
+  // Rows gathered out of a larger x (token-subset ops) keep the mask they had
+  // there: row i regenerates the mask of global row row_ids[i].
+  const at::Tensor ids = drop.active && has_value(row_ids) ? row_ids->contiguous() : at::Tensor();
+  const int64_t* id_ptr = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor x2 = as_rows(x, dims.in);
   const at::Tensor gy2 = as_rows(grad_out, dims.out);
   const at::Tensor u2 = as_rows(u, dims.r);
@@ -117,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
       at::Tensor xb = x2.slice(0, b, e);
       if (drop.active) {
         at::Tensor dropped = at::empty_like(xb, at::MemoryFormat::Contiguous);
-        dropout_rows(xb, dropped, b, seed_v, drop);
+        dropout_rows(xb, dropped, b, seed_v, drop, id_ptr);
         xb = dropped;
       }
       at::Tensor acc = grad_a_parts[c];
@@ -126,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     if (need_x) {
       at::Tensor gxb = grad_x2.slice(0, b, e);
       at::mm_out(gxb, g, ops.a);
-      if (drop.active) dropout_rows(gxb, gxb, b, seed_v, drop);
+      if (drop.active) dropout_rows(gxb, gxb, b, seed_v, drop, id_ptr);
     }
   });
 

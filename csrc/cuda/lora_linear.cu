@@ -14,11 +14,13 @@ namespace {
 constexpr const char* kOp = "pypeft.lora_linear";
 constexpr const char* kBackwardOp = "pypeft.lora_linear_backward";
 
-// drop(x2) as a fresh matrix, or x2 itself when dropout is off.
-at::Tensor dropped(const at::Tensor& x2, SeedSource seed, const DropoutParams& d) {
+// drop(x2) as a fresh matrix, or x2 itself when dropout is off. row_ids: a
+// device pointer naming each row's global row, or null for 0, 1, 2, ...
+at::Tensor dropped(const at::Tensor& x2, SeedSource seed, const DropoutParams& d,
+                   const int64_t* row_ids = nullptr) {
   if (!d.active) return x2;
   at::Tensor out = at::empty(x2.sizes(), x2.options());
-  dropout_rows(x2, out, seed, d);
+  dropout_rows(x2, out, seed, d, row_ids);
   return out;
 }
 
@@ -51,14 +53,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& u, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids) {
   const auto dims = check_lora_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight,
-                                                    lora_a, lora_b, u, scale, dropout_p, seed);
+                                                    lora_a, lora_b, u, scale, dropout_p, seed,
+                                                    row_ids);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
   const auto drop = DropoutParams::from_probability(dropout_p);
   const SeedSource seed_src = seed_source(seed);
+  // Rows gathered out of a larger x (token-subset ops) keep the mask they had
+  // there; the ids stay on x's device (checked), read by the kernel.
+  const at::Tensor ids = drop.active && has_value(row_ids) ? row_ids->contiguous() : at::Tensor();
+  const int64_t* id_ptr = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor x2 = as_rows(x, dims.in);
   const at::Tensor gy2 = as_rows(grad_out, dims.out);
   const at::Tensor u2 = as_rows(u, dims.r);
@@ -69,10 +76,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   if (need_a || need_x) {
     at::Tensor g = at::mm(gy2, ops.b_scaled);  // dL/du
     if (has_value(grad_u)) g.add_(as_rows(*grad_u, dims.r));
-    if (need_a) grad_a = at::mm(g.t(), dropped(x2, seed_src, drop)).to(lora_a.scalar_type());
+    if (need_a)
+      grad_a = at::mm(g.t(), dropped(x2, seed_src, drop, id_ptr)).to(lora_a.scalar_type());
     if (need_x) {
       at::Tensor gx2 = at::mm(g, ops.a);
-      if (drop.active) dropout_rows(gx2, gx2, seed_src, drop);
+      if (drop.active) dropout_rows(gx2, gx2, seed_src, drop, id_ptr);
       gx2.addmm_(gy2, weight);
       grad_x = gx2.view(x.sizes());
     }

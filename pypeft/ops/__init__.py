@@ -20,6 +20,7 @@ from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
 from pypeft.ops.token_subset_activation import token_subset_activation, token_subset_gated_activation
 from pypeft.ops.token_subset_attention import token_subset_attention
 from pypeft.ops.token_subset_dropout import token_subset_dropout
+from pypeft.ops.token_subset_linear import token_subset_linear, token_subset_lora_linear, token_subset_vera_linear
 from pypeft.ops.token_subset_norm import token_subset_layer_norm, token_subset_rms_norm
 from pypeft.ops.vera_linear import vera_linear
 
@@ -32,7 +33,10 @@ __all__ = [
     "token_subset_dropout",
     "token_subset_gated_activation",
     "token_subset_layer_norm",
+    "token_subset_linear",
+    "token_subset_lora_linear",
     "token_subset_rms_norm",
+    "token_subset_vera_linear",
     "vera_linear",
     "vera_linear_mixed",
 ]

@@ -67,7 +67,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 
 @torch.library.register_fake("pypeft::lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p,
-                               seed, output_mask):
+                               seed, output_mask, row_ids=None):
     need_x, need_weight, need_bias, need_a, need_b = output_mask
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,

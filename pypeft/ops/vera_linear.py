@@ -39,7 +39,7 @@ def _vera_linear_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropo
 
 @torch.library.register_fake("pypeft::vera_linear_backward")
 def _vera_linear_backward_fake(grad_out, grad_u, x, weight, vera_a, vera_b, lambda_d, lambda_b, u, dropout_p,
-                               seed, output_mask):
+                               seed, output_mask, row_ids=None):
     need_x, need_weight, need_bias, need_ld, need_lb = output_mask
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,

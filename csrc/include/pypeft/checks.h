@@ -105,4 +105,17 @@ inline void check_seed(const char* op, const char* arg, const c10::optional<at::
                      "a tensor on " + seed->device().str());
 }
 
+// Optional per-row ids (int64, one per row of `x` viewed as [rows, C], on x's
+// device): they name the global row whose dropout mask a gathered row keeps.
+inline void check_row_ids(const char* op, const c10::optional<at::Tensor>& row_ids,
+                          const at::Tensor& x, int64_t rows) {
+  if (!has_value(row_ids)) return;
+  PYPEFT_CHECK_TYPE(row_ids->scalar_type() == at::kLong, op, "row_ids", "an int64 tensor",
+                    c10::toString(row_ids->scalar_type()));
+  check_same_device(op, "row_ids", *row_ids, "x", x);
+  PYPEFT_CHECK_VALUE(row_ids->numel() == rows, op, "row_ids",
+                     "one id per row of x (" + std::to_string(rows) + ")",
+                     "shape " + shape_str(row_ids->sizes()));
+}
+
 }  // namespace pypeft

@@ -22,14 +22,7 @@ inline CounterDropoutDims check_counter_dropout_args(const char* op, const at::T
   check_seed(op, "seed", seed, p > 0.0, x);
   const int64_t cols = x.dim() == 0 ? 1 : x.size(-1);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  if (has_value(row_ids)) {
-    PYPEFT_CHECK_TYPE(row_ids->scalar_type() == at::kLong, op, "row_ids", "an int64 tensor",
-                      c10::toString(row_ids->scalar_type()));
-    check_same_device(op, "row_ids", *row_ids, "x", x);
-    PYPEFT_CHECK_VALUE(row_ids->numel() == rows, op, "row_ids",
-                       "one id per row of x (" + std::to_string(rows) + ")",
-                       "shape " + shape_str(row_ids->sizes()));
-  }
+  check_row_ids(op, row_ids, x, rows);
   return {rows, cols};
 }
 

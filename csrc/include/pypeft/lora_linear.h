@@ -44,12 +44,10 @@ inline void check_lora_adapter_dtype(const char* op, const at::Tensor& x,
   check_same_dtype(op, "lora_b", lora_b, "lora_a", lora_a);
 }
 
-inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x,
-                                             const at::Tensor& weight,
-                                             const c10::optional<at::Tensor>& bias,
-                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                             double scale, double dropout_p,
-                                             const c10::optional<at::Tensor>& seed) {
+// The frozen layer's part, x [..., in] · weight [out, in]ᵀ + bias [out]: what
+// every linear op checks, with an adapter or without (token_subset_linear).
+inline void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
   check_defined(op, "x", x);
   PYPEFT_CHECK_VALUE(x.dim() >= 1, op, "x", "a tensor of shape [..., in_features]",
                      "a 0-D tensor");
@@ -67,6 +65,16 @@ inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x
     check_same_device(op, "bias", *bias, "x", x);
     check_same_dtype(op, "bias", *bias, "x", x);
   }
+}
+
+inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x,
+                                             const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias,
+                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                             double scale, double dropout_p,
+                                             const c10::optional<at::Tensor>& seed) {
+  check_linear_args(op, x, weight, bias);
+  const int64_t in = weight.size(1), out = weight.size(0);
   check_dim(op, "lora_a", lora_a, 2);
   const int64_t r = lora_a.size(0);
   PYPEFT_CHECK_VALUE(r >= 1, op, "lora_a", "shape [r, in_features] with rank r >= 1",
@@ -90,9 +98,10 @@ inline LoraLinearDims check_lora_linear_backward_args(
     const char* op, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u,
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& u, double scale, double dropout_p,
-    const c10::optional<at::Tensor>& seed) {
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& row_ids) {
   const auto dims =
       check_lora_linear_args(op, x, weight, c10::nullopt, lora_a, lora_b, scale, dropout_p, seed);
+  check_row_ids(op, row_ids, x, dims.rows);
   check_defined(op, "grad_out", grad_out);
   const auto y_shape = with_last_dim(x.sizes(), dims.out);
   const auto u_shape = with_last_dim(x.sizes(), dims.r);

@@ -1,0 +1,246 @@
+"""TokenTune's linear layers: pypeft::token_subset_linear, token_subset_lora_linear
+and token_subset_vera_linear, plain or with a LoRA / VeRA adapter.
+
+x is [B, T, in]; positions [B, k] (int64, in [0, T), distinct within a row)
+names the selected tokens. Forward computes every token exactly as the plain
+op does (torch.nn.functional.linear, pypeft.ops.lora_linear,
+pypeft.ops.vera_linear): y equals the unpatched layer's output. Backward
+treats the unselected tokens' computations as constants: grad_x is zero at
+them, and parameter gradients sum over the selected tokens only. The adapter's
+dropout mask is keyed by the flat row b * T + t of x, as lora_linear keys it;
+backward, running on the selected rows alone, regenerates that same mask from
+their row ids.
+
+Saved for backward: the selected rows only, nothing with B * T rows. x_rows
+([B * k, in]) when a gradient reads it (grad_weight; LoRA's grad_lora_a), one
+copy shared by every op reading the same x at the same positions (a layer's
+query, key and value projections; see token_rows.py); u_rows = drop(x_rows) Aᵀ
+([B * k, r]) for adapters. Second-order gradients are not supported.
+
+dtypes as lora_linear: x, weight and bias share one dtype, float32, float64 or
+bfloat16 (float16 too on CUDA). The adapter's tensors (lora_a, lora_b; vera_a,
+vera_b, lambda_d, lambda_b) share x's dtype, or float32 when x is
+bfloat16/float16; their gradients come back in their own dtype. Any other mix
+raises a TypeError naming the argument; bad shapes or positions (wrong dtype or
+batch, out of [0, T), repeated in a row, more than T per row) a ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pypeft.ops._double_backward import forbid_double_backward
+from pypeft.ops.token_rows import shared_rows
+
+_linear_op = torch.ops.pypeft.token_subset_linear.default
+_linear_backward_op = torch.ops.pypeft.token_subset_linear_backward.default
+_lora_op = torch.ops.pypeft.token_subset_lora_linear.default
+_lora_backward_op = torch.ops.pypeft.token_subset_lora_linear_backward.default
+_vera_op = torch.ops.pypeft.token_subset_vera_linear.default
+_vera_backward_op = torch.ops.pypeft.token_subset_vera_linear_backward.default
+
+
+def token_subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight.T + bias, differentiable at the selected tokens only.
+
+    Args:
+        x: [B, T, in] activations.
+        weight: [out, in]; bias: [out] or None.
+        positions: [B, k] int64, the selected tokens of each batch row.
+    Returns:
+        y: [B, T, out].
+    """
+    return _linear_op(x, weight, bias, positions)[0]
+
+
+def token_subset_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                             dropout_p: float, seed: torch.Tensor | None,
+                             positions: torch.Tensor) -> torch.Tensor:
+    """pypeft.ops.lora_linear (y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ),
+    differentiable at the selected tokens only.
+
+    Args as lora_linear (lora_a [r, in], lora_b [out, r]; seed a 0-dim int64
+    tensor, needed when dropout_p > 0), plus positions [B, k] int64.
+    Returns:
+        y: [B, T, out].
+    """
+    return _lora_op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions)[0]
+
+
+def token_subset_vera_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             vera_a: torch.Tensor, vera_b: torch.Tensor, lambda_d: torch.Tensor,
+                             lambda_b: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
+                             positions: torch.Tensor) -> torch.Tensor:
+    """pypeft.ops.vera_linear (y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ)),
+    differentiable at the selected tokens only.
+
+    Args as vera_linear (the shared, frozen vera_a [r, max_in] and vera_b
+    [max_out, r]; lambda_d [r], lambda_b [out]), plus positions [B, k] int64.
+    Returns:
+        y: [B, T, out].
+    """
+    return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions)[0]
+
+
+# --- fake (meta) kernels -------------------------------------------------------------
+
+def _check_fake_args(op, x, weight, positions):
+    torch._check(x.dim() == 3, lambda: f"{op}: argument 'x': expected a 3-D tensor [batch, tokens, in_features]")
+    torch._check(weight.dim() == 2, lambda: f"{op}: argument 'weight': expected a 2-D tensor")
+    torch._check(x.shape[2] == weight.shape[1],
+                 lambda: f"{op}: argument 'x': expected in_features {weight.shape[1]}")
+    torch._check(positions.dim() == 2 and positions.shape[0] == x.shape[0],
+                 lambda: f"{op}: argument 'positions': expected [B, k] with B the batch of 'x'")
+
+
+def _rows_like(x, positions, cols):
+    """An empty [B * k, cols] tensor in x's dtype, on its device."""
+    return x.new_empty((x.shape[0] * positions.shape[1], cols))
+
+
+def _grad_x_like(grad_y, weight):
+    return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+
+
+def _grad_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pypeft::token_subset_linear")
+def _linear_fake(x, weight, bias, positions):
+    _check_fake_args("pypeft.token_subset_linear", x, weight, positions)
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2])
+
+
+@torch.library.register_fake("pypeft::token_subset_linear_backward")
+def _linear_backward_fake(grad_y, x_rows, weight, positions, output_mask):
+    need_x, need_weight, need_bias = output_mask
+    return (
+        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_like(weight) if need_weight else None,
+        weight.new_empty((weight.shape[0],)) if need_bias else None,
+    )
+
+
+@torch.library.register_fake("pypeft::token_subset_lora_linear")
+def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions):
+    _check_fake_args("pypeft.token_subset_lora_linear", x, weight, positions)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
+            _rows_like(x, positions, lora_a.shape[0]))
+
+
+@torch.library.register_fake("pypeft::token_subset_lora_linear_backward")
+def _lora_backward_fake(grad_y, x_rows, weight, lora_a, lora_b, u_rows, scale, dropout_p, seed, positions,
+                        output_mask):
+    need_x, need_weight, need_bias, need_a, need_b = output_mask
+    return (
+        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_like(weight) if need_weight else None,
+        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        _grad_like(lora_a) if need_a else None,
+        _grad_like(lora_b) if need_b else None,
+    )
+
+
+@torch.library.register_fake("pypeft::token_subset_vera_linear")
+def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions):
+    _check_fake_args("pypeft.token_subset_vera_linear", x, weight, positions)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
+            _rows_like(x, positions, vera_a.shape[0]))
+
+
+@torch.library.register_fake("pypeft::token_subset_vera_linear_backward")
+def _vera_backward_fake(grad_y, x_rows, weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, dropout_p, seed,
+                        positions, output_mask):
+    need_x, need_weight, need_bias, need_ld, need_lb = output_mask
+    return (
+        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_like(weight) if need_weight else None,
+        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        _grad_like(lambda_d) if need_ld else None,
+        _grad_like(lambda_b) if need_lb else None,
+    )
+
+
+# --- autograd ----------------------------------------------------------------------------
+
+def _saved_x_rows(x, positions, x_rows, values_needed):
+    """What to save of x: its selected rows, shared with other ops reading this
+    x, when a gradient reads their values; otherwise nothing."""
+    return shared_rows(x, positions, x_rows) if values_needed else None
+
+
+def _x_rows_arg(saved, like):
+    """The backward op's x_rows: the saved rows, or the empty [0] tensor that
+    says their values are not needed (the op then reads only shapes)."""
+    return saved if saved is not None else like.new_empty((0,))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, positions = inputs
+    # The gathered rows are outputs only so that they can be saved and shared;
+    # no gradient flows back through them.
+    ctx.mark_non_differentiable(output[1])
+    x_rows = _saved_x_rows(x, positions, output[1], ctx.needs_input_grad[1])
+    ctx.save_for_backward(weight, positions, x_rows)
+
+
+def _linear_backward(ctx, grad_y, _grad_x_rows):
+    weight, positions, x_rows = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x, grad_weight, grad_bias = _linear_backward_op(
+        grad_y, _x_rows_arg(x_rows, grad_y), weight, positions, [need[0], need[1], need[2]])
+    return grad_x, grad_weight, grad_bias, None
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions = inputs
+    _, x_rows, u_rows = output
+    ctx.mark_non_differentiable(x_rows, u_rows)
+    need = ctx.needs_input_grad
+    x_rows = _saved_x_rows(x, positions, x_rows, need[1] or need[3])  # grad_weight, grad_lora_a
+    ctx.save_for_backward(weight, lora_a, lora_b, u_rows, seed, positions, x_rows)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _lora_backward(ctx, grad_y, _grad_x_rows, _grad_u_rows):
+    weight, lora_a, lora_b, u_rows, seed, positions, x_rows = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _lora_backward_op(grad_y, _x_rows_arg(x_rows, u_rows), weight, lora_a, lora_b, u_rows, ctx.scale,
+                              ctx.dropout_p, seed, positions, [need[0], need[1], need[2], need[3], need[4]])
+    return (*grads, None, None, None, None)
+
+
+def _vera_setup_context(ctx, inputs, output):
+    x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions = inputs
+    _, x_rows, u_rows = output
+    ctx.mark_non_differentiable(x_rows, u_rows)
+    x_rows = _saved_x_rows(x, positions, x_rows, ctx.needs_input_grad[1])  # grad_weight only
+    ctx.save_for_backward(weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows)
+    ctx.dropout_p = dropout_p
+
+
+def _vera_backward(ctx, grad_y, _grad_x_rows, _grad_u_rows):
+    weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if need[3] or need[4]:
+        raise RuntimeError("pypeft.token_subset_vera_linear: the shared matrices vera_a and vera_b are frozen; "
+                           "they must not require grad")
+    grad_x, grad_weight, grad_bias, grad_ld, grad_lb = _vera_backward_op(
+        grad_y, _x_rows_arg(x_rows, u_rows), weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, ctx.dropout_p,
+        seed, positions, [need[0], need[1], need[2], need[5], need[6]])
+    return grad_x, grad_weight, grad_bias, None, None, grad_ld, grad_lb, None, None, None
+
+
+torch.library.register_autograd("pypeft::token_subset_linear", _linear_backward,
+                                setup_context=_linear_setup_context)
+torch.library.register_autograd("pypeft::token_subset_lora_linear", _lora_backward,
+                                setup_context=_lora_setup_context)
+torch.library.register_autograd("pypeft::token_subset_vera_linear", _vera_backward,
+                                setup_context=_vera_setup_context)
+
+forbid_double_backward("pypeft::token_subset_linear_backward", "pypeft.token_subset_linear")
+forbid_double_backward("pypeft::token_subset_lora_linear_backward", "pypeft.token_subset_lora_linear")
+forbid_double_backward("pypeft::token_subset_vera_linear_backward", "pypeft.token_subset_vera_linear")
