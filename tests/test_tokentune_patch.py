@@ -77,10 +77,14 @@ def _grads(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)}
 
 
-def assert_same_grads(got: dict, want: dict) -> None:
+def assert_same_grads(got: dict, want: dict, float32_norms: bool = False) -> None:
+    """float32_norms: transformers' LlamaRMSNorm normalises in float32 even in a
+    float64 model (pypeft's op keeps float64), so the reference is only
+    float32-accurate there."""
     assert got.keys() == want.keys()
+    atol, rtol = (1e-7, 1e-5) if float32_norms else (1e-10, 1e-8)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def with_lora(model: nn.Module) -> nn.Module:
@@ -111,7 +115,7 @@ def test_gradients_equal_reference(family, k, compose):
         assert len(got) == len(list(model.parameters()))  # TokenTune alone trains every weight
     else:
         assert all("lora_" in n or "classifier" in n or "score" in n for n in got)
-    assert_same_grads(got, want)
+    assert_same_grads(got, want, float32_norms=family == "llama")
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -120,7 +124,8 @@ def test_k_equal_to_length_is_ordinary_fine_tuning(family):
     plain = copy.deepcopy(model)
     batch = batch_for(family)
     pypeft.patch(model, method="tokentune", k=T)
-    assert_same_grads(_grads(model, model(**batch).loss), _grads(plain, plain(**batch).loss))
+    assert_same_grads(_grads(model, model(**batch).loss), _grads(plain, plain(**batch).loss),
+                      float32_norms=family == "llama")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -171,7 +176,8 @@ def test_vera_composes():
     batch = batch_for("llama")
     positions = positions_for(3)
     pypeft.patch(model, method="tokentune", k=3, selector=fixed(positions))
-    assert_same_grads(_grads(model, model(**batch).loss), reference_gradients(reference, batch, positions))
+    assert_same_grads(_grads(model, model(**batch).loss), reference_gradients(reference, batch, positions),
+                      float32_norms=True)
 
 
 def test_lora_patched_after_tokentune_gives_the_same_gradients():
@@ -221,6 +227,8 @@ def _chosen(model, batch) -> torch.Tensor:
 def test_random_selection_keeps_the_first_token_and_the_last_for_decoders(family, keep):
     model = make(family)
     batch = tm.labels_for(family, tm.inputs(family, batch=4, length=12))
+    if family == "bert":
+        batch["labels"] = torch.tensor([0, 2, 1, 0])
     mask = batch["attention_mask"].bool()
     pypeft.patch(model, method="tokentune", k=4, seed=3)
     for _ in range(5):
@@ -280,7 +288,7 @@ def test_loss_on_selected_counts_only_selected_positions():
     targets = batch["labels"][:, 1:]
     selected = R.token_mask(positions, T)[:, :-1]
     want = nn.functional.cross_entropy(logits[selected], targets[selected])
-    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)  # transformers' loss runs in float32
 
 
 # --- lifecycle ------------------------------------------------------------------------
