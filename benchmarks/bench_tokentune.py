@@ -107,7 +107,18 @@ def rss_child(args) -> None:
         step = train_step(build(args.rss_of, args.dropout, args.seq, args.k, args.lora_r), batch)
     for _ in range(args.steps):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_resident_bytes())
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a child started from a big parent reports the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def check_same_gradients(args) -> float:
@@ -169,10 +180,16 @@ def main(argv=None):
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--plot", default=os.path.join(HERE, "tokentune_fraction.png"))
+    p.add_argument("--rss-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--rss-of", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_of:
         return rss_child(args)
+    if args.rss_only:
+        rss = {n: peak_rss(n, args) for n in ["full_finetuning", "two_stream", "tokentune"]}
+        print(json.dumps({"peak_rss_bytes": rss, "rss_tokentune_vs_full": rss["tokentune"] / rss["full_finetuning"],
+                          "rss_two_stream_vs_full": rss["two_stream"] / rss["full_finetuning"]}, indent=2))
+        return None
 
     names = ["full_finetuning", "two_stream", "tokentune", "lora", "tokentune+lora"]
     saved, times = measure(names, args, args.k, args.rounds)

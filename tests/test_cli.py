@@ -132,6 +132,32 @@ def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data
     assert accuracy == pytest.approx(reported, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full", "tokentune"])
+def test_methods_training_every_weight_save_the_model(capsys, tiny_model, csv_data, tmp_path, method):
+    """Full fine-tuning and TokenTune alone train every weight: the job saves
+    the whole (plain, unpatched) model, which gives the reported accuracy back."""
+    output = tmp_path / "model"
+    code, out, err = _run(capsys, "finetune", "--method", method, "--model", str(tiny_model), "--data",
+                          str(csv_data), "--epochs", "2", "--lr", "1e-3", "--batch-size", "4", "--max-length", "16",
+                          "--test-fraction", "0.25", "--no-progress", "--output", str(output))
+    assert code == 0, err
+    summary = _summary(out)
+    assert summary["trainable_params"] == summary["total_params"]
+    assert summary["method_options"] == ({"k": 16} if method == "tokentune" else {})
+    assert "model saved to" in out
+    model = AutoModelForSequenceClassification.from_pretrained(output).eval()
+    assert model.config._attn_implementation != "pypeft_token_subset"
+    data = load_table(csv_data)
+    _, test = stratified_split(data.labels, 0.25, seed=0)
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_model)
+    batch = tokenizer([data.texts[i] for i in test], truncation=True, max_length=16, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    accuracy = (predicted == torch.tensor([data.labels[i] for i in test])).float().mean().item()
+    assert accuracy == pytest.approx(summary["accuracy_after"], abs=1e-4)
+
+
 def test_finetune_jsonl_integer_labels_and_columns(capsys, tiny_model, jsonl_data, tmp_path):
     output = tmp_path / "out"
     code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(jsonl_data),
@@ -168,6 +194,8 @@ def bad_files(tmp_path):
     (["--model", "{tmp}/no-such-model"], "model directory not found"),
     (["--model", "{tmp}"], "no config.json"),
     (["--method", "no-such-method"], "no-such-method"),
+    (["--method", "full", "--r", "4"], "takes no method options"),
+    (["--method", "tokentune", "--option", "k=0"], "argument 'k'"),
     (["--r", "0"], "--r"),
     (["--r", "-3"], "--r"),
     (["--r", "two"], "--r"),
