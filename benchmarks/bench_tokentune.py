@@ -15,7 +15,6 @@ plotted to benchmarks/tokentune_fraction.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
