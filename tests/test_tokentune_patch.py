@@ -118,6 +118,18 @@ def test_gradients_equal_reference(family, k, compose):
     assert_same_grads(got, want, float32_norms=family == "llama")
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_likes(family):
+    model = make(family)
+    with_lora(model)
+    reference = copy.deepcopy(model)
+    batch = batch_for(family)
+    positions = positions_for(3)
+    pypeft.patch(model, method="tokentune", k=3, selector=fixed(positions))
+    assert_same_grads(_grads(model, model(**batch).loss), reference_gradients(reference, batch, positions),
+                      float32_norms=True)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_k_equal_to_length_is_ordinary_fine_tuning(family):
     model = make(family)

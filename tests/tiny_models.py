@@ -46,12 +46,29 @@ def t5():
     return transformers.T5ForConditionalGeneration(cfg)
 
 
+def _llama_like(config_class, model_class):
+    cfg = config_class(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=96, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                 pad_token_id=0))
+    return model_class(cfg)
+
+
+def mistral():
+    return _llama_like(transformers.MistralConfig, transformers.MistralForCausalLM)
+
+
+def qwen2():
+    return _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+
+
 FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
+# Llama-likes a few tests add (the families above are what most tests sweep).
+MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2}
 
 
 def make(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return FAMILIES[family]().eval()
+    return {**FAMILIES, **MORE_FAMILIES}[family]().eval()
 
 
 def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
