@@ -395,3 +395,15 @@ def test_saved_activations_scale_with_k(family):
     few = saved_bytes(model, batch)
     # What is left is mostly keys and values of every token (2 of ~10 per-layer tensors).
     assert few < 0.45 * full, (few, full)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_compiled_model_gives_the_same_gradients(family):
+    model = make(family)
+    with_lora(model)
+    batch = batch_for(family)
+    positions = positions_for(3)
+    pypeft.patch(model, method="tokentune", k=3, selector=fixed(positions))
+    eager = _grads(model, model(**batch).loss)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_same_grads(_grads(model, compiled(**batch).loss), eager)
