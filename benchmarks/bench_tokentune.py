@@ -9,7 +9,8 @@ subprocess per configuration: build, then train `--steps` steps), and a sweep
 of the fraction of tokens (1/16 ... 1) for TokenTune alone and with LoRA,
 plotted to benchmarks/tokentune_fraction.png.
 
-    python benchmarks/bench_tokentune.py [--seq 256 --batch 8 --k 32 --rounds 5] [--no-sweep] [--no-rss]
+    python benchmarks/bench_tokentune.py [--seq 256 --batch 8 --k 32 --rounds 5] [--device cuda]
+                                         [--no-sweep] [--no-rss] [--rss-only]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def two_stream_step(model, batch, seq, k):
     select = first_and_random(seq, k)
 
     def loss():
-        positions = select(batch["input_ids"], None, k)
+        positions = select(batch["input_ids"], None, k).to(batch["input_ids"].device)
         return two_stream_loss(model, batch["input_ids"], batch["labels"], positions)
 
     def step():
@@ -73,19 +74,20 @@ def two_stream_step(model, batch, seq, k):
 
 
 def measure(names, args, k, rounds):
-    batch = classification_batch(args.batch, args.seq)
+    device = torch.device(args.device)
+    batch = {n: t.to(device) for n, t in classification_batch(args.batch, args.seq).items()}
     models, steps, forwards = {}, {}, {}
     for name in names:
         if name == "two_stream":
-            model = minilm_shaped(args.dropout).train()
+            model = minilm_shaped(args.dropout).train().to(device)
             steps[name], forwards[name] = two_stream_step(model, batch, args.seq, k)
         else:
-            model = build(name, args.dropout, args.seq, k, args.lora_r)
+            model = build(name, args.dropout, args.seq, k, args.lora_r).to(device)
             steps[name] = train_step(model, batch)
             forwards[name] = (lambda m: (lambda: m(**batch).loss))(model)
         models[name] = model
     saved = {n: saved_activation_bytes(forwards[n], list(models[n].parameters())) for n in names}
-    times = alternate_timings(steps, torch.device("cpu"), rounds) if rounds else {}
+    times = alternate_timings(steps, device, rounds) if rounds else {}
     return saved, times
 
 
@@ -157,7 +159,7 @@ def plot(rows, full, lora, path):
     ax1.axhline(lora["saved"] / 2**20, color="gray", ls=":", label="LoRA (all-linear)")
     ax2.axhline(full["step"], color="gray", ls="--", label="full fine-tuning")
     ax2.axhline(lora["step"], color="gray", ls=":", label="LoRA (all-linear)")
-    for ax, title in ((ax1, "saved activations (MiB)"), (ax2, "train step (s, CPU)")):
+    for ax, title in ((ax1, "saved activations (MiB)"), (ax2, "train step (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fraction of tokens with gradients")
         ax.set_title(title)
@@ -176,6 +178,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sweep-rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="train steps in each peak-memory subprocess")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak RSS is measured on cpu only)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--plot", default=os.path.join(HERE, "tokentune_fraction.png"))
@@ -194,7 +197,7 @@ def main(argv=None):
     saved, times = measure(names, args, args.k, args.rounds)
     result = {
         "benchmark": "tokentune", "date": datetime.date.today().isoformat(),
-        "machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
+        "machine": machine_description(torch.device(args.device)), "torch": torch.__version__,
         "shape": {"seq": args.seq, "batch": args.batch, "k": args.k, "dropout": args.dropout,
                   "lora_r": args.lora_r},
         "max_grad_difference_vs_two_stream": check_same_gradients(args),
@@ -210,7 +213,7 @@ def main(argv=None):
             "step_tokentune_lora_vs_lora": times["tokentune+lora"] / times["lora"],
         },
     }
-    if not args.no_rss:
+    if not args.no_rss and args.device == "cpu":  # peak RSS means something on the CPU only
         rss = {n: peak_rss(n, args) for n in ["full_finetuning", "two_stream", "tokentune"]}
         result["peak_rss_bytes"] = rss
         result["ratios"]["rss_tokentune_vs_full"] = rss["tokentune"] / rss["full_finetuning"]
