@@ -21,6 +21,7 @@
 
 #include <limits>
 
+#include "pypeft/op_handles.h"
 #include "pypeft/token_subset.h"
 #include "pypeft/token_subset_attention.h"
 
@@ -36,14 +37,6 @@ constexpr int64_t kChunkElements = int64_t{1} << 22;
 
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<Tensor>;
-
-const auto& counter_dropout_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pypeft::counter_dropout", "")
-          .typed<Tensor(const Tensor&, double, const OptTensor&, const OptTensor&)>();
-  return op;
-}
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
@@ -136,7 +129,7 @@ Tensor dropped(const Attention& a, const Tensor& probs, const Tensor& tokens) {
                             at::arange(d.q_heads, opts).unsqueeze(0))
                                .mul_(d.tokens);  // [B, Hq]: row of token 0
   const Tensor row_ids = (head_rows.unsqueeze(2) + tokens.unsqueeze(1)).reshape({-1});
-  return counter_dropout_op().call(probs, a.dropout_p, a.seed, row_ids);
+  return ops::counter_dropout().call(probs, a.dropout_p, a.seed, row_ids);
 }
 
 // The explicit forward (with dropout), query tokens in chunks, written into out.

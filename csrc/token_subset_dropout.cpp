@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "pypeft/op_handles.h"
 #include "pypeft/token_subset.h"
 
 namespace pypeft {
@@ -19,14 +20,6 @@ constexpr const char* kBackwardOp = "pypeft.token_subset_dropout_backward";
 
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<Tensor>;
-
-const auto& counter_dropout_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pypeft::counter_dropout", "")
-          .typed<Tensor(const Tensor&, double, const OptTensor&, const OptTensor&)>();
-  return op;
-}
 
 // Checked here so that errors name this op and its arguments, not counter_dropout's.
 TokenSubsetDims check_dropout_args(const char* op, const char* x_arg, const Tensor& x, double p,
@@ -44,7 +37,7 @@ Tensor token_subset_dropout(const Tensor& x, double p, const OptTensor& seed, co
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // With p = 0 counter_dropout returns a copy: an op's output must not alias its input.
   const Tensor flat = x.reshape({dims.batch * dims.tokens, row_features(x)});
-  return counter_dropout_op().call(flat, p, seed, c10::nullopt).view(x.sizes());
+  return ops::counter_dropout().call(flat, p, seed, c10::nullopt).view(x.sizes());
 }
 
 Tensor token_subset_dropout_backward(const Tensor& grad_y, double p, const OptTensor& seed,
@@ -58,7 +51,7 @@ Tensor token_subset_dropout_backward(const Tensor& grad_y, double p, const OptTe
   // or no elements there is nothing to mask (and counter_dropout counts no
   // rows in a tensor of zero columns, so it would reject the row ids).
   const bool masked = p > 0.0 && grad_rows.numel() > 0;
-  const Tensor dropped = masked ? counter_dropout_op().call(grad_rows, p, seed, rows) : grad_rows;
+  const Tensor dropped = masked ? ops::counter_dropout().call(grad_rows, p, seed, rows) : grad_rows;
   return scatter_rows(dropped, rows, grad_y.sizes());
 }
 

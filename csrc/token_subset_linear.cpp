@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "pypeft/linear_ops.h"
+#include "pypeft/op_handles.h"
 #include "pypeft/token_subset.h"
 #include "pypeft/vera_linear.h"
 

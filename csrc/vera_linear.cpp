@@ -9,7 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "pypeft/linear_ops.h"
+#include "pypeft/op_handles.h"
 #include "pypeft/vera_linear.h"
 
 namespace pypeft {

@@ -103,6 +103,19 @@ def test_finetune_csv_end_to_end(capsys, tiny_model, csv_data, tmp_path):
     assert labels["id2label"] == {"0": "sport", "1": "tech"}
 
 
+def _test_accuracy(model, tiny_model, csv_data) -> float:
+    """The model's accuracy on the job's test split (seed 0, 25%, 16 tokens)."""
+    data = load_table(csv_data)
+    _, test = stratified_split(data.labels, 0.25, seed=0)
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_model)
+    batch = tokenizer([data.texts[i] for i in test], truncation=True, max_length=16, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    accuracy = (predicted == torch.tensor([data.labels[i] for i in test])).float().mean().item()
+    return accuracy
+
+
 @pytest.mark.parametrize("method", ["lora", "vera"])
 def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data, tmp_path, method):
     """The adapter directory (adapter + labels.json) is all it takes to get the
@@ -121,15 +134,7 @@ def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data
         tiny_model, num_labels=len(id2label), ignore_mismatched_sizes=True)
     pypeft.load_adapter(model, output)
     model.eval()
-    data = load_table(csv_data)
-    _, test = stratified_split(data.labels, 0.25, seed=0)
-    tokenizer = BertTokenizerFast.from_pretrained(tiny_model)
-    batch = tokenizer([data.texts[i] for i in test], truncation=True, max_length=16, padding=True,
-                      return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1)
-    accuracy = (predicted == torch.tensor([data.labels[i] for i in test])).float().mean().item()
-    assert accuracy == pytest.approx(reported, abs=1e-4)
+    assert _test_accuracy(model, tiny_model, csv_data) == pytest.approx(reported, abs=1e-4)
 
 
 @pytest.mark.parametrize("method", ["full", "tokentune"])
@@ -147,15 +152,7 @@ def test_methods_training_every_weight_save_the_model(capsys, tiny_model, csv_da
     assert "model saved to" in out
     model = AutoModelForSequenceClassification.from_pretrained(output).eval()
     assert model.config._attn_implementation != "pypeft_token_subset"
-    data = load_table(csv_data)
-    _, test = stratified_split(data.labels, 0.25, seed=0)
-    tokenizer = BertTokenizerFast.from_pretrained(tiny_model)
-    batch = tokenizer([data.texts[i] for i in test], truncation=True, max_length=16, padding=True,
-                      return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1)
-    accuracy = (predicted == torch.tensor([data.labels[i] for i in test])).float().mean().item()
-    assert accuracy == pytest.approx(summary["accuracy_after"], abs=1e-4)
+    assert _test_accuracy(model, tiny_model, csv_data) == pytest.approx(summary["accuracy_after"], abs=1e-4)
 
 
 def test_finetune_jsonl_integer_labels_and_columns(capsys, tiny_model, jsonl_data, tmp_path):

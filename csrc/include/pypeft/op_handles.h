@@ -1,5 +1,5 @@
-// Typed dispatcher handles of pypeft's linear ops, for ops built on top of
-// them (vera_linear, the token-subset linears). Calling through the
+// Typed dispatcher handles of pypeft's ops, for ops built on top of them
+// (vera_linear, the token-subset ops). Calling through the
 // dispatcher, not a kernel function, keeps those ops backend-generic: the
 // call lands on the CPU or CUDA kernel of the arguments' device.
 //
@@ -65,6 +65,15 @@ inline const auto& vera_linear_backward() {
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                              const OptTensor&, std::array<bool, 5>, const OptTensor&)>();
+  return op;
+}
+
+// drop(x) with counter_dropout's mask (row ids optional).
+inline const auto& counter_dropout() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pypeft::counter_dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, double, const OptTensor&,
+                                               const OptTensor&)>();
   return op;
 }
 
