@@ -1,6 +1,7 @@
 """Adapters on disk, in PEFT's format: adapter_config.json and
 adapter_model.safetensors with PEFT's key names, so that adapters move between
-pypeft and the `peft` package both ways.
+pypeft and the `peft` package both ways. READ, which PEFT does not have, is
+saved in the same two files in a format of pypeft's own (pypeft/read_format.py).
 
 Writes are atomic: both files are written to temporary names in the target
 directory, flushed to disk, and only then renamed over the previous ones, so a
@@ -20,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pypeft.methods.modules_to_save import TrainableCopies
+from pypeft import read_format
+from pypeft.methods import read
 from pypeft.models import task_type
 from pypeft.models.linear import is_transposed
 from pypeft.patch import (_base_dims, _require_state, find_modules_to_save, find_targets, patch, set_adapter,
@@ -60,11 +63,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     """The adapter's tensors under PEFT's key names."""
     state = _require_state(model, "save_adapter")
     record = state.adapters[adapter_name]
-    fmt = FORMATS[record.config.method]
-    tensors = dict(fmt.model_tensors(state, record.config))
-    for name in record.layers:
-        for suffix, value in fmt.layer_tensors(model.get_submodule(name), adapter_name).items():
-            tensors[f"{PREFIX}{name}.{suffix}"] = value
+    if record.config.method == "read":
+        tensors = read_format.network_tensors(state, adapter_name)
+    else:
+        fmt = FORMATS[record.config.method]
+        tensors = dict(fmt.model_tensors(state, record.config))
+        for name in record.layers:
+            for suffix, value in fmt.layer_tensors(model.get_submodule(name), adapter_name).items():
+                tensors[f"{PREFIX}{name}.{suffix}"] = value
     for name in record.modules_to_save:
         copy = model.get_submodule(name).copies[adapter_name]
         for key, value in copy.state_dict().items():
@@ -106,7 +112,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise ValueError(f"pypeft.save_adapter: argument 'adapter_name': expected one of "
                          f"{sorted(state.adapters)}, got {name!r}")
     record = state.adapters[name]
-    config = _peft_config(model, record.config, record.layers, record.modules_to_save)
+    if record.config.method == "read":
+        config = read_format.config_json(model, state, record.config, record.modules_to_save)
+    else:
+        config = _peft_config(model, record.config, record.layers, record.modules_to_save)
     tensors = adapter_state_dict(model, name)
     directory = Path(directory)
 
@@ -135,6 +144,8 @@ def _read_config(directory: Path) -> dict:
         raise AdapterFormatError(f"pypeft.load_adapter: {path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"pypeft.load_adapter: {path} holds no JSON object")
+    if read_format.is_read_config(config):
+        return config
     peft_type = config.get("peft_type")
     if peft_type not in FORMAT_OF_PEFT_TYPE:
         raise AdapterFormatError(f"pypeft.load_adapter: {path}: expected peft_type one of "
@@ -173,6 +184,11 @@ def _expected_shapes(model: nn.Module, config, layers: list[str], to_save: list[
     for name in layers:
         for suffix, shape in fmt.layer_shapes(config, *_base_dims(model, name)).items():
             shapes[f"{PREFIX}{name}.{suffix}"] = shape
+    return {**shapes, **_head_shapes(model, to_save)}
+
+
+def _head_shapes(model: nn.Module, to_save: list[str]) -> dict[str, tuple]:
+    shapes = {}
     for name in to_save:
         module = model.get_submodule(name)
         source = module.original_module if isinstance(module, TrainableCopies) else module
@@ -239,12 +255,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     path = directory / WEIGHTS_NAME
     peft_config = _read_config(directory)
     tensors = _read_weights(directory)
+    _require_new_name(model, adapter_name)
+    if read_format.is_read_config(peft_config):
+        return _load_read(model, path, peft_config, tensors, adapter_name)
     config = _config_from_peft(peft_config, adapter_name)
     fmt = FORMATS[config.method]
     state = state_of(model)
-    if state is not None and adapter_name in state.adapters:
-        raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "
-                         f"already (adapters: {sorted(state.adapters)})")
     # PEFT lists every head name a task may have (["classifier", "score"]); keep those this model has.
     to_save = find_modules_to_save(model, config.modules_to_save or [], strict=False)
     layers = find_targets(model, config.target_modules, config.method, to_save)
@@ -266,10 +282,52 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             layer = model.get_submodule(name)
             for suffix, value in fmt.layer_tensors(layer, adapter_name).items():
                 value.copy_(tensors[f"{PREFIX}{name}.{suffix}"])
-        for name in to_save:
-            copy = model.get_submodule(name).copies[adapter_name]
-            copy.load_state_dict({k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
-                                  if k.startswith(f"{PREFIX}{name}.")})
+        _load_heads(model, to_save, tensors, adapter_name)
+    if previous is not None:
+        set_adapter(model, previous)
+    return model
+
+
+def _require_new_name(model: nn.Module, adapter_name: str) -> None:
+    state = state_of(model)
+    if state is not None and adapter_name in state.adapters:
+        raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "
+                         f"already (adapters: {sorted(state.adapters)})")
+
+
+def _load_heads(model: nn.Module, to_save: list[str], tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    for name in to_save:
+        copy = model.get_submodule(name).copies[adapter_name]
+        copy.load_state_dict({k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
+                              if k.startswith(f"{PREFIX}{name}.")})
+
+
+def _load_read(model: nn.Module, path: Path, fields: dict, tensors: dict[str, torch.Tensor],
+               adapter_name: str) -> nn.Module:
+    """A READ adapter (pypeft's own format), checked against the model first."""
+    try:
+        config = read_format.config_from_json(fields, adapter_name)
+        stack = read.final_stack_of(model)
+        config.layer_indices(len(stack.layers))
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterFormatError(f"pypeft.load_adapter: {path.parent / CONFIG_NAME}: {e}") from None
+    saved = (fields.get("stack"), fields.get("stack_layers"), fields.get("width"))
+    here = (stack.name, len(stack.layers), read.width_of(model, stack))
+    if saved != here:
+        raise AdapterFormatError(f"pypeft.load_adapter: {path.parent / CONFIG_NAME}: saved for a stack "
+                                 f"(name, layers, width) = {saved}, but this model's is {here}")
+    to_save = find_modules_to_save(model, config.modules_to_save or [], strict=False)
+    _check_tensors(path, tensors, {**read_format.network_shapes(config, here[2]), **_head_shapes(model, to_save)})
+    config.modules_to_save = to_save
+    state = state_of(model)
+    previous = state.active if state is not None else None
+    patch(model, config)
+    state = state_of(model)
+    network = state.read.adapters.networks[adapter_name]
+    prefix = read_format.NETWORK_PREFIX
+    with torch.no_grad():
+        network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        _load_heads(model, to_save, tensors, adapter_name)
     if previous is not None:
         set_adapter(model, previous)
     return model

@@ -18,8 +18,9 @@ from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.lora import LoraConfig, LoraLinear
-from pypeft.methods import tokentune
+from pypeft.methods import read, tokentune
 from pypeft.methods.modules_to_save import TrainableCopies
+from pypeft.methods.read import ReadAdapters, ReadConfig, ReadRecord
 from pypeft.methods.tokentune import TokenTuneConfig, TokenTuneRecord
 from pypeft.methods.vera import VeraConfig, VeraLinear, VeraProjections
 from pypeft.models import classifier_head_names, default_lora_targets, is_linear_like, linear_dims, output_head_names
@@ -27,13 +28,14 @@ from pypeft.models import classifier_head_names, default_lora_targets, is_linear
 STATE_ATTR = "pypeft"
 
 # method name -> its config class; the config names the method (config.method).
-METHODS: dict[str, type] = {"lora": LoraConfig, "vera": VeraConfig, "tokentune": TokenTuneConfig}
+METHODS: dict[str, type] = {"lora": LoraConfig, "vera": VeraConfig, "tokentune": TokenTuneConfig,
+                            "read": ReadConfig}
 # method name -> the layer class that holds its adapters (TokenTune holds none:
 # it changes how the model trains, composing with the adapter methods).
 LAYERS: dict[str, type[AdaptedLinear]] = {"lora": LoraLinear, "vera": VeraLinear}
 
 # Modules pypeft puts into a model; nothing inside them is a target.
-_PYPEFT_LAYERS = (AdaptedLinear, TrainableCopies)
+_PYPEFT_LAYERS = (AdaptedLinear, TrainableCopies, ReadAdapters)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class PatchState:
     merged: bool = False
     vera_projections: VeraProjections | None = None  # shared by every VeRA adapter of the model
     tokentune: TokenTuneRecord | None = None  # set by patch(method="tokentune")
+    read: ReadRecord | None = None  # set by the first patch(method="read")
 
 
 def state_of(model: nn.Module) -> PatchState | None:
@@ -192,8 +195,15 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
     TokenTune composes: alone, the model trains all its weights as before;
     with LoRA or VeRA adapters (patched before or after), only those; either
     way backward runs through k tokens per sequence (see TokenTuneConfig).
+
+        pypeft.patch(model, method="read", rnn="gru", hidden=256)
+
+    READ runs the frozen backbone under no_grad and trains a small RNN over
+    its layers (see pypeft/methods/read.py); it does not compose with the
+    methods that train inside the backbone.
     """
     config = _make_config(config, method, dict(options), adapter_name)
+    _check_composes(state_of(model), config.method)
     if config.method == "tokentune":
         return _patch_tokentune(model, config)
     state = state_of(model)
@@ -203,15 +213,15 @@ def patch(model: nn.Module, config=None, *, method: str | None = None, adapter_n
                          f"(adapters: {sorted(state.adapters)}); choose another name or delete_adapter first")
     if state is not None and state.merged:
         raise ValueError("pypeft.patch: the model has merged adapters; call pypeft.unmerge(model) first")
+    if config.method == "read":
+        return _patch_read(model, config)
     # Resolve everything before changing anything: a bad argument loses nothing.
     to_save = find_modules_to_save(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.method, to_save)
     _check_one_method_per_layer(model, targets, config.method)
     projections = _vera_projections(model, state, config, targets) if config.method == "vera" else None
     state = _ensure_state(model)
-    if not state.adapters:  # the first adapter: the base stops training
-        for p in model.parameters():
-            p.requires_grad_(False)
+    _freeze_base(model, state)
     layer_class = LAYERS[config.method]
     for target in targets:
         layer = _wrapped(model, state, target, layer_class)
@@ -236,6 +246,44 @@ def _ensure_state(model: nn.Module) -> PatchState:
         state = PatchState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = state
     return state
+
+
+def _check_composes(state: PatchState | None, method: str) -> None:
+    """READ keeps autograd out of the backbone; the other methods train inside it."""
+    if state is None:
+        return
+    methods = {r.config.method for r in state.adapters.values()} | ({"tokentune"} if state.tokentune else set())
+    clash = sorted(m for m in methods if (m == "read") != (method == "read"))
+    if clash:
+        raise ValueError(f"pypeft.patch(method={method!r}): the model is patched with {clash[0]} already; READ runs "
+                         "the backbone without autograd and does not compose with methods that train inside it "
+                         "(pypeft.unpatch(model) first)")
+
+
+def _freeze_base(model: nn.Module, state: PatchState) -> None:
+    if not state.adapters:  # the first adapter: the base stops training
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def _patch_read(model: nn.Module, config: ReadConfig) -> nn.Module:
+    # Resolve everything before changing anything: a bad argument loses nothing.
+    state = state_of(model)
+    to_save = find_modules_to_save(model, config.modules_to_save)
+    record = state.read if state is not None else None
+    stack = record.stack if record is not None else read.final_stack_of(model)
+    layers = config.layer_indices(len(stack.layers))
+    state = _ensure_state(model)
+    _freeze_base(model, state)
+    record = state.read = record or read.attach(model)
+    like = next(stack.module.parameters())
+    record.adapters.add_adapter(config.adapter_name, config, layers, read.network_dtype(model), like.device)
+    for target in to_save:
+        _wrapped(model, state, target, TrainableCopies).add_adapter(config.adapter_name)
+    state.adapters[config.adapter_name] = AdapterRecord(config=config, layers=[stack.name],
+                                                        modules_to_save=to_save)
+    _activate(model, state, config.adapter_name)
+    return model
 
 
 def _patch_tokentune(model: nn.Module, config: TokenTuneConfig) -> nn.Module:
@@ -312,6 +360,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     unmerge(model)
     if state.tokentune is not None:
         tokentune.detach(model, state.tokentune)
+    if state.read is not None:
+        read.detach(state.read)
     for name, original in state.replaced.items():
         model.set_submodule(name, original)
     for name, p in model.named_parameters():
@@ -325,6 +375,9 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (forward then runs the
     plain layers). unmerge() takes it out again."""
     state = _require_state(model, "merge")
+    if state.active is not None and state.adapters[state.active].config.method == "read":
+        raise ValueError("pypeft.merge: the active adapter is READ's, whose correction (an RNN over the layers) "
+                         "cannot be folded into the base weights")
     for layer in _adapted_layers(model):
         layer.merge()
     state.merged = True

@@ -145,3 +145,27 @@ def token_subset(fn, positions: torch.Tensor, *tensors: torch.Tensor, token_dim:
     constant: inputs and output keep gradients only at the selected tokens."""
     out = fn(*(keep_grad_at(t, positions, token_dim) for t in tensors))
     return keep_grad_at(out, positions, token_dim)
+
+
+# --- READ -----------------------------------------------------------------------------
+
+def read_correction(layer_outputs, cell: torch.nn.Module, joiner: torch.nn.Linear, aggregate: str = "mean"):
+    """READ's correction from the backbone's layer outputs ([B, T, d] each), with
+    a torch.nn.RNNCell / GRUCell / LSTMCell run over the layers, every token
+    its own sequence from a zero state; each input normalised by a layer norm
+    without parameters; the states averaged (or the last one) through the
+    joiner."""
+    first = layer_outputs[0]
+    B, T, d = first.shape
+    h = torch.zeros(B * T, cell.hidden_size, dtype=cell.weight_ih.dtype)
+    c = torch.zeros_like(h)
+    states = []
+    for out in layer_outputs:
+        x = torch.nn.functional.layer_norm(out.detach().to(h.dtype), (d,)).reshape(B * T, d)
+        if isinstance(cell, torch.nn.LSTMCell):
+            h, c = cell(x, (h, c))
+        else:
+            h = cell(x, h)
+        states.append(h)
+    summary = torch.stack(states).mean(0) if aggregate == "mean" else states[-1]
+    return joiner(summary).view(B, T, d)

@@ -1,0 +1,293 @@
+"""READ (Wang, Nguyen et al., "READ: Recurrent Adaptation of Large
+Transformers", arXiv 2305.15348): a small RNN beside a frozen backbone.
+
+The backbone runs under no_grad: nothing of it is kept for backward. Hooks on
+its layers take each layer's output hidden state, normalise it (a layer norm
+without parameters, so nothing grows with depth) and the RNN walks over them,
+layer by layer, every token position its own sequence (one
+pypeft::recurrent_scan call). Its states, averaged over the layers
+(aggregate="mean") or the last one ("last"), go through the joiner, a linear
+map back to the model width that starts at zero, and the result is added to
+the stack's final hidden state (after its final norm), before the head. So the
+patched model starts equal to the base, and backward runs only through the
+head, the joiner and the RNN.
+
+Where the correction goes: the stack that feeds the head
+(pypeft/models/layer_stacks.py): BERT/RoBERTa's encoder (before BERT's
+pooler, which the gradient crosses on its way to the classifier), GPT-2's and
+Llama's decoder after their final norm, and T5's *decoder* (after its final
+norm and dropout), with its RNN over the decoder's layers; T5's encoder also
+runs under no_grad and gets no correction, so no backward crosses either
+frozen stack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pypeft.models.layer_stacks import LayerStack, final_stack
+
+RNN_TYPES = {"rnn": 1, "gru": 3, "lstm": 4}  # cell -> gates
+AGGREGATES = ("mean", "last")
+ATTR = "pypeft_read"  # the child module of a stack that holds its READ networks
+
+
+@dataclass
+class ReadConfig:
+    """Options of pypeft.patch(model, method="read", ...).
+
+    rnn: the recurrent cell, "gru" (torch.nn.GRUCell's), "lstm" or "rnn"
+        (tanh Elman).
+    hidden: the RNN's hidden size.
+    layers: indices into the final stack's layers whose outputs the RNN reads,
+        in order (negative counts from the end); None: all of them.
+    aggregate: what the joiner reads: the mean of the RNN's states over the
+        layers, or the last one.
+    modules_to_save: modules trained in full beside it (default: a sequence
+        classifier's head).
+    """
+
+    rnn: str = "gru"
+    hidden: int = 256
+    layers: Sequence[int] | None = None
+    aggregate: str = "mean"
+    modules_to_save: list[str] | None = None
+    adapter_name: str = "default"
+    method: str = field(default="read", init=False)
+
+    def __post_init__(self):
+        where = "pypeft.patch(method='read')"
+        if self.rnn not in RNN_TYPES:
+            raise ValueError(f"{where}: argument 'rnn': expected one of {sorted(RNN_TYPES)}, got {self.rnn!r}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden <= 0:
+            raise ValueError(f"{where}: argument 'hidden': expected a positive int, got {self.hidden!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"{where}: argument 'aggregate': expected one of {list(AGGREGATES)}, "
+                             f"got {self.aggregate!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers) if not isinstance(self.layers, (str, bytes)) else None
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"{where}: argument 'layers': expected None or a non-empty sequence of layer "
+                                 f"indices, got {self.layers!r}")
+            self.layers = layers
+
+    def layer_indices(self, count: int) -> list[int]:
+        """The layers' indices in [0, count), checked."""
+        if self.layers is None:
+            return list(range(count))
+        chosen = []
+        for i in self.layers:
+            if not -count <= i < count:
+                raise ValueError(f"pypeft.patch(method='read'): argument 'layers': index {i} is out of range "
+                                 f"for a stack of {count} layers (expected -{count} <= index < {count})")
+            chosen.append(i % count)
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"pypeft.patch(method='read'): argument 'layers': {list(self.layers)} names a "
+                             "layer twice")
+        return chosen
+
+    def to_json(self) -> dict:
+        return {"rnn": self.rnn, "hidden": self.hidden, "layers": None if self.layers is None else list(self.layers),
+                "aggregate": self.aggregate}
+
+
+class ReadNetwork(nn.Module):
+    """The trainable side network: an RNN cell run over the layers, and the
+    joiner. Weights are named as torch.nn.GRUCell's (weight_ih, weight_hh,
+    bias_ih, bias_hh) and initialised as it does."""
+
+    def __init__(self, config: ReadConfig, width: int, layers: list[int], dtype, device):
+        super().__init__()
+        self.cell, self.aggregate, self.layers = config.rnn, config.aggregate, list(layers)
+        gates, hidden = RNN_TYPES[config.rnn], config.hidden
+        kw = {"dtype": dtype, "device": device}
+        self.weight_ih = nn.Parameter(torch.empty(gates * hidden, width, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(gates * hidden, hidden, **kw))
+        self.bias_ih = nn.Parameter(torch.empty(gates * hidden, **kw))
+        self.bias_hh = nn.Parameter(torch.empty(gates * hidden, **kw))
+        bound = 1.0 / math.sqrt(hidden)
+        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+            nn.init.uniform_(p, -bound, bound)
+        self.joiner = nn.Linear(hidden, width, **kw)
+        nn.init.zeros_(self.joiner.weight)  # the patched model starts equal to the base
+        nn.init.zeros_(self.joiner.bias)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """states [L, B, T, width] (normalised layer outputs) -> correction [B, T, width]."""
+        from pypeft import ops
+
+        steps, batch, tokens, width = states.shape
+        rows = states.view(steps, batch * tokens, width)
+        h0 = rows.new_zeros(batch * tokens, self.weight_hh.shape[1])
+        hs = ops.recurrent_scan(rows, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                cell=self.cell, c0=h0 if self.cell == "lstm" else None)
+        summary = hs.mean(0) if self.aggregate == "mean" else hs[-1]
+        return self.joiner(summary).view(batch, tokens, width)
+
+
+def _hidden_of(output) -> torch.Tensor:
+    """The hidden state in a layer's or stack's output (tensor, tuple or ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+class ReadAdapters(nn.Module):
+    """The READ networks of one stack, one per adapter name (one is active),
+    and what the stack's forward needs to run them: it sits in the model as
+    a child of the stack (`<stack>.pypeft_read`), so that the model's
+    parameters(), to() and state_dict() include the networks."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.networks = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self._states: list[torch.Tensor | None] | None = None  # set during a correcting forward
+
+    # --- the lifecycle pypeft.patch expects of its layers -----------------------------------
+    def add_adapter(self, name: str, config: ReadConfig, layers: list[int], dtype, device) -> None:
+        self.networks[name] = ReadNetwork(config, self.width, layers, dtype, device)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.networks
+
+    def activate(self, name: str | None) -> None:
+        self.active_adapter = name
+        for adapter, network in self.networks.items():
+            network.requires_grad_(adapter == name)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.networks[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_mixed_rows(self, row_names) -> None:
+        if row_names is not None:
+            raise ValueError("pypeft.mixed_batch: READ adapters cannot run per-row in one batch")
+
+    # --- the correction ---------------------------------------------------------------------
+    def network(self) -> ReadNetwork | None:
+        name = self.active_adapter
+        return None if self.disabled or name is None or name not in self.networks else self.networks[name]
+
+    def collect(self, layer_index: int, output) -> None:
+        if self._states is None:
+            return
+        network = self.network()
+        if layer_index in network.layers:
+            dtype = network.weight_ih.dtype
+            hidden = _hidden_of(output).to(dtype)
+            self._states[network.layers.index(layer_index)] = F.layer_norm(hidden, (self.width,))
+
+    def run(self, stack_forward, args, kwargs):
+        """The stack's forward: the backbone under no_grad, then the correction."""
+        network = self.network()
+        if network is None:
+            with torch.no_grad():
+                return stack_forward(*args, **kwargs)
+        self._states = [None] * len(network.layers)
+        try:
+            with torch.no_grad():
+                output = stack_forward(*args, **kwargs)
+            states = self._states
+        finally:
+            self._states = None
+        if any(s is None for s in states):
+            raise RuntimeError("pypeft READ: a layer the RNN reads did not run in this forward")
+        correction = network(torch.stack(states))
+        return _with_correction(output, correction)
+
+
+def _with_correction(output, correction: torch.Tensor):
+    hidden = _hidden_of(output)
+    corrected = hidden + correction.to(hidden.dtype)
+    if isinstance(output, torch.Tensor):
+        return corrected
+    if isinstance(output, tuple):
+        return (corrected, *output[1:])
+    output.last_hidden_state = corrected  # a ModelOutput: sets the field and its dict entry
+    return output
+
+
+# --- attaching to a model ----------------------------------------------------------------
+
+@dataclass
+class ReadRecord:
+    """What attach() changed, so that detach() undoes exactly that."""
+
+    stack: LayerStack
+    adapters: ReadAdapters
+    no_grad_stacks: list[LayerStack]
+    hooks: list
+
+
+def width_of(model: nn.Module, stack: LayerStack) -> int:
+    for config in (getattr(stack.module, "config", None), getattr(model, "config", None)):
+        for key in ("hidden_size", "d_model", "n_embd", "dim"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+    raise ValueError(f"pypeft.patch(method='read'): argument 'model': its config names no hidden size "
+                     f"(hidden_size, d_model, n_embd or dim) of {type(stack.module).__name__}'s states")
+
+
+def _run_under_no_grad(stack: nn.Module, adapters: ReadAdapters | None) -> None:
+    original = stack.forward
+
+    def forward(*args, **kwargs):
+        if adapters is None:
+            with torch.no_grad():
+                return original(*args, **kwargs)
+        return adapters.run(original, args, kwargs)
+
+    stack.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+
+
+def final_stack_of(model: nn.Module) -> LayerStack:
+    """The stack READ corrects (checked: its width is known)."""
+    stack = _stacks(model)[0]
+    width_of(model, stack)
+    return stack
+
+
+def _stacks(model: nn.Module) -> tuple[LayerStack, list[LayerStack]]:
+    try:
+        return final_stack(model)
+    except ValueError as e:
+        raise ValueError(f"pypeft.patch(method='read'): argument 'model': {e}") from None
+
+
+def attach(model: nn.Module) -> ReadRecord:
+    """Hooks and the no_grad forward on the model's stacks (no network yet)."""
+    stack, others = _stacks(model)
+    adapters = ReadAdapters(width_of(model, stack))
+    first = next(stack.module.parameters())
+    adapters.to(first.device)
+    hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: adapters.collect(i, out))
+             for i, layer in enumerate(stack.layers)]
+    stack.module.add_module(ATTR, adapters)
+    _run_under_no_grad(stack.module, adapters)
+    for other in others:
+        _run_under_no_grad(other.module, None)
+    return ReadRecord(stack, adapters, others, hooks)
+
+
+def detach(record: ReadRecord) -> None:
+    for hook in record.hooks:
+        hook.remove()
+    for s in (record.stack, *record.no_grad_stacks):
+        s.module.__dict__.pop("forward", None)
+    delattr(record.stack.module, ATTR)
+
+
+def network_dtype(model: nn.Module) -> torch.dtype:
+    """The side network trains in float32 beside a half-precision backbone."""
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

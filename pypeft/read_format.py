@@ -1,0 +1,55 @@
+"""READ adapters on disk. PEFT has no format for READ, so pypeft writes its
+own, beside the PEFT ones and with the same file names and atomic writes
+(pypeft/io.py): adapter_config.json says `"pypeft_method": "read"` and the
+options; adapter_model.safetensors holds the side network under "read.<name>"
+(weight_ih, weight_hh, bias_ih, bias_hh: torch.nn.GRUCell's names and layout;
+joiner.weight, joiner.bias) and the heads trained in full under PEFT's
+"base_model.model.<module>.<key>", as the other methods do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pypeft.methods.read import RNN_TYPES, ReadConfig
+from pypeft.models import task_type
+
+METHOD_KEY = "pypeft_method"
+NETWORK_PREFIX = "read."
+
+
+def is_read_config(fields: dict) -> bool:
+    return fields.get(METHOD_KEY) == "read"
+
+
+def config_json(model: nn.Module, state, config: ReadConfig, to_save: list[str]) -> dict:
+    stack = state.read.stack
+    return {
+        METHOD_KEY: "read",
+        "task_type": task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "stack": stack.name,
+        "stack_layers": len(stack.layers),
+        "width": state.read.adapters.width,
+        "modules_to_save": to_save or None,
+        **config.to_json(),
+    }
+
+
+def config_from_json(fields: dict, adapter_name: str) -> ReadConfig:
+    return ReadConfig(rnn=fields["rnn"], hidden=fields["hidden"], layers=fields.get("layers"),
+                      aggregate=fields.get("aggregate", "mean"), modules_to_save=fields.get("modules_to_save"),
+                      adapter_name=adapter_name)
+
+
+def network_tensors(state, adapter_name: str) -> dict[str, torch.Tensor]:
+    network = state.read.adapters.networks[adapter_name]
+    return {NETWORK_PREFIX + k: v for k, v in network.state_dict().items()}
+
+
+def network_shapes(config: ReadConfig, width: int) -> dict[str, tuple]:
+    rows = RNN_TYPES[config.rnn] * config.hidden
+    shapes = {"weight_ih": (rows, width), "weight_hh": (rows, config.hidden), "bias_ih": (rows,),
+              "bias_hh": (rows,), "joiner.weight": (width, config.hidden), "joiner.bias": (width,)}
+    return {NETWORK_PREFIX + k: v for k, v in shapes.items()}
