@@ -1,0 +1,125 @@
+"""pypeft READ against full fine-tuning, against the backbone's forward alone
+(READ's floor: it must run the backbone once) and against READ written the
+plain way in eager PyTorch (benchmarks/plain_read.py), on a MiniLM-shaped
+BERT classifier.
+
+Figures: saved-activation bytes per forward and train-step time (candidates
+alternated in one process, medians). The joiner starts from small random
+values, not zero, in both READs: at zero the RNN's gradient is exactly zero,
+which only the first step sees, and pypeft's backward would skip all of it.
+
+    python benchmarks/bench_read.py [--seq 256 --batch 8 --rnn gru --hidden 128 --rounds 7] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import (alternate_timings, classification_batch, machine_description, minilm_shaped,  # noqa: E402
+                    saved_activation_bytes, train_step)
+from plain_read import PlainRead  # noqa: E402
+
+import pypeft  # noqa: E402
+
+
+def pypeft_read(args):
+    model = minilm_shaped(args.dropout).train()
+    pypeft.patch(model, method="read", rnn=args.rnn, hidden=args.hidden)
+    network = model.bert.encoder.pypeft_read.networks["default"]
+    with torch.no_grad():  # as after some training (see the module docstring)
+        network.joiner.weight.normal_(0.0, 1e-2, generator=torch.Generator().manual_seed(1))
+    return model, network
+
+
+def plain_read(args, network):
+    plain = PlainRead(minilm_shaped(args.dropout).train(), args.hidden).train()
+    plain.load_from_pypeft(network)
+    return plain
+
+
+def candidates(args, device, batch):
+    """name -> (module, step, forward returning the loss)."""
+    full = minilm_shaped(args.dropout).train().to(device)
+    frozen = minilm_shaped(args.dropout).train().requires_grad_(False).to(device)
+    ours, network = pypeft_read(args)
+    ours.to(device)
+    plain = plain_read(args, network).to(device)
+
+    def backbone_forward():
+        with torch.no_grad():
+            frozen(**batch)
+
+    def plain_step():
+        plain(**batch).backward()
+        plain.zero_grad(set_to_none=True)
+
+    return {
+        "full_finetuning": (full, train_step(full, batch), lambda: full(**batch).loss),
+        "backbone_forward_no_grad": (frozen, backbone_forward, None),
+        "plain_read": (plain, plain_step, lambda: plain(**batch)),
+        "pypeft_read": (ours, train_step(ours, batch), lambda: ours(**batch).loss),
+    }
+
+
+def check_same_gradients(args) -> float:
+    """Largest difference between pypeft's and the plain READ's RNN and joiner
+    gradients on one batch without dropout: both must compute the same thing."""
+    batch = classification_batch(2, 32)
+    args0 = argparse.Namespace(**{**vars(args), "dropout": 0.0})
+    ours, network = pypeft_read(args0)
+    plain = plain_read(args0, network)
+    ours(**batch).loss.backward()
+    plain(**batch).backward()
+    pairs = [(getattr(network, n).grad, getattr(plain.rnn, f"{n}_l0").grad)
+             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    pairs += [(network.joiner.weight.grad, plain.joiner.weight.grad)]
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rnn", default="gru", choices=["gru"], help="the plain READ baseline is written for nn.GRU")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    batch = {n: t.to(device) for n, t in classification_batch(args.batch, args.seq).items()}
+    built = candidates(args, device, batch)
+    saved = {n: saved_activation_bytes(fwd, list(m.parameters())) for n, (m, _, fwd) in built.items() if fwd}
+    times = alternate_timings({n: step for n, (_, step, _) in built.items()}, device, args.rounds)
+    floor = times["backbone_forward_no_grad"]
+    result = {
+        "benchmark": "read", "date": datetime.date.today().isoformat(),
+        "machine": machine_description(device), "torch": torch.__version__,
+        "shape": {"seq": args.seq, "batch": args.batch, "rnn": args.rnn, "hidden": args.hidden,
+                  "dropout": args.dropout},
+        "max_grad_difference_vs_plain": check_same_gradients(args),
+        "trainable_parameters": pypeft.trainable_parameters(built["pypeft_read"][0])[0],
+        "saved_bytes": saved, "step_s": times,
+        "ratios": {
+            "saved_pypeft_vs_full": saved["pypeft_read"] / saved["full_finetuning"],
+            "saved_plain_vs_full": saved["plain_read"] / saved["full_finetuning"],
+            "step_pypeft_vs_backbone_forward": times["pypeft_read"] / floor,
+            "step_plain_vs_backbone_forward": times["plain_read"] / floor,
+            "step_pypeft_vs_plain": times["pypeft_read"] / times["plain_read"],
+            "step_pypeft_vs_full": times["pypeft_read"] / times["full_finetuning"],
+            "backbone_forward_vs_full": floor / times["full_finetuning"],
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
