@@ -279,6 +279,21 @@ def test_two_adapters_switch_disable_delete_and_unpatch():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_deep_copy_is_a_patched_model_of_its_own():
+    import copy
+
+    model, batch = patched("bert", hidden=8), tm.inputs("bert")
+    randomise_joiner(network_of(model, "bert"))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(tm.output(twin, batch), tm.output(model, batch), rtol=0, atol=0)
+    with torch.no_grad():
+        network_of(twin, "bert").joiner.bias.add_(1.0)
+    assert not torch.allclose(tm.output(twin, batch), tm.output(model, batch))
+    pypeft.unpatch(twin)
+    torch.testing.assert_close(tm.output(twin, batch), tm.output(tm.make("bert"), batch), rtol=0, atol=0)
+    assert "forward" in model.bert.encoder.__dict__  # the original keeps its READ
+
+
 def test_compiled_model_gives_the_eager_gradients():
     model = patched("bert", hidden=8)
     network = network_of(model, "bert")

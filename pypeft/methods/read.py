@@ -23,6 +23,7 @@ frozen stack.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -178,7 +179,8 @@ class ReadAdapters(nn.Module):
         name = self.active_adapter
         return None if self.disabled or name is None or name not in self.networks else self.networks[name]
 
-    def collect(self, layer_index: int, output) -> None:
+    def collect(self, layer_index: int, _module, _args, output) -> None:
+        """A forward hook on layer `layer_index` (bound with functools.partial)."""
         if self._states is None:
             return
         network = self.network()
@@ -238,16 +240,24 @@ def width_of(model: nn.Module, stack: LayerStack) -> int:
                      f"(hidden_size, d_model, n_embd or dim) of {type(stack.module).__name__}'s states")
 
 
-def _run_under_no_grad(stack: nn.Module, adapters: ReadAdapters | None) -> None:
-    original = stack.forward
+class NoGradForward:
+    """A stack's forward while READ is attached: the original under no_grad,
+    then (on the final stack) the correction. An object rather than a closure,
+    so that copy.deepcopy and pickling of the model carry it over to the copy
+    (the bound original and the adapters are copied with the model)."""
 
-    def forward(*args, **kwargs):
-        if adapters is None:
+    def __init__(self, original, adapters: ReadAdapters | None):
+        self.original, self.adapters = original, adapters
+
+    def __call__(self, *args, **kwargs):
+        if self.adapters is None:
             with torch.no_grad():
-                return original(*args, **kwargs)
-        return adapters.run(original, args, kwargs)
+                return self.original(*args, **kwargs)
+        return self.adapters.run(self.original, args, kwargs)
 
-    stack.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+
+def _run_under_no_grad(stack: nn.Module, adapters: ReadAdapters | None) -> None:
+    stack.forward = NoGradForward(stack.forward, adapters)  # an instance attribute: __call__ finds it first
 
 
 def final_stack_of(model: nn.Module) -> LayerStack:
@@ -270,7 +280,7 @@ def attach(model: nn.Module) -> ReadRecord:
     adapters = ReadAdapters(width_of(model, stack))
     first = next(stack.module.parameters())
     adapters.to(first.device)
-    hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: adapters.collect(i, out))
+    hooks = [layer.register_forward_hook(functools.partial(adapters.collect, i))
              for i, layer in enumerate(stack.layers)]
     stack.module.add_module(ATTR, adapters)
     _run_under_no_grad(stack.module, adapters)
