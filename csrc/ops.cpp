@@ -151,4 +151,42 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor value, Tensor? attn_mask, float scale, bool is_causal, float dropout_p, "
       "Tensor? seed, Tensor positions, bool[3] output_mask) -> (Tensor grad_query, "
       "Tensor grad_key, Tensor grad_value)");
+  // READ: recurrent cells and a scan over a sequence (csrc/recurrent_scan.cpp).
+  // Cells as torch.nn.RNNCell (tanh) / GRUCell (gates r, z, n;
+  // n = tanh(gi_n + r ⊙ (W_hn h + b_hn))) / LSTMCell (gates i, f, g, o), with
+  // G = 1, 3, 4 gates: x [N, in], h, c [N, H], w_ih [G·H, in], w_hh [G·H, H],
+  // biases [G·H]. One dtype for all (float32, float64, bfloat16; float16 on
+  // CUDA); bfloat16 / float16 do the gate math in float.
+  m.def(
+      "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> Tensor");
+  m.def(
+      "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> Tensor");
+  m.def(
+      "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor h_out, Tensor c_out)");
+  // cell: "rnn", "gru" or "lstm"; c and grad_c for lstm only (grad_c None:
+  // zero). Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh) where output_mask
+  // says and the input exists (undefined / None otherwise).
+  m.def(
+      "recurrent_cell_backward(Tensor grad_h, Tensor? grad_c, Tensor x, Tensor h, Tensor? c, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, bool[7] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+  // hs [L, N, H]: the hidden state after each step, hs[t] = cell(xs[t], hs[t-1]),
+  // hs[-1] = h0 (c0 likewise, lstm only: required then, rejected otherwise).
+  // xs [L, N, in], any L >= 0, N >= 0. The cell states are not returned (backward
+  // recomputes them); nothing of size L·N·G·H is kept.
+  m.def(
+      "recurrent_scan(Tensor xs, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, str cell) -> Tensor hs");
+  // Gradients of (xs, h0, c0, w_ih, w_hh, b_ih, b_hh) where output_mask says.
+  // Rows of grad_hs that are zero at every step are skipped (they contribute
+  // nothing): their grad_xs / grad_h0 / grad_c0 rows are zero.
+  m.def(
+      "recurrent_scan_backward(Tensor grad_hs, Tensor xs, Tensor hs, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, bool[7] output_mask) "
+      "-> (Tensor grad_xs, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
 }

@@ -169,3 +169,28 @@ def read_correction(layer_outputs, cell: torch.nn.Module, joiner: torch.nn.Linea
         states.append(h)
     summary = torch.stack(states).mean(0) if aggregate == "mean" else states[-1]
     return joiner(summary).view(B, T, d)
+
+
+# --- READ: recurrent cells over a sequence -------------------------------------
+
+_NN_CELLS = {"rnn": torch.nn.RNNCell, "gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}
+
+
+def recurrent_scan(xs, h0, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru", c0=None):
+    """hs [L, N, H]: a loop of torch.nn.RNNCell (tanh) / GRUCell / LSTMCell,
+    run with the given weights (differentiable in all of them) over xs
+    [L, N, in] from h0 (and c0 for lstm). A missing bias of the two is zero."""
+    module_cls = _NN_CELLS[cell]
+    hidden = w_hh.shape[1]
+    has_bias = b_ih is not None or b_hh is not None
+    module = module_cls(w_ih.shape[1], hidden, bias=has_bias, device="meta", dtype=w_ih.dtype)
+    params = {"weight_ih": w_ih, "weight_hh": w_hh}
+    if has_bias:
+        params["bias_ih"] = b_ih if b_ih is not None else torch.zeros_like(w_ih[:, 0])
+        params["bias_hh"] = b_hh if b_hh is not None else torch.zeros_like(w_hh[:, 0])
+    state = (h0, c0) if cell == "lstm" else h0
+    hs = []
+    for t in range(xs.shape[0]):
+        state = torch.func.functional_call(module, params, (xs[t], state))
+        hs.append(state[0] if cell == "lstm" else state)
+    return torch.stack(hs) if hs else xs.new_empty((0, xs.shape[1], hidden))

@@ -17,6 +17,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from pypeft.ops.counter_dropout import counter_dropout
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
+from pypeft.ops.recurrent_cell import gru_cell, lstm_cell, rnn_cell
+from pypeft.ops.recurrent_scan import recurrent_scan
 from pypeft.ops.token_subset_activation import token_subset_activation, token_subset_gated_activation
 from pypeft.ops.token_subset_attention import token_subset_attention
 from pypeft.ops.token_subset_dropout import token_subset_dropout
@@ -26,8 +28,12 @@ from pypeft.ops.vera_linear import vera_linear
 
 __all__ = [
     "counter_dropout",
+    "gru_cell",
     "lora_linear",
     "lora_linear_mixed",
+    "lstm_cell",
+    "recurrent_scan",
+    "rnn_cell",
     "token_subset_activation",
     "token_subset_attention",
     "token_subset_dropout",
