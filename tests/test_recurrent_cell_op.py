@@ -239,3 +239,23 @@ def test_backward_bad_input(cell, grad_c, c, match):
 @pytest.mark.parametrize("cell", list(NN))
 def test_float16_on_cuda(cell):
     compare(cell, 9, True, dtype=torch.float16, device="cuda", atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("cell", list(NN))
+def test_float32_gate_math_over_a_wide_range(cell):
+    """The CPU / CUDA kernels' own float σ and tanh (branch-free polynomials)
+    against torch's, from tiny pre-activations to saturated ones; NaN stays in its row."""
+    m = make_module(cell, 7, 5, dtype=torch.float32)
+    x, h, c = make_state(cell, 64, 7, 5, torch.float32)
+    with torch.no_grad():
+        x.mul_(torch.logspace(-4, 2, 64).unsqueeze(1))  # row scales 1e-4 .. 100
+        x[5, 2] = float("nan")
+    params = [m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh]
+    with torch.no_grad():
+        got = call(cell, x, h, c, *params)
+        want = (m(x, (h, c))) if cell == "lstm" else (m(x, h), None)
+    for a, b in zip(got, want):
+        if b is None:
+            continue
+        assert torch.equal(a.isnan(), b.isnan()) and a[5].isnan().all()
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, equal_nan=True)

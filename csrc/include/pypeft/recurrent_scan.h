@@ -29,7 +29,7 @@ struct RecurrentGateKernels {
   void (*lstm_states)(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& c0,
                       const at::Tensor& cs);
   // One step backward (step_backward_unit): dgi may be gi itself and dgh gh
-  // or dgi (rnn, lstm: one buffer for both).
+  // itself; dgh is written for gru only (rnn, lstm: both sides' gradients are dgi).
   void (*step_backward)(RecurrentCell cell, const at::Tensor& gi, const at::Tensor& gh,
                         const at::Tensor& h_prev, const at::Tensor& c_prev,
                         const at::Tensor& grad_h, const at::Tensor& dh, const at::Tensor& dc,
