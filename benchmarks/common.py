@@ -57,9 +57,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def alternate_timings(candidates: dict[str, Callable[[], None]], device: torch.device, rounds: int,
-                      warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each candidate, the candidates interleaved."""
+def alternate_samples(candidates: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each candidate, the candidates interleaved: sample
+    i of every candidate comes from round i."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -71,7 +72,20 @@ def alternate_timings(candidates: dict[str, Callable[[], None]], device: torch.d
             fn()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def alternate_timings(candidates: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+                      warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each candidate, the candidates interleaved."""
+    samples = alternate_samples(candidates, device, rounds, warmup)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of numerator / denominator within the same round: a
+    slow spell of the machine slows both, so it cancels out of the ratio."""
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
