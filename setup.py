@@ -98,6 +98,13 @@ def wheel_cuda_include_flags():
     return [flag for d in dirs for flag in ("-isystem", d)]
 
 
+# at::parallel_for is a header template: without OpenMP where our kernels are
+# compiled it runs every loop on one thread (it did, before this was added).
+# On Linux torch's wheels bring libgomp.so.1, which the loader reuses for us
+# (same soname), so the kernels share torch's thread pool.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def extension():
     with_cuda = want_cuda()
     # cpp_extension reads CUDA_HOME when it is imported: import it only now.
@@ -105,10 +112,10 @@ def extension():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + OPENMP_FLAGS
     if not with_cuda:
         return CppExtension("pypeft._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=OPENMP_FLAGS)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     wheel_includes = wheel_cuda_include_flags()
     return CUDAExtension(
@@ -117,6 +124,7 @@ def extension():
         define_macros=[("PYPEFT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags + wheel_includes,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr"] + wheel_includes},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 

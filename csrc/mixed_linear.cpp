@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "pypeft/mixed_linear.h"
+#include "pypeft/parallel.h"
 
 namespace pypeft {
 namespace {
@@ -191,7 +192,7 @@ void add_row_updates_cpu(const LoraRowPlan& plan, at::IntArrayRef row_adapter, a
                          const MixedLinearDims& dims) {
   std::vector<Tensor> b_scaled_t(lora_a.size());
   for (const auto& g : plan.groups) b_scaled_t[g.adapter] = lora_b[g.adapter].mul(scale[g.adapter]).t();
-  at::parallel_for(0, dims.batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_with_caller_state(0, dims.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = row_adapter[b];
       if (k < 0) continue;

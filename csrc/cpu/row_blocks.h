@@ -9,6 +9,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "pypeft/parallel.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -34,7 +36,8 @@ template <typename Fn>
 void for_each_row_block(int64_t rows, int64_t block, const Fn& fn) {
   const int64_t chunks = num_row_chunks(rows, block);
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  // fn runs ATen ops (small GEMMs): the workers need the caller's dispatch state.
+  parallel_for_with_caller_state(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t end = std::min(rows, (c + 1) * per_chunk);
       for (int64_t b = c * per_chunk; b < end; b += block) fn(c, b, std::min(end, b + block));
