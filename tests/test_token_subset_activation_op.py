@@ -157,15 +157,9 @@ def _mlp_step(gate, up, pos):
 
 
 def _check_compiled(backend):
-    torch._dynamo.reset()
     pos = H.positions(2, 6, 3, seed=1)
     args = [H.randn(2, 6, 16, dtype=torch.float32, seed=s).requires_grad_(True) for s in (2, 3)]
-    compiled = torch.compile(_mlp_step, backend=backend, fullgraph=True)
-    loss = compiled(*args, pos)
-    want = _mlp_step(*args, pos)
-    torch.testing.assert_close(loss, want)
-    for a, b in zip(torch.autograd.grad(loss, args), torch.autograd.grad(want, args)):
-        torch.testing.assert_close(a, b)
+    H.assert_compiled_matches_eager(_mlp_step, args, pos, backend=backend)
 
 
 def test_compile_fullgraph_aot_eager():

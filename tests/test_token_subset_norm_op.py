@@ -229,17 +229,11 @@ def _norm_step(x, w, b, pos):
 
 
 def _check_compiled(backend):
-    torch._dynamo.reset()
     pos = H.positions(2, 6, 3, seed=1)
     args = [H.randn(2, 6, 16, dtype=torch.float32, seed=2).requires_grad_(True),
             H.randn(16, dtype=torch.float32, seed=3).requires_grad_(True),
             H.randn(16, dtype=torch.float32, seed=4).requires_grad_(True)]
-    compiled = torch.compile(_norm_step, backend=backend, fullgraph=True)
-    loss = compiled(*args, pos)
-    want = _norm_step(*args, pos)
-    torch.testing.assert_close(loss, want)
-    for a, b in zip(torch.autograd.grad(loss, args), torch.autograd.grad(want, args)):
-        torch.testing.assert_close(a, b)
+    H.assert_compiled_matches_eager(_norm_step, args, pos, backend=backend)
 
 
 def test_compile_fullgraph_aot_eager():

@@ -140,3 +140,14 @@ def assert_rows_output_differentiable(call, x, positions, which=1):
     (g_both,) = torch.autograd.grad((out[0].sum(), (out[which] * c).sum()), x)
     (g_y,) = torch.autograd.grad(call(x)[0].sum(), x)
     torch.testing.assert_close(g_both, g_y + want)
+
+
+def assert_compiled_matches_eager(step, leaves_, *constants, backend: str):
+    """torch.compile(step, fullgraph=True) gives eager's loss and gradients
+    w.r.t. `leaves_` (step(*leaves_, *constants) -> scalar loss)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    loss, want = compiled(*leaves_, *constants), step(*leaves_, *constants)
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(torch.autograd.grad(loss, leaves_), torch.autograd.grad(want, leaves_)):
+        torch.testing.assert_close(a, b)
