@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pypeft.models.layer_stacks import LayerStack, final_stack
+from pypeft.ops.recurrent_scan import recurrent_scan
 
 RNN_TYPES = {"rnn": 1, "gru": 3, "lstm": 4}  # cell -> gates
 AGGREGATES = ("mean", "last")
@@ -121,12 +122,10 @@ class ReadNetwork(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states [L, B, T, width] (normalised layer outputs) -> correction [B, T, width]."""
-        from pypeft import ops
-
         steps, batch, tokens, width = states.shape
         rows = states.view(steps, batch * tokens, width)
         h0 = rows.new_zeros(batch * tokens, self.weight_hh.shape[1])
-        hs = ops.recurrent_scan(rows, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+        hs = recurrent_scan(rows, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                                 cell=self.cell, c0=h0 if self.cell == "lstm" else None)
         summary = hs.mean(0) if self.aggregate == "mean" else hs[-1]
         return self.joiner(summary).view(batch, tokens, width)
