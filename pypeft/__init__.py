@@ -7,10 +7,15 @@
     pypeft.patch(model, method="read", rnn="gru", hidden=256)        # or pypeft.ReadConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
+
+A method of your own plugs in the same way (docs/ARCHITECTURE.md): subclass
+pypeft.Method, put its modules in the model as pypeft.PypeftLayer
+subclasses, and call pypeft.register_method(YourMethod()).
 """
 
 from pypeft import ops
-from pypeft.io import load_adapter, save_adapter
+from pypeft.io import AdapterFormatError, load_adapter, save_adapter
+from pypeft.layer import PypeftLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -26,10 +31,16 @@ from pypeft.patch import (
     unmerge,
     unpatch,
 )
+from pypeft.registry import Method, Plan, register_method
+from pypeft.state import state_of
 
 __all__ = [
+    "AdapterFormatError",
     "LoraConfig",
     "LoraLinear",
+    "Method",
+    "Plan",
+    "PypeftLayer",
     "ReadConfig",
     "TokenTuneConfig",
     "VeraConfig",
@@ -41,8 +52,10 @@ __all__ = [
     "mixed_batch",
     "ops",
     "patch",
+    "register_method",
     "save_adapter",
     "set_adapter",
+    "state_of",
     "trainable_parameters",
     "unmerge",
     "unpatch",

@@ -5,7 +5,9 @@
 
 Each adapted layer runs its rows in one native op call (pypeft::lora_linear_mixed,
 pypeft::vera_linear_mixed), not a Python loop over adapters. Inference only, as
-peft's `adapter_names=`: the model must be in eval mode.
+peft's `adapter_names=`: the model must be in eval mode. The row assignment is
+per thread (the model's ForwardContext): serving threads sharing one model
+each run their own batch.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import contextlib
 
 from torch import nn
 
-from pypeft.methods.adapted_linear import BASE
-from pypeft.patch import _pypeft_layers, _require_state, _unmerged
+from pypeft.layer import BASE
+from pypeft.state import merged_out, require_state
 
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names):
     """Run row i of every batch in the block with adapter `adapter_names[i]`
-    ("base": no adapter). Rows equal running each alone with its adapter
-    active. Merged adapters are taken out for the block and put back."""
-    state = _require_state(model, "mixed_batch")
+    ("base": no adapter), in this thread. Rows equal running each alone with
+    its adapter active. Merged adapters are taken out for the block and put
+    back. Blocks nest; each restores the assignment it found."""
+    state = require_state(model, "mixed_batch")
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise ValueError("pypeft.mixed_batch: argument 'adapter_names': expected a list of adapter names, one "
                          f"per batch row, got {adapter_names!r}")
@@ -36,12 +39,11 @@ def mixed_batch(model: nn.Module, adapter_names):
     if model.training:
         raise ValueError("pypeft.mixed_batch: mixed-adapter batches are for inference (as peft's adapter_names); "
                          "call model.eval() first")
-    with _unmerged(model, state):
-        layers = list(_pypeft_layers(model))
-        for layer in layers:
-            layer.set_mixed_rows(names)
+    context = state.context
+    with merged_out(model, state):
+        before = context.mixed_rows
+        context.mixed_rows = names
         try:
             yield model
         finally:
-            for layer in layers:
-                layer.set_mixed_rows(None)
+            context.mixed_rows = before

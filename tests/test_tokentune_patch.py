@@ -161,7 +161,7 @@ def test_eval_and_no_grad_change_nothing(family):
     batch = tm.inputs(family)
     pypeft.patch(model, method="tokentune", k=2)
     calls = []
-    selection = model.pypeft.tokentune.selection
+    selection = model.pypeft.method_states["tokentune"].selection
     orig = selection.choose
     selection.choose = lambda *a: calls.append(1) or orig(*a)
     model.eval()
@@ -227,7 +227,7 @@ def test_padding_tokens_send_no_gradient():
 
 def _chosen(model, batch) -> torch.Tensor:
     seen = []
-    selection = model.pypeft.tokentune.selection
+    selection = model.pypeft.method_states["tokentune"].selection
     orig = selection.choose
     selection.choose = lambda *a: seen.append(orig(*a)) or seen[-1]
     model(**batch)
@@ -347,7 +347,7 @@ def test_bad_options(options, match):
     model = make("bert")
     with pytest.raises(ValueError, match=match):
         pypeft.patch(model, method="tokentune", **options)
-    assert not hasattr(model, "pypeft") or model.pypeft.tokentune is None
+    assert not hasattr(model, "pypeft") or "tokentune" not in model.pypeft.method_states
 
 
 @pytest.mark.parametrize("returned, match", [

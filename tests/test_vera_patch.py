@@ -10,7 +10,7 @@ import torch
 
 import pypeft
 import tiny_models as T
-from pypeft.methods.vera import VeraLinear
+from pypeft.methods.vera import VeraLinear, projections_of
 
 peft = pytest.importorskip("peft", reason="the `peft` package is the oracle for VeRA")
 
@@ -50,7 +50,7 @@ def test_projections_are_peft_s_bit_for_bit(family):
     theirs = peft_vera(base, family, r=16, target_modules=TARGETS[family], projection_prng_key=7)
     ours = pypeft.patch(copy.deepcopy(base), method="vera", r=16, target_modules=TARGETS[family],
                         projection_seed=7)
-    shared = ours.pypeft.vera_projections
+    shared = projections_of(ours.pypeft)
     assert torch.equal(shared.vera_A, theirs.base_model.vera_A["default"])
     assert torch.equal(shared.vera_B, theirs.base_model.vera_B["default"])
     # Stored once: every layer holds the one module, so one storage.
@@ -118,7 +118,7 @@ def test_saved_projections_are_used_over_the_seed(tmp_path):
     ours = pypeft.patch(copy.deepcopy(base), method="vera", r=8, projection_seed=1)
     set_lambdas(ours)
     with torch.no_grad():
-        ours.pypeft.vera_projections.vera_A.mul_(-2.0)  # no longer what the seed draws
+        projections_of(ours.pypeft).vera_A.mul_(-2.0)  # no longer what the seed draws
     pypeft.save_adapter(ours, tmp_path)
     loaded = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
     batch = T.inputs("bert")

@@ -1,0 +1,7 @@
+"""pypeft's methods, one package each; importing this registers them all.
+
+A method outside this list registers the same way: subclass
+pypeft.registry.Method and call pypeft.register_method(MyMethod()).
+"""
+
+from pypeft.methods import lora, read, tokentune, vera  # noqa: F401  (each registers itself)

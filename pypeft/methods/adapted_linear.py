@@ -7,15 +7,14 @@ batches). A method (LoRA, VeRA) says what an adapter holds and how it runs.
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from pypeft.layer import BASE, PypeftLayer
 from pypeft.models.linear import is_linear_like, is_transposed, linear_dims
-from pypeft.models.token_subset_attention import SELECTION_ATTR
-
-BASE = "base"  # the row name, in a mixed batch, of rows that run without an adapter
 
 
 def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -23,11 +22,11 @@ def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
 
 
-class AdaptedLinear(nn.Module, abc.ABC):
+class AdaptedLinear(PypeftLayer, abc.ABC):
     """Subclasses hold their adapters' tensors in ParameterDicts keyed by
     adapter name, list those dicts in `adapter_dicts`, and implement
-    `delta_weight(name)` ([out, in]), `_adapter_forward(x, name)` and
-    `_mixed_forward(x, rows)`."""
+    `delta_weight(name)` ([out, in]), `_adapter_forward(x, name, positions)`
+    and `_mixed_forward(x, names, rows)`."""
 
     adapter_dicts: tuple[str, ...] = ()
     method = ""
@@ -41,10 +40,8 @@ class AdaptedLinear(nn.Module, abc.ABC):
         for p in base.parameters():
             p.requires_grad_(False)
         self.active_adapter: str | None = None
-        self.disabled = False  # set by pypeft.disabled(): the base alone
-        self.merged: list[str] = []  # adapters folded into base_layer's weight
-        self.mixed_rows: list[int] | None = None  # set by pypeft.mixed_batch(): an adapter index per row
-        self.mixed_adapters: list[str] = []
+        self.merged: list[str] = []  # the adapter folded into base_layer's weight (at most one)
+        self._premerge_weight: torch.Tensor | None = None  # the weight before merge(), restored by unmerge()
 
     @property
     def in_features(self) -> int:
@@ -101,20 +98,25 @@ class AdaptedLinear(nn.Module, abc.ABC):
     @torch.no_grad()
     def merge(self) -> None:
         name = self.active_adapter
-        if name is None or not self.has_adapter(name) or name in self.merged:
+        if name is None or not self.has_adapter(name) or self.merged:
             return
-        self._add_to_weight(self.delta_weight(name), +1)
-        self.merged.append(name)
+        w = self.base_layer.weight
+        # Rounding the sum to w's dtype loses bits that subtracting the update
+        # again cannot restore (bfloat16 drifted visibly over switches): keep
+        # the weight itself while merged, so unmerge() is exact in every dtype.
+        self._premerge_weight = w.detach().clone()
+        delta = self.delta_weight(name)
+        d = delta.t() if is_transposed(self.base_layer) else delta
+        w.copy_((w.to(d.dtype) + d).to(w.dtype))
+        self.merged = [name]
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        while self.merged:
-            self._add_to_weight(self.delta_weight(self.merged.pop()), -1)
-
-    def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
-        w = self.base_layer.weight
-        d = delta.t() if is_transposed(self.base_layer) else delta
-        w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._premerge_weight)
+        self._premerge_weight = None
+        self.merged = []
 
     @abc.abstractmethod
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -122,47 +124,42 @@ class AdaptedLinear(nn.Module, abc.ABC):
 
     # --- running --------------------------------------------------------------------
 
-    def set_mixed_rows(self, row_names: list[str] | None) -> None:
-        """Per-row adapters for pypeft.mixed_batch (None: back to normal).
-        An adapter this layer does not hold leaves its rows at the base."""
-        if row_names is None:
-            self.mixed_rows, self.mixed_adapters = None, []
-            return
-        present = [n for n in dict.fromkeys(row_names) if n != BASE and self.has_adapter(n)]
-        index = {n: i for i, n in enumerate(present)}
-        self.mixed_adapters = present
-        self.mixed_rows = [index.get(n, -1) for n in row_names]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
+        if self.is_disabled():
             return self.base_layer(x)
-        if self.mixed_rows is not None:
-            if x.dim() < 2 or x.shape[0] != len(self.mixed_rows):
-                raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
-                                 f"({x.shape[0] if x.dim() >= 2 else 'no batch dimension'}), got "
-                                 f"{len(self.mixed_rows)}")
-            if not self.mixed_adapters:
-                return self.base_layer(x)
-            return self._mixed_forward(x, self.mixed_rows)
+        row_names = self.mixed_rows()
+        if row_names is not None:
+            return self._mixed_rows_forward(x, row_names)
+        if self.merged:
+            if self.training and torch.is_grad_enabled():
+                warnings.warn("pypeft: training a model with merged adapters: the merged layers run their base "
+                              "weights only, so the adapters get no gradient; call pypeft.unmerge(model) before "
+                              "training", stacklevel=2)
+            return self.base_layer(x)
         name = self.active_adapter
         if name is None or not self.has_adapter(name):
             return self.base_layer(x)
-        return self._adapter_forward(x, name, self._token_positions(x))
+        return self._adapter_forward(x, name, self.token_positions(x))
 
-    def _token_positions(self, x: torch.Tensor) -> torch.Tensor | None:
-        """TokenTune's selected positions for x, while a selection is active
-        (set on the layer by pypeft.patch(method="tokentune"))."""
-        selection = self.__dict__.get(SELECTION_ATTR)
-        return selection.positions_for(x) if selection is not None else None
+    def _mixed_rows_forward(self, x: torch.Tensor, row_names: list[str]) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] != len(row_names):
+            raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
+                             f"({x.shape[0] if x.dim() >= 2 else 'no batch dimension'}), got {len(row_names)}")
+        # Adapters this layer does not hold leave their rows at the base.
+        present = [n for n in dict.fromkeys(row_names) if n != BASE and self.has_adapter(n)]
+        if not present:
+            return self.base_layer(x)
+        index = {n: i for i, n in enumerate(present)}
+        return self._mixed_forward(x, present, [index.get(n, -1) for n in row_names])
 
     @abc.abstractmethod
     def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
         """The base layer plus adapter `name`, in one native op; with
-        positions, its token-subset op (TokenTune)."""
+        positions (a token selection is active), its token-subset op."""
 
     @abc.abstractmethod
-    def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Each batch row with adapter self.mixed_adapters[rows[i]] (-1: none), in one native op."""
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], rows: list[int]) -> torch.Tensor:
+        """Each batch row with adapter names[rows[i]] (-1: none), in one native op."""
 
     @staticmethod
     def dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:

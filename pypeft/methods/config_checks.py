@@ -32,14 +32,16 @@ def check_common(owner: str, config) -> None:
     if config.adapter_name == "base":
         raise ValueError(f"{owner}: argument 'adapter_name': 'base' names the unadapted model "
                          "(pypeft.mixed_batch); choose another name")
-    targets = config.target_modules
-    if isinstance(targets, (list, tuple, set)):
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"{owner}: argument 'target_modules': expected a non-empty list of module "
-                             f"names, got {targets!r}")
-    elif targets is not None and not isinstance(targets, str):
-        raise ValueError(f"{owner}: argument 'target_modules': expected None, a list of names, a regex "
-                         f"or 'all-linear', got {type(targets).__name__}")
+    for argument in ("target_modules", "exclude_modules"):
+        targets = getattr(config, argument, None)
+        if isinstance(targets, (list, tuple, set)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"{owner}: argument '{argument}': expected a non-empty list of module "
+                                 f"names, got {targets!r}")
+        elif targets is not None and not isinstance(targets, str):
+            raise ValueError(f"{owner}: argument '{argument}': expected None, a list of names or a regex"
+                             f"{' or all-linear' if argument == 'target_modules' else ''}, got "
+                             f"{type(targets).__name__}")
     to_save = config.modules_to_save
     if to_save is not None and (isinstance(to_save, str) or not all(isinstance(m, str) for m in to_save)):
         raise ValueError(f"{owner}: argument 'modules_to_save': expected a list of module names, "

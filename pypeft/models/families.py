@@ -42,6 +42,11 @@ _LORA_TARGETS: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj"],
 }
 
+# RMSNorms computed as LlamaRMSNorm (float32 normalisation, then weight * x.to(dtype)).
+LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+
 # Task heads that *ForSequenceClassification models add on top of the backbone
 # (PEFT's SEQ_CLS_HEAD_NAMES).
 _SEQ_CLS_HEADS = ("classifier", "score")

@@ -17,52 +17,17 @@ shares them, so all must agree on the seed and on r.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
-from pypeft.methods.config_checks import TargetModules, check_common, check_dropout, check_finite, check_rank
+from pypeft.methods.config_checks import check_dropout, check_finite
+from pypeft.methods.vera.config import VeraConfig
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.vera_linear import vera_linear
 from pypeft.ops.mixed_linear import vera_linear_mixed
 from pypeft.ops.token_subset_linear import token_subset_vera_linear
-
-
-@dataclass
-class VeraConfig:
-    """What `pypeft.patch(model, method="vera", ...)` takes.
-
-    r: the shared matrices' rank (VeRA's r is much larger than LoRA's: its
-    trainable count grows only by 1 per layer per unit of r). projection_seed:
-    PEFT's projection_prng_key. save_projection: write A and B with the
-    adapter (else a loader regenerates them from the seed).
-    target_modules / modules_to_save: as LoraConfig.
-    """
-
-    r: int = 256
-    target_modules: TargetModules = None
-    projection_seed: int = 0
-    d_initial: float = 0.1
-    dropout: float = 0.0
-    save_projection: bool = True
-    adapter_name: str = "default"
-    modules_to_save: list[str] | None = field(default=None)
-
-    method = "vera"
-
-    def __post_init__(self):
-        check_rank("VeraConfig", self.r)
-        check_finite("VeraConfig", "d_initial", self.d_initial)
-        check_dropout("VeraConfig", self.dropout)
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) \
-                or not 0 <= self.projection_seed < 2**64:
-            raise ValueError("VeraConfig: argument 'projection_seed': expected an int in [0, 2**64), "
-                             f"got {self.projection_seed!r}")
-        if not isinstance(self.save_projection, bool):
-            raise ValueError(f"VeraConfig: argument 'save_projection': expected a bool, got {self.save_projection!r}")
-        check_common("VeraConfig", self)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -184,8 +149,7 @@ class VeraLinear(AdaptedLinear):
                 self.dropout_seed(p, x))
         return vera_linear(*args) if positions is None else token_subset_vera_linear(*args, positions)
 
-    def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        names = self.mixed_adapters
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], rows: list[int]) -> torch.Tensor:
         lambda_d = torch.stack([self.vera_lambda_d[n] for n in names])
         lambda_b = torch.stack([self.vera_lambda_b[n] for n in names])
         return vera_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias, self.projections.vera_A,

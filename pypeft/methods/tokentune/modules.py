@@ -12,6 +12,7 @@ Llama-style RMSNorm, activations, dropout, the gated MLP of Llama-likes
 input embedding, whose output gets a gate that cuts unselected tokens'
 gradients (where the token-subset region begins). pypeft's adapter layers
 (LoRA, VeRA) run their token-subset op themselves (AdaptedLinear).
+Modules find the selection under pypeft.layer.TOKENS_ATTR.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from torch import nn
 
 from pypeft import ops
 from pypeft.models.linear import is_linear_like, weight_out_in
-from pypeft.models.token_subset_attention import SELECTION_ATTR
+from pypeft.layer import TOKENS_ATTR
+from pypeft.models.families import GATED_MLPS, LLAMA_RMS_NORMS
 
 
 
 def _positions(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    return getattr(module, SELECTION_ATTR).positions_for(x)
+    return getattr(module, TOKENS_ATTR).positions_for(x)
 
 
 def _dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:
@@ -93,10 +95,6 @@ class TokenSubsetEmbedding:
         return out if pos is None else ops.token_subset_dropout(out, 0.0, None, pos)
 
 
-# RMSNorms computed as LlamaRMSNorm (float32 normalisation, then weight * x.to(dtype)).
-_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
-_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -122,9 +120,9 @@ def mixin_for(module: nn.Module) -> type | None:
     if isinstance(module, nn.LayerNorm):
         return TokenSubsetLayerNorm
     name = type(module).__name__
-    if name in _LLAMA_RMS_NORMS:
+    if name in LLAMA_RMS_NORMS:
         return TokenSubsetRMSNorm
-    if name in _GATED_MLPS and activation_kind(module.act_fn) == "silu":
+    if name in GATED_MLPS and activation_kind(module.act_fn) == "silu":
         return TokenSubsetGatedMLP
     if isinstance(module, nn.Dropout):
         return TokenSubsetDropout
@@ -150,12 +148,12 @@ def _subclass(mixin: type, cls: type, module: nn.Module) -> type:
 
 def swap(module: nn.Module, mixin: type, selection) -> None:
     module.__class__ = _subclass(mixin, type(module), module)
-    setattr(module, SELECTION_ATTR, selection)
+    setattr(module, TOKENS_ATTR, selection)
 
 
 def unswap(module: nn.Module) -> None:
     module.__class__ = module._pypeft_original_class
-    module.__dict__.pop(SELECTION_ATTR, None)
+    module.__dict__.pop(TOKENS_ATTR, None)
 
 
 def is_swapped(module: nn.Module) -> bool:

@@ -8,7 +8,7 @@ transformers builds no padding mask for an unknown implementation) lets
 pypeft own attention without copying any modeling file.
 
 The function runs pypeft::token_subset_attention when the calling attention
-module carries an active token selection (`_pypeft_tokens`), and transformers'
+module carries an active token selection (pypeft.layer.TOKENS_ATTR), and transformers'
 own SDPA path otherwise (eval, no_grad, or a module TokenTune did not tag).
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.layer import TOKENS_ATTR
 from pypeft.ops import token_subset_attention
 
 IMPLEMENTATION = "pypeft_token_subset"
-SELECTION_ATTR = "_pypeft_tokens"  # where a module finds its TokenSelection (TokenTune)
 
 
 def _dropout_seed(p: float, like: torch.Tensor) -> torch.Tensor | None:
@@ -31,7 +31,7 @@ def token_subset_attention_forward(module: torch.nn.Module, query: torch.Tensor,
                                    value: torch.Tensor, attention_mask: torch.Tensor | None,
                                    dropout: float = 0.0, scaling: float | None = None,
                                    is_causal: bool | None = None, **kwargs):
-    selection = getattr(module, SELECTION_ATTR, None)
+    selection = getattr(module, TOKENS_ATTR, None)
     positions = selection.positions_for(query, token_dim=2) if selection is not None else None
     if positions is None or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -13,10 +13,10 @@ import copy
 import torch
 from torch import nn
 
-from pypeft.methods.adapted_linear import BASE
+from pypeft.layer import BASE, PypeftLayer
 
 
-class TrainableCopies(nn.Module):
+class TrainableCopies(PypeftLayer):
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original_module = original
@@ -24,8 +24,6 @@ class TrainableCopies(nn.Module):
             p.requires_grad_(False)
         self.copies = nn.ModuleDict()
         self.active_adapter: str | None = None
-        self.disabled = False
-        self.mixed_row_names: list[str] | None = None  # set by pypeft.mixed_batch()
 
     def add_adapter(self, name: str) -> None:
         if name in self.copies:
@@ -33,18 +31,16 @@ class TrainableCopies(nn.Module):
         trainable = copy.deepcopy(self.original_module)
         for p in trainable.parameters():
             p.requires_grad_(True)
+        trainable.train(self.training)
         self.copies[name] = trainable
 
-    def has_adapter(self, name: str) -> bool:
-        return name in self.copies
+    def adapter_names(self) -> list[str]:
+        return list(self.copies)
 
     def activate(self, name: str | None) -> None:
         self.active_adapter = name
         for adapter, trainable in self.copies.items():
             trainable.requires_grad_(adapter == name)
-
-    def set_mixed_rows(self, row_names: list[str] | None) -> None:
-        self.mixed_row_names = row_names
 
     def delete_adapter(self, name: str) -> None:
         del self.copies[name]
@@ -52,18 +48,20 @@ class TrainableCopies(nn.Module):
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
-        if self.mixed_row_names is not None and not self.disabled:
-            return self._mixed_forward(*args, **kwargs)
+        if self.is_disabled():
+            return self.original_module(*args, **kwargs)
+        names = self.mixed_rows()
+        if names is not None:
+            return self._mixed_forward(names, *args, **kwargs)
         name = self.active_adapter
-        if self.disabled or name is None or name not in self.copies:
+        if name is None or name not in self.copies:
             return self.original_module(*args, **kwargs)
         return self.copies[name](*args, **kwargs)
 
-    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs):
+    def _mixed_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs):
         """Each batch row through its adapter's copy. A loop over the adapters
         in the batch, in Python: these are whole modules of any kind (a task
         head, once per model), not the per-layer hot path."""
-        names = self.mixed_row_names
         if x.dim() < 1 or x.shape[0] != len(names):
             raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
                              f"({x.shape[0] if x.dim() else 'no batch dimension'}), got {len(names)}")
@@ -89,6 +87,5 @@ class TrainableCopies(nn.Module):
             modules = self.__dict__["_modules"]
             active = self.__dict__.get("active_adapter")
             copies = modules["copies"]
-            target = copies[active] if active in copies and not self.__dict__.get("disabled") \
-                else modules["original_module"]
+            target = copies[active] if active in copies and not self.is_disabled() else modules["original_module"]
             return getattr(target, name)

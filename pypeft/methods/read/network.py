@@ -25,78 +25,18 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pypeft.layer import PerThread, PypeftLayer
+from pypeft.methods.read.config import RNN_TYPES, ReadConfig
 from pypeft.models.layer_stacks import LayerStack, final_stack
 from pypeft.ops.recurrent_scan import recurrent_scan
 
-RNN_TYPES = {"rnn": 1, "gru": 3, "lstm": 4}  # cell -> gates
-AGGREGATES = ("mean", "last")
 ATTR = "pypeft_read"  # the child module of a stack that holds its READ networks
-
-
-@dataclass
-class ReadConfig:
-    """Options of pypeft.patch(model, method="read", ...).
-
-    rnn: the recurrent cell, "gru" (torch.nn.GRUCell's), "lstm" or "rnn"
-        (tanh Elman).
-    hidden: the RNN's hidden size.
-    layers: indices into the final stack's layers whose outputs the RNN reads,
-        in order (negative counts from the end); None: all of them.
-    aggregate: what the joiner reads: the mean of the RNN's states over the
-        layers, or the last one.
-    modules_to_save: modules trained in full beside it (default: a sequence
-        classifier's head).
-    """
-
-    rnn: str = "gru"
-    hidden: int = 256
-    layers: Sequence[int] | None = None
-    aggregate: str = "mean"
-    modules_to_save: list[str] | None = None
-    adapter_name: str = "default"
-    method: str = field(default="read", init=False)
-
-    def __post_init__(self):
-        where = "pypeft.patch(method='read')"
-        if self.rnn not in RNN_TYPES:
-            raise ValueError(f"{where}: argument 'rnn': expected one of {sorted(RNN_TYPES)}, got {self.rnn!r}")
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden <= 0:
-            raise ValueError(f"{where}: argument 'hidden': expected a positive int, got {self.hidden!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"{where}: argument 'aggregate': expected one of {list(AGGREGATES)}, "
-                             f"got {self.aggregate!r}")
-        if self.layers is not None:
-            layers = tuple(self.layers) if not isinstance(self.layers, (str, bytes)) else None
-            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-                raise ValueError(f"{where}: argument 'layers': expected None or a non-empty sequence of layer "
-                                 f"indices, got {self.layers!r}")
-            self.layers = layers
-
-    def layer_indices(self, count: int) -> list[int]:
-        """The layers' indices in [0, count), checked."""
-        if self.layers is None:
-            return list(range(count))
-        chosen = []
-        for i in self.layers:
-            if not -count <= i < count:
-                raise ValueError(f"pypeft.patch(method='read'): argument 'layers': index {i} is out of range "
-                                 f"for a stack of {count} layers (expected -{count} <= index < {count})")
-            chosen.append(i % count)
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"pypeft.patch(method='read'): argument 'layers': {list(self.layers)} names a "
-                             "layer twice")
-        return chosen
-
-    def to_json(self) -> dict:
-        return {"rnn": self.rnn, "hidden": self.hidden, "layers": None if self.layers is None else list(self.layers),
-                "aggregate": self.aggregate}
 
 
 class ReadNetwork(nn.Module):
@@ -138,7 +78,16 @@ def _hidden_of(output) -> torch.Tensor:
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
-class ReadAdapters(nn.Module):
+class _Collected(PerThread):
+    """The layer outputs one forward collects, per thread: two threads
+    running the model at once each fill their own."""
+
+    def __init__(self):
+        self.network: ReadNetwork | None = None
+        self.states: list[torch.Tensor | None] | None = None
+
+
+class ReadAdapters(PypeftLayer):
     """The READ networks of one stack, one per adapter name (one is active),
     and what the stack's forward needs to run them: it sits in the model as
     a child of the stack (`<stack>.pypeft_read`), so that the model's
@@ -149,15 +98,16 @@ class ReadAdapters(nn.Module):
         self.width = width
         self.networks = nn.ModuleDict()
         self.active_adapter: str | None = None
-        self.disabled = False
-        self._states: list[torch.Tensor | None] | None = None  # set during a correcting forward
+        self._collected = _Collected()
 
     # --- the lifecycle pypeft.patch expects of its layers -----------------------------------
     def add_adapter(self, name: str, config: ReadConfig, layers: list[int], dtype, device) -> None:
-        self.networks[name] = ReadNetwork(config, self.width, layers, dtype, device)
+        network = ReadNetwork(config, self.width, layers, dtype, device)
+        network.train(self.training)
+        self.networks[name] = network
 
-    def has_adapter(self, name: str) -> bool:
-        return name in self.networks
+    def adapter_names(self) -> list[str]:
+        return list(self.networks)
 
     def activate(self, name: str | None) -> None:
         self.active_adapter = name
@@ -169,38 +119,39 @@ class ReadAdapters(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
-    def set_mixed_rows(self, row_names) -> None:
-        if row_names is not None:
-            raise ValueError("pypeft.mixed_batch: READ adapters cannot run per-row in one batch")
-
     # --- the correction ---------------------------------------------------------------------
     def network(self) -> ReadNetwork | None:
         name = self.active_adapter
-        return None if self.disabled or name is None or name not in self.networks else self.networks[name]
+        return None if self.is_disabled() or name is None or name not in self.networks else self.networks[name]
 
     def collect(self, layer_index: int, _module, _args, output) -> None:
         """A forward hook on layer `layer_index` (bound with functools.partial)."""
-        if self._states is None:
+        collected = self._collected
+        if collected.states is None:
             return
-        network = self.network()
+        network = collected.network
         if layer_index in network.layers:
             dtype = network.weight_ih.dtype
             hidden = _hidden_of(output).to(dtype)
-            self._states[network.layers.index(layer_index)] = F.layer_norm(hidden, (self.width,))
+            collected.states[network.layers.index(layer_index)] = F.layer_norm(hidden, (self.width,))
 
     def run(self, stack_forward, args, kwargs):
         """The stack's forward: the backbone under no_grad, then the correction."""
+        if self.mixed_rows() is not None:
+            raise ValueError("pypeft.mixed_batch: READ adapters cannot run per row in one batch")
         network = self.network()
         if network is None:
             with torch.no_grad():
                 return stack_forward(*args, **kwargs)
-        self._states = [None] * len(network.layers)
+        collected = self._collected
+        outer = (collected.network, collected.states)  # a forward inside a forward (re-entrant)
+        collected.network, collected.states = network, [None] * len(network.layers)
         try:
             with torch.no_grad():
                 output = stack_forward(*args, **kwargs)
-            states = self._states
+            states = collected.states
         finally:
-            self._states = None
+            collected.network, collected.states = outer
         if any(s is None for s in states):
             raise RuntimeError("pypeft READ: a layer the RNN reads did not run in this forward")
         correction = network(torch.stack(states))
@@ -273,12 +224,13 @@ def _stacks(model: nn.Module) -> tuple[LayerStack, list[LayerStack]]:
         raise ValueError(f"pypeft.patch(method='read'): argument 'model': {e}") from None
 
 
-def attach(model: nn.Module) -> ReadRecord:
+def attach(model: nn.Module, stack: LayerStack) -> ReadRecord:
     """Hooks and the no_grad forward on the model's stacks (no network yet)."""
-    stack, others = _stacks(model)
+    others = _stacks(model)[1]
     adapters = ReadAdapters(width_of(model, stack))
     first = next(stack.module.parameters())
     adapters.to(first.device)
+    adapters.train(stack.module.training)
     hooks = [layer.register_forward_hook(functools.partial(adapters.collect, i))
              for i, layer in enumerate(stack.layers)]
     stack.module.add_module(ATTR, adapters)

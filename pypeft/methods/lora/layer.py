@@ -11,57 +11,16 @@ named adapters; one (or none) is active.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
-from pypeft.methods.config_checks import TargetModules, check_common, check_dropout, check_finite, check_rank
+from pypeft.methods.lora.config import check_lora_options, lora_scaling
 from pypeft.models.linear import weight_out_in
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed
 from pypeft.ops.token_subset_linear import token_subset_lora_linear
-
-
-def _check_lora_options(owner: str, r, alpha, dropout):
-    check_rank(owner, r)
-    check_finite(owner, "alpha", alpha)
-    check_dropout(owner, dropout)
-
-
-def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-@dataclass
-class LoraConfig:
-    """What `pypeft.patch(model, method="lora", ...)` takes.
-
-    target_modules: None (the model family's default, e.g. query/value for
-    BERT), a list of module-name suffixes (PEFT's matching), a regular
-    expression matched against whole module names, or "all-linear" (every
-    linear layer but the output head). modules_to_save: modules trained in
-    full beside the adapter (default: the task head of a sequence classifier).
-    """
-
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    target_modules: TargetModules = None
-    rslora: bool = False
-    adapter_name: str = "default"
-    modules_to_save: list[str] | None = field(default=None)
-
-    method = "lora"
-
-    def __post_init__(self):
-        _check_lora_options("LoraConfig", self.r, self.alpha, self.dropout)
-        check_common("LoraConfig", self)
-
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.r, self.alpha, self.rslora)
 
 
 class LoraLinear(AdaptedLinear):
@@ -90,7 +49,7 @@ class LoraLinear(AdaptedLinear):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None) -> None:
-        _check_lora_options("LoraLinear", r, alpha, dropout)
+        check_lora_options("LoraLinear", r, alpha, dropout)
         self._check_new_name(name)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype or default_adapter_dtype(weight)}
@@ -117,8 +76,7 @@ class LoraLinear(AdaptedLinear):
                 self.scaling[name], p, self.dropout_seed(p, x))
         return lora_linear(*args) if positions is None else token_subset_lora_linear(*args, positions)
 
-    def _mixed_forward(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        names = self.mixed_adapters
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], rows: list[int]) -> torch.Tensor:
         return lora_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias,
                                  [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
                                  [self.scaling[n] for n in names], rows)

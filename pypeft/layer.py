@@ -1,0 +1,100 @@
+"""What every module pypeft puts into a model has in common (PypeftLayer),
+and the per-thread settings its forward reads (ForwardContext).
+
+patch() finds its modules by this base class, whatever method made them:
+LoRA/VeRA linear layers, the trainable copies of modules_to_save, READ's side
+networks, and a method someone registers from outside the package. A layer
+holds named adapters, one (or none) of them active; the lifecycle calls
+below are what patch(), set_adapter(), delete_adapter(), merge() and
+unpatch() need of it.
+
+Forward-time switches (pypeft.disabled, pypeft.mixed_batch) are per thread:
+they live in the model's ForwardContext, a threading.local, so a serving
+thread running a mixed batch does not change what another thread's forward
+computes. torch.compile traces reads of it (and guards on them).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from torch import nn
+
+BASE = "base"  # the row name, in a mixed batch, of rows that run without an adapter
+CONTEXT_ATTR = "_pypeft_context"
+# Where a method that restricts backward to some tokens (TokenTune) puts, on a
+# module, the object whose positions_for(x, token_dim=1) gives the selected
+# positions of x (None: run the module as usual). The seam between such a
+# method and the layers that run token-subset ops themselves.
+TOKENS_ATTR = "_pypeft_tokens"
+
+
+class PerThread(threading.local):
+    """Attributes each thread sees on its own. A copy of the model (deepcopy,
+    pickle) gets fresh ones: what one thread was doing is not state."""
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+class ForwardContext(PerThread):
+    """One per patched model, shared by all its pypeft layers."""
+
+    def __init__(self):
+        self.disabled = False              # pypeft.disabled(): the base model
+        self.mixed_rows: list[str] | None = None  # pypeft.mixed_batch(): an adapter name per batch row
+
+
+class PypeftLayer(nn.Module):
+    """Base class of the modules pypeft puts into a model.
+
+    Subclasses implement adapter_names(), activate(), delete_adapter(); a
+    layer whose adapters fold into base weights overrides merge()/unmerge()."""
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapter_names()
+
+    def activate(self, name: str | None) -> None:
+        """Make `name` the adapter that runs and trains (None: none runs)."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weights (if the layer can)."""
+
+    def unmerge(self) -> None:
+        """Restore the base weights merge() changed, exactly."""
+
+    # --- what a forward reads ------------------------------------------------------
+    @property
+    def forward_context(self) -> ForwardContext | None:
+        # None for a layer made by hand, outside pypeft.patch.
+        return self.__dict__.get(CONTEXT_ATTR)
+
+    def is_disabled(self) -> bool:
+        context = self.__dict__.get(CONTEXT_ATTR)
+        return context is not None and context.disabled
+
+    def mixed_rows(self) -> list[str] | None:
+        context = self.__dict__.get(CONTEXT_ATTR)
+        return None if context is None else context.mixed_rows
+
+    def token_positions(self, x, token_dim: int = 1):
+        """The selected token positions of x while a token selection is
+        active on this layer (TOKENS_ATTR), else None."""
+        selection = self.__dict__.get(TOKENS_ATTR)
+        return None if selection is None else selection.positions_for(x, token_dim)
+
+    def bind(self, context: ForwardContext) -> None:
+        """Join a patched model (patch() does this for every layer it adds)."""
+        self.__dict__[CONTEXT_ATTR] = context
+
+
+def pypeft_layers(model: nn.Module) -> Iterator[PypeftLayer]:
+    return (m for m in model.modules() if isinstance(m, PypeftLayer))
