@@ -181,3 +181,197 @@ def test_save_is_atomic(saved, monkeypatch):
 def test_save_needs_a_patched_model(tmp_path):
     with pytest.raises(ValueError, match="not patched"):
         pypeft.save_adapter(T.make("bert"), tmp_path)
+
+
+# --- peft's semantics on more families (DistilBERT's two heads, OPT, Qwen2) ----------------
+
+CROSS = {"distilbert": "SEQ_CLS", "opt": "CAUSAL_LM", "qwen2": "CAUSAL_LM"}
+CROSS_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # peft has no default for DistilBERT
+
+
+@pytest.mark.parametrize("family", list(CROSS))
+def test_peft_lora_crosses_both_ways_on_more_families(tmp_path, family):
+    """peft selects modules_to_save by plain suffix: for DistilBERT, "classifier"
+    also takes pre_classifier. Both must cross, in both directions."""
+    base = T.make(family)
+    batch = T.inputs(family)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        task_type=CROSS[family], r=4, lora_alpha=8, target_modules=CROSS_TARGETS.get(family)))
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    want = T.output(theirs.eval(), batch)
+    ours = pypeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    torch.testing.assert_close(T.output(ours, batch), want, atol=1e-5, rtol=1e-5)
+    assert (want - T.output(base, batch)).abs().max() > 1e-3
+    # and back: pypeft's save loads into peft with the same outputs
+    pypeft.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(T.output(again, batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_distilbert_patch_trains_what_peft_trains(tmp_path):
+    """The same default modules_to_save as peft: both heads of DistilBERT."""
+    base = T.make("distilbert")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                       target_modules=["q_lin", "v_lin"]))
+    ours = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    def trained(model, marker):
+        return sorted({n.split(marker)[0].replace("base_model.model.", "") for n, p in model.named_parameters()
+                       if p.requires_grad and marker in n})
+    assert trained(ours, ".copies.") == trained(theirs, ".modules_to_save.") == ["classifier", "pre_classifier"]
+    randomize(ours)
+    pypeft.save_adapter(ours, tmp_path)
+    batch = T.inputs("distilbert")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(T.output(loaded, batch), T.output(ours, batch), atol=1e-5, rtol=1e-5)
+
+
+# --- what a peft config may say ---------------------------------------------------------
+
+def _save_peft_lora(tmp_path, **fields):
+    base = T.make("bert")
+    theirs = peft_model(base, "bert", r=4, lora_alpha=8)
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(fields)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return base, T.output(theirs.eval(), T.inputs("bert"))
+
+
+@pytest.mark.parametrize("fields", [
+    {"init_lora_weights": False}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "eva"},
+    {"eva_config": {"rho": 2.0}}, {"loftq_config": {}}, {"inference_mode": False},
+    {"runtime_config": {"ephemeral_gpu_offload": True}}, {"base_model_name_or_path": "elsewhere"},
+    {"some_future_option": None},
+])
+def test_peft_fields_that_only_affect_initialisation_load(tmp_path, fields):
+    base, want = _save_peft_lora(tmp_path, **fields)
+    got = T.output(pypeft.load_adapter(copy.deepcopy(base), tmp_path), T.inputs("bert"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+    ({"use_dora": True}, "use_dora=True"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"lora_bias": True}, "lora_bias=True"),
+    ({"rank_pattern": {"query": 8}}, "rank_pattern"),
+    ({"alpha_pattern": {"query": 8}}, "alpha_pattern"),
+    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+    ({"layer_replication": [[0, 1]]}, "layer_replication"),
+    ({"target_parameters": ["query.weight"]}, "target_parameters"),
+    ({"alora_invocation_tokens": [5]}, "alora_invocation_tokens"),
+    ({"some_future_option": 3}, "some_future_option=3.*unknown"),
+])
+def test_peft_fields_that_change_the_math_are_refused_by_name(tmp_path, fields, named):
+    base, _ = _save_peft_lora(tmp_path, **fields)
+    model = copy.deepcopy(base)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(pypeft.AdapterFormatError, match=named):
+        pypeft.load_adapter(model, tmp_path)
+    _assert_untouched(model, before)
+
+
+def test_peft_exclude_modules_is_honoured(tmp_path):
+    base = T.make("bert")
+    theirs = peft_model(base, "bert", r=4, lora_alpha=8, target_modules=["query", "value"],
+                        exclude_modules=["bert.encoder.layer.0.attention.self.value"])
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+    batch = T.inputs("bert")
+    torch.testing.assert_close(T.output(ours, batch), T.output(theirs.eval(), batch), atol=1e-5, rtol=1e-5)
+    assert "bert.encoder.layer.0.attention.self.value" not in ours.pypeft.adapters["default"].layers
+
+
+def test_config_without_r_takes_peft_s_default(tmp_path):
+    """peft reads a missing field as its default (r=8); so does pypeft, and
+    the tensors' shapes then say clearly what does not fit."""
+    base, _ = _save_peft_lora(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["r"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(pypeft.AdapterFormatError, match=r"lora_A\.weight'.*expected shape \[8, 64\], got \[4, 64\]"):
+        pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_integer_or_bool_tensor_is_refused(saved, dtype):
+    path = saved / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key].to(dtype)
+    safetensors.torch.save_file(tensors, path)
+    model = T.make("bert")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(pypeft.AdapterFormatError, match=rf"{key}'.*expected a floating dtype, got {dtype}"):
+        pypeft.load_adapter(model, saved)
+    _assert_untouched(model, before)
+
+
+def test_save_onto_a_file_names_the_argument(tmp_path):
+    model = pypeft.patch(T.make("bert"), method="lora", r=4)
+    target = tmp_path / "adapter"
+    target.write_text("not a directory")
+    with pytest.raises(ValueError, match="argument 'directory'.*is a file"):
+        pypeft.save_adapter(model, target)
+    assert target.read_text() == "not a directory"
+
+
+def test_interrupted_save_is_refused_on_load(saved, monkeypatch):
+    """A crash between renaming the weights and renaming the config leaves new
+    weights beside the old config: load_adapter refuses the pair by name."""
+    model = pypeft.patch(T.make("bert"), method="lora", r=8, alpha=8)  # another r: other options
+    replace = os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("power lost")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="power lost"):
+        pypeft.save_adapter(model, saved)
+    monkeypatch.undo()
+    assert [p.name for p in calls] == ["adapter_model.safetensors", "adapter_config.json"]
+    with pytest.raises(pypeft.AdapterFormatError, match=r"saved with r=8 but adapter_config.json says r=4"):
+        pypeft.load_adapter(T.make("bert"), saved)
+
+
+def test_hand_edited_bookkeeping_fields_still_load(saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/models/elsewhere"
+    config["inference_mode"] = False
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    pypeft.load_adapter(T.make("bert"), saved)
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "read"])
+def test_load_into_an_eval_model_keeps_eval(tmp_path, method):
+    """from_pretrained returns a model in eval(); the loaded adapter must not
+    run dropout: two forwards agree, and every new module is in eval mode."""
+    options = {"lora": dict(r=4, dropout=0.5), "vera": dict(r=8, dropout=0.5), "read": dict(hidden=8)}[method]
+    trained = pypeft.patch(T.make("bert"), method=method, **options)
+    randomize(trained)
+    pypeft.save_adapter(trained, tmp_path)
+    model = T.make("bert").eval()
+    pypeft.load_adapter(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    batch = T.inputs("bert")
+    assert torch.equal(T.output(model, batch), T.output(model, batch))
+
+
+def test_peft_vera_saved_with_init_weights_false_loads(tmp_path):
+    base = T.make("bert")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(task_type="SEQ_CLS", r=8, init_weights=False,
+                                                                       target_modules=["query", "value"]))
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    batch = T.inputs("bert")
+    ours = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(T.output(ours, batch), T.output(theirs.eval(), batch), atol=1e-5, rtol=1e-5)

@@ -61,9 +61,22 @@ def qwen2():
     return _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
 
 
+def distilbert():
+    cfg = transformers.DistilBertConfig(**_common(dim=64, hidden_dim=96, n_layers=2, n_heads=4, num_labels=3,
+                                                  max_position_embeddings=64))
+    return transformers.DistilBertForSequenceClassification(cfg)
+
+
+def opt():
+    cfg = transformers.OPTConfig(**_common(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                           max_position_embeddings=64, word_embed_proj_dim=64, bos_token_id=0,
+                                           eos_token_id=0, pad_token_id=1))
+    return transformers.OPTForCausalLM(cfg)
+
+
 FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
 # Llama-likes a few tests add (the families above are what most tests sweep).
-MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2}
+MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt}
 
 
 def make(family: str, seed: int = 0) -> torch.nn.Module:
@@ -93,7 +106,7 @@ def output(model, batch) -> torch.Tensor:
 def labels_for(family: str, batch: dict) -> dict:
     """Inputs plus labels, so the model returns a loss."""
     out = dict(batch)
-    if family in ("bert", "roberta"):
+    if family in ("bert", "roberta", "distilbert"):
         out["labels"] = torch.tensor([0, 2])[: batch["input_ids"].shape[0]]
     elif family == "t5":
         out["labels"] = batch["decoder_input_ids"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Union
 
+import torch
+
 TargetModules = Union[None, str, list, tuple, set]
 
 
@@ -46,3 +48,14 @@ def check_common(owner: str, config) -> None:
     if to_save is not None and (isinstance(to_save, str) or not all(isinstance(m, str) for m in to_save)):
         raise ValueError(f"{owner}: argument 'modules_to_save': expected a list of module names, "
                          f"got {to_save!r}")
+
+
+def check_runs_natively(owner: str, weights) -> None:
+    """pypeft's CPU kernels take float32, float64 and bfloat16; float16 runs on
+    CUDA only. Refuse a float16 CPU model at patch time rather than on every
+    forward (patch on the GPU, or move the model there first)."""
+    for weight in weights:
+        if weight.dtype == torch.float16 and weight.device.type == "cpu":
+            raise ValueError(f"{owner}: argument 'model': its weights are float16 on the CPU, where pypeft's "
+                             "kernels run float32, float64 and bfloat16 only (float16 runs on CUDA); move the model "
+                             "to a GPU first (model.cuda()), or use model.bfloat16() / model.float() on the CPU")

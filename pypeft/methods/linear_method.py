@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear
+from pypeft.methods.config_checks import check_runs_natively
 from pypeft.methods.peft_fields import Neutral, check_fields
 from pypeft.models import task_type
 from pypeft.models.linear import is_transposed
 from pypeft.registry import Method, Plan
 from pypeft.state import PatchState
-from pypeft.targets import base_dims, find_modules_to_save, find_targets, modules_to_save_keys
+from pypeft.targets import base_dims, base_module, find_modules_to_save, find_targets, modules_to_save_keys
 
 PREFIX = "base_model.model."  # PEFT's prefix for keys of the wrapped model
 
@@ -51,6 +52,8 @@ class LinearAdapterMethod(Method):
         to_save = find_modules_to_save(model, config.modules_to_save, owner=f"pypeft.patch(method={self.name!r})")
         targets = find_targets(model, config.target_modules, self.name, to_save,
                                getattr(config, "exclude_modules", None))
+        owner = f"pypeft.patch(method={self.name!r})"
+        check_runs_natively(owner, (base_module(model.get_submodule(n)).weight for n in targets))
         for name in targets:
             module = model.get_submodule(name)
             if isinstance(module, AdaptedLinear) and not isinstance(module, self.layer_class):

@@ -15,6 +15,7 @@ from torch import nn
 
 from pypeft.layer import TOKENS_ATTR
 from pypeft.methods.adapted_linear import AdaptedLinear
+from pypeft.methods.config_checks import check_runs_natively
 from pypeft.methods.tokentune import attention
 from pypeft.methods.tokentune import modules as tsm
 from pypeft.methods.tokentune.config import TokenTuneConfig
@@ -86,6 +87,7 @@ class TokenTuneMethod(Method):
                              f"through transformers' AttentionInterface, got {type(model).__name__}")
         if model.get_input_embeddings() is None:
             raise ValueError(f"{WHERE}: argument 'model': {type(model).__name__} has no input embedding")
+        check_runs_natively(WHERE, model.parameters())
         return Plan(self, config, extra=_plan_swaps(model))
 
     def attach(self, model: nn.Module, state: PatchState, plan: Plan) -> None:

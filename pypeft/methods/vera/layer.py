@@ -124,6 +124,7 @@ class VeraLinear(AdaptedLinear):
             raise ValueError(f"VeraLinear: argument 'projections': the layer is [out={n_out}, in={n_in}] but the "
                              f"shared matrices cover [out<={projections.max_out}, in<={projections.max_in}]")
         self.projections = projections
+        projections.train(self.training)  # holds no parameters: only so no module of a model in eval() trains
         factory = {"device": projections.vera_A.device, "dtype": projections.vera_A.dtype}
         self.vera_lambda_d[name] = nn.Parameter(torch.full((projections.r,), float(d_initial), **factory))
         self.vera_lambda_b[name] = nn.Parameter(torch.zeros(n_out, **factory))
