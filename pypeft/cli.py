@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 
 
@@ -31,6 +32,30 @@ def _int_at_least(low: int):
         return value
     parse.__name__ = "integer"
     return parse
+
+
+def _int_in(low: int, high: int, shown: str):
+    """An integer in [low, high]; `shown` says the range in the error message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {shown}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -75,7 +100,8 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
-    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, FinetuneOptions
+    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, SEED_RANGE, FinetuneOptions, \
+        max_threads
 
     d = FinetuneOptions()  # the defaults live there, once
     lora = METHOD_DEFAULTS["lora"]
@@ -107,19 +133,20 @@ def _add_finetune(commands) -> None:
                    help=f"default: {d.batch_size}")
     p.add_argument("--max-length", type=_int_at_least(2), default=d.max_length, metavar="N",
                    help=f"tokens per text; longer texts are truncated (default: {d.max_length})")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=_int_in(*SEED_RANGE, "[-2**63, 2**64 - 1] (torch.manual_seed's range)"),
+                   default=d.seed,
                    help=f"seed of the split, initialisation and shuffling (default: {d.seed})")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="where to save the adapter (default: ./pypeft-output/<method>-<timestamp>)")
     p.add_argument("--device", default=d.device,
                    help=f"auto (CUDA when available), cpu or cuda[:N] (default: {d.device})")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_int_in(1, max_threads(), f"[1, {max_threads()}] (the CPUs here)"),
+                   default=None, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     m = p.add_argument_group("method options (passed to pypeft.patch)")
     m.add_argument("--r", type=_int_at_least(1), default=None, metavar="R",
                    help=f"rank (LoRA default here: {lora['r']})")
-    m.add_argument("--alpha", type=float, default=None, metavar="A",
+    m.add_argument("--alpha", type=_finite_float, default=None, metavar="A",
                    help=f"scaling numerator (LoRA default here: {lora['alpha']})")
     m.add_argument("--dropout", type=_probability, default=None, metavar="P",
                    help=f"adapter dropout (LoRA default here: {lora['dropout']})")

@@ -187,9 +187,66 @@ def bad_files(tmp_path):
     return tmp_path
 
 
+def _save_bert(directory: Path, vocab_size: int, tokenizer_from: Path | None) -> Path:
+    """A tiny BERT classifier whose embedding has vocab_size rows, beside a
+    copy of tokenizer_from's tokenizer files (none when tokenizer_from is None)."""
+    directory.mkdir()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    if tokenizer_from is not None:
+        BertTokenizerFast.from_pretrained(tokenizer_from).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_model, tmp_path_factory) -> Path:
+    """Model directories whose tokenizer cannot serve the model: none at all
+    (transformers would invent a 5-token one), more ids than the embedding has
+    rows, and far fewer tokens than the model's vocabulary."""
+    root = tmp_path_factory.mktemp("bad-models")
+    n = len(BertTokenizerFast.from_pretrained(tiny_model))
+    _save_bert(root / "no-tokenizer", n, None)
+    _save_bert(root / "tokenizer-too-big", n - 10, tiny_model)
+    _save_bert(root / "tokenizer-too-small", 30 * n, tiny_model)
+    return root
+
+
+def _unwritable_dir() -> str:
+    """A directory this process cannot create files in, even as root (/proc/self on Linux)."""
+    return "/proc/self" if os.path.isdir("/proc/self") and not os.access("/proc/self", os.W_OK) else ""
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["--model", "{tmp}/no-such-model"], "model directory not found"),
-    (["--model", "{tmp}"], "no config.json"),
+    (["--model", "{tmp}/no-such-model"], "--model: expected a model directory"),
+    (["--model", "{tmp}"], "--model: expected a model directory"),
+    (["--model", "{tmp}/one_class.csv"], "--model: expected a model directory"),
+    (["--model", "{models}/no-tokenizer"], "--model: expected the model's tokenizer"),
+    (["--model", "{models}/tokenizer-too-big"], "--model: expected a tokenizer of at most"),
+    (["--model", "{models}/tokenizer-too-small"], "--model: expected a tokenizer of at least"),
+    (["--max-length", "65"], "--max-length"),  # the tiny model has 64 positions
+    (["--max-length", "1"], "--max-length"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", str(-2**63 - 1)], "--seed"),
+    (["--seed", "1.5"], "--seed"),
+    (["--epochs", "-2"], "--epochs"),
+    (["--epochs", "1.5"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--test-fraction", "0"], "--test-fraction"),
+    (["--test-fraction", "1"], "--test-fraction"),
+    (["--dropout", "-0.1"], "--dropout"),
+    (["--alpha", "nan"], "--alpha"),
+    (["--alpha", "inf"], "--alpha"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", str((os.cpu_count() or 1) + 1)], "--threads"),
+    (["--output", "{tmp}/one_class.csv"], "--output"),
+    (["--output", "{tmp}/one_class.csv/sub"], "--output"),
+    pytest.param(["--output", _unwritable_dir()], "--output", marks=pytest.mark.skipif(
+        not _unwritable_dir(), reason="no directory that even root cannot write to (/proc/self) on this system")),
     (["--method", "no-such-method"], "no-such-method"),
     (["--method", "full", "--r", "4"], "takes no method options"),
     (["--method", "tokentune", "--option", "k=0"], "argument 'k'"),
@@ -201,8 +258,8 @@ def bad_files(tmp_path):
     (["--dropout", "1.5"], "--dropout"),
     (["--option", "nonsense"], "KEY=VALUE"),
     (["--option", "no_such_option=3"], "no_such_option"),
-    (["--data", "{tmp}/missing.csv"], "cannot read data file"),
-    (["--data", "{tmp}"], "cannot read data file"),
+    (["--data", "{tmp}/missing.csv"], "--data: expected 'bbc' or a data file"),
+    (["--data", "{tmp}"], "--data: expected 'bbc' or a data file"),
     (["--data", "{tmp}/malformed.jsonl"], "line 2: not valid JSON"),
     (["--data", "{tmp}/no_text.csv"], "no column 'text'"),
     (["--data", "{tmp}/no_label.jsonl"], "no column 'label'"),
@@ -212,8 +269,9 @@ def bad_files(tmp_path):
     (["--device", "tpu"], "--device"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
-def test_bad_input_exits_2_with_one_line(capsys, tiny_model, csv_data, bad_files, tmp_path, args, expected):
-    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+def test_bad_input_exits_2_with_one_line(capsys, tiny_model, csv_data, bad_files, bad_models, tmp_path, args,
+                                        expected):
+    args = [a.replace("{tmp}", str(bad_files)).replace("{models}", str(bad_models)) for a in args]
     argv = ["finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs", "1",
             "--output", str(tmp_path / "out")] + args
     code, out, err = _run(capsys, *argv)
@@ -222,6 +280,9 @@ def test_bad_input_exits_2_with_one_line(capsys, tiny_model, csv_data, bad_files
     assert len(lines) == 1, err
     assert lines[0].startswith("pypeft finetune: error: ")
     assert expected in lines[0]
+    if expected.startswith("--"):  # a bad argument: named, with what was expected and what came
+        flag = expected.split(":")[0]
+        assert f"argument {flag}: expected " in lines[0] and ", got " in lines[0], lines[0]
     assert "Traceback" not in err + out
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
@@ -231,7 +292,8 @@ def test_python_dash_m_pypeft(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pypeft", "finetune", "--model", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 2
-    assert run.stderr.strip() == f"pypeft finetune: error: model directory not found: {tmp_path / 'missing'}"
+    assert run.stderr.strip() == ("pypeft finetune: error: argument --model: expected a model directory (saved by "
+                                  f"save_pretrained), got {tmp_path / 'missing'}: model directory not found")
     run = subprocess.run([sys.executable, "-m", "pypeft", "finetune", "--help"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and "--method" in run.stdout

@@ -160,7 +160,8 @@ def load_table(path: str | Path, text_column: str = "text", label_column: str = 
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"argument --data: expected 'bbc' or a data file, got {path}: "
+                         f"cannot read data file ({exc.strerror or exc})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

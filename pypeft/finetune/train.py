@@ -54,6 +54,17 @@ METHOD_LR: dict[str, float] = {"vera": 5e-3, FULL_FINETUNING: 1e-4, "tokentune":
 def learning_rate(options: "FinetuneOptions") -> float:
     return options.lr if options.lr is not None else METHOD_LR.get(options.method, DEFAULT_LR)
 
+# Every seed torch.manual_seed takes (negative ones are mapped to 2**64 + seed);
+# random.Random, which splits the data, takes any integer.
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
+def max_threads() -> int:
+    """The most CPU threads --threads may ask for: more than the CPUs only
+    oversubscribes them, and far more makes thread creation fail (a crash)."""
+    return os.cpu_count() or 1
+
+
 LABELS_FILE = "labels.json"       # class ids <-> names, beside the adapter
 RECORD_FILE = "finetune.json"     # the run's settings and results
 
@@ -89,7 +100,10 @@ def _check(options: FinetuneOptions) -> None:
     need(options.batch_size >= 1, "--batch-size", "an integer >= 1", options.batch_size)
     need(options.max_length >= 2, "--max-length", "an integer >= 2", options.max_length)
     need(0.0 < options.test_fraction < 1.0, "--test-fraction", "a number in (0, 1)", options.test_fraction)
-    need(options.threads is None or options.threads >= 1, "--threads", "an integer >= 1", options.threads)
+    need(options.threads is None or 1 <= options.threads <= max_threads(), "--threads",
+         f"an integer in [1, {max_threads()}]", options.threads)
+    need(isinstance(options.seed, int) and SEED_RANGE[0] <= options.seed <= SEED_RANGE[1], "--seed",
+         "an integer in [-2**63, 2**64 - 1]", options.seed)
 
 
 def default_model_dir() -> Path:
@@ -104,13 +118,13 @@ def default_model_dir() -> Path:
 
 def _model_dir(model: str | None) -> Path:
     path = default_model_dir() if model is None else Path(model)
+    expected = "argument --model: expected a model directory (saved by save_pretrained)"
     if not path.exists():
-        raise UsageError(f"model directory not found: {path}")
+        raise UsageError(f"{expected}, got {path}: model directory not found")
     if not path.is_dir():
-        raise UsageError(f"not a model directory: {path} (expected a directory saved by save_pretrained)")
+        raise UsageError(f"{expected}, got a file: {path}: not a model directory")
     if not (path / "config.json").is_file():
-        raise UsageError(f"not a model directory: {path} has no config.json "
-                         "(expected a directory saved by save_pretrained)")
+        raise UsageError(f"{expected}, got {path}, which has no config.json")
     return path
 
 
@@ -151,8 +165,59 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_classifier(model_dir: Path, label_names: list[str]):
-    """(tokenizer, model) from a local directory, with a fresh head for label_names."""
+def _tokenizer_files(tokenizer) -> list[str]:
+    """The files the tokenizer's class reads its vocabulary from (vocab.txt, tokenizer.json, ...)."""
+    names = getattr(tokenizer, "vocab_files_names", None) or {}
+    return sorted({name for name in names.values() if isinstance(name, str)})
+
+
+def _check_tokenizer_covers(model_dir: Path, tokenizer, model) -> None:
+    """The tokenizer must be the model's: read from files in model_dir, with ids
+    that fit the model's embedding and a vocabulary about its size.
+
+    With no tokenizer files in the directory, transformers still builds a
+    tokenizer of the model's class from its special tokens alone (5 tokens for
+    BERT), which reads every word as [UNK]: training then "works" on nothing.
+    A tokenizer with more ids than the embedding has rows indexes past it. One
+    with less than half the model's vocabulary is not the one the model was
+    trained with (models pad vocab_size a little, never by half)."""
+    files = _tokenizer_files(tokenizer)
+    if files and not any((model_dir / name).is_file() for name in files):
+        raise UsageError(
+            f"argument --model: expected the model's tokenizer beside it ({' or '.join(files)}), got none in "
+            f"{model_dir}: transformers would make a {len(tokenizer)}-token tokenizer that reads every word as "
+            f"{tokenizer.unk_token or 'unknown'}")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embedding, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if not vocab_size:
+        return
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise UsageError(f"argument --model: expected a tokenizer of at most {vocab_size} tokens (the model's "
+                         f"vocab_size), got {n} in {model_dir}: its ids would index past the embedding")
+    if 2 * n < vocab_size:
+        raise UsageError(f"argument --model: expected a tokenizer of at least {(vocab_size + 1) // 2} tokens "
+                         f"for the model's vocab_size {vocab_size}, got {n} in {model_dir}: "
+                         "not the tokenizer the model was trained with")
+
+
+def _max_positions(config) -> int | None:
+    """The longest input the model's position embeddings allow (None: no fixed limit, e.g. T5)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa-style models offset positions past the padding id: 514 rows hold 512 tokens.
+            if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+                pad = getattr(config, "pad_token_id", None)
+                value -= (1 if pad is None else pad) + 1
+            return value
+    return None
+
+
+def load_classifier(model_dir: Path, label_names: list[str], max_length: int | None = None):
+    """(tokenizer, model) from a local directory, with a fresh head for label_names;
+    raises UsageError when the tokenizer is not the model's or max_length does
+    not fit its position embeddings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -168,6 +233,11 @@ def load_classifier(model_dir: Path, label_names: list[str]):
                 label2id={name: i for i, name in id2label.items()}, ignore_mismatched_sizes=True)
         except Exception as exc:
             raise UsageError(f"cannot load a sequence classifier from {model_dir}: {_first_line(exc)}") from None
+    _check_tokenizer_covers(model_dir, tokenizer, model)
+    positions = _max_positions(model.config)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise UsageError(f"argument --max-length: expected at most {positions} (the model's position embeddings), "
+                         f"got {max_length}")
     if tokenizer.pad_token is None:  # decoder families (GPT-2, Llama) have none
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
@@ -275,13 +345,14 @@ def _output_dir(options: FinetuneOptions) -> Path:
     else:
         path = Path(DEFAULT_OUTPUT_ROOT) / f"{options.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
-        raise UsageError(f"argument --output: {path} exists and is not a directory")
+        raise UsageError(f"argument --output: expected a directory to save into, got a file: {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"argument --output: cannot create {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"argument --output: expected a directory that can be created, got {path}: "
+                         f"cannot create it ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK):
-        raise UsageError(f"argument --output: {path} is not writable")
+        raise UsageError(f"argument --output: expected a writable directory, got {path}: not writable")
     return path.resolve()
 
 
@@ -333,7 +404,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    tokenizer, model = load_classifier(model_dir, data.label_names)
+    tokenizer, model = load_classifier(model_dir, data.label_names, options.max_length)
     method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
     if options.method == FULL_FINETUNING and method_options:
         raise UsageError(f"argument --method: {FULL_FINETUNING!r} takes no method options, got {method_options}")
