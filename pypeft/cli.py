@@ -180,9 +180,9 @@ def _finetune(args) -> int:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(
         method=args.method, model=args.model, data=args.data, text_column=args.text_column,
-        label_column=args.label_column, test_fraction=args.test_fraction,
-        max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, output=args.output,
+        label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+        max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, output=args.output,
         device=args.device, threads=args.threads, progress=args.progress, method_options=method_options))
     return 0
 

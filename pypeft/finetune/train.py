@@ -127,7 +127,7 @@ def _model_dir(model: str | None) -> Path:
     if not path.exists():
         raise UsageError(f"{expected}, got {path}: model directory not found")
     if not path.is_dir():
-        raise UsageError(f"{expected}, got a file: {path}: not a model directory")
+        raise UsageError(f"{expected}, got a file: {path}")
     if not (path / "config.json").is_file():
         raise UsageError(f"{expected}, got {path}, which has no config.json")
     return path
