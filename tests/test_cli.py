@@ -349,6 +349,22 @@ def test_sample_limits_take_part_of_each_split(capsys, tiny_model, csv_data, tmp
     assert record["options"]["max_train_samples"] == 6 and record["options"]["max_test_samples"] == 4
 
 
+def test_threads_option_does_not_outlive_the_run(capsys, tiny_model, csv_data, tmp_path):
+    """run() sets torch's thread count for the job and gives the caller's back
+    (the tests run it in-process: --threads 1 must not slow every later test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # any count but the job's 1, whatever this machine's default
+    try:
+        code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--epochs",
+                              "1", "--max-length", "16", "--threads", "1", "--no-progress",
+                              "--output", str(tmp_path / "out"))
+        assert code == 0, err
+        assert _summary(out)["threads"] == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_csv_labels_strings_or_integers(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('text,label\n"hello, world",10\nbye,9\nagain,10\n')

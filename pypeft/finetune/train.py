@@ -395,6 +395,14 @@ def _mib(n: int | None) -> float | None:
 def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     """Fine-tune, print the report to `out` (default stdout) and return the summary
     (also printed, last, as one JSON line). Raises UsageError for unusable input."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(options, out)
+    finally:  # options.threads is the job's setting, not the calling process's
+        torch.set_num_threads(threads)
+
+
+def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     out = out or sys.stdout
     started = time.perf_counter()
     _check(options)
