@@ -1,6 +1,7 @@
 """The `pypeft` command (also `python -m pypeft`).
 
     pypeft finetune --method lora [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
+                    [--max-train-samples N] [--max-test-samples N]   (a quick run on part of the data)
 
 Errors in what the user gave print one line, `pypeft finetune: error: ...`, on
 stderr and exit with status 2 (no traceback).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 
 
@@ -31,6 +33,30 @@ def _int_at_least(low: int):
         return value
     parse.__name__ = "integer"
     return parse
+
+
+def _int_in(low: int, high: int, shown: str):
+    """An integer in [low, high]; `shown` says the range in the error message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {shown}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -75,7 +101,8 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
-    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, FinetuneOptions
+    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, SEED_RANGE, FinetuneOptions, \
+        max_threads
 
     d = FinetuneOptions()  # the defaults live there, once
     lora = METHOD_DEFAULTS["lora"]
@@ -99,6 +126,12 @@ def _add_finetune(commands) -> None:
                    help=f"label column of a data file; labels may be strings or integers (default: {d.label_column})")
     p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F",
                    help=f"share of each class held out for testing (default: {d.test_fraction})")
+    p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, metavar="N",
+                   help="train on at most N texts, a stratified subset of the training split, for a quick run "
+                        "(default: all)")
+    p.add_argument("--max-test-samples", type=_int_at_least(1), default=None, metavar="N",
+                   help="measure test accuracy on at most N texts, a stratified subset of the held-out split "
+                        "(default: all)")
     p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, metavar="N", help=f"default: {d.epochs}")
     p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
                    help=f"AdamW learning rate (default: {DEFAULT_LR:g}; "
@@ -107,19 +140,20 @@ def _add_finetune(commands) -> None:
                    help=f"default: {d.batch_size}")
     p.add_argument("--max-length", type=_int_at_least(2), default=d.max_length, metavar="N",
                    help=f"tokens per text; longer texts are truncated (default: {d.max_length})")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=_int_in(*SEED_RANGE, "[-2**63, 2**64 - 1] (torch.manual_seed's range)"),
+                   default=d.seed,
                    help=f"seed of the split, initialisation and shuffling (default: {d.seed})")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="where to save the adapter (default: ./pypeft-output/<method>-<timestamp>)")
     p.add_argument("--device", default=d.device,
                    help=f"auto (CUDA when available), cpu or cuda[:N] (default: {d.device})")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_int_in(1, max_threads(), f"[1, {max_threads()}] (the CPUs here)"),
+                   default=None, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     m = p.add_argument_group("method options (passed to pypeft.patch)")
     m.add_argument("--r", type=_int_at_least(1), default=None, metavar="R",
                    help=f"rank (LoRA default here: {lora['r']})")
-    m.add_argument("--alpha", type=float, default=None, metavar="A",
+    m.add_argument("--alpha", type=_finite_float, default=None, metavar="A",
                    help=f"scaling numerator (LoRA default here: {lora['alpha']})")
     m.add_argument("--dropout", type=_probability, default=None, metavar="P",
                    help=f"adapter dropout (LoRA default here: {lora['dropout']})")
@@ -146,8 +180,9 @@ def _finetune(args) -> int:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(
         method=args.method, model=args.model, data=args.data, text_column=args.text_column,
-        label_column=args.label_column, test_fraction=args.test_fraction, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, output=args.output,
+        label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+        max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, output=args.output,
         device=args.device, threads=args.threads, progress=args.progress, method_options=method_options))
     return 0
 

