@@ -208,6 +208,7 @@ LORA_BAD = [
     Bad("x last dim", lambda a: dict(x=like(a["x"], 3, 4, 7)), ValueError, "x", "[3, 4, 7]"),
     Bad("x 0-D", lambda a: dict(x=like(a["x"])), ValueError, "x", "0-D"),
     Bad("x int", lambda a: dict(x=ones_like_dev(a["x"], 3, 4, 8, dtype=torch.int64)), TypeError, "x", "Long"),
+    Bad("x float16 on the CPU", lambda a: dict(x=a["x"].half()), TypeError, "x", "Half", cpu_only=True),
     Bad("weight 1-D", lambda a: dict(weight=like(a["x"], 6)), ValueError, "weight", "1-D"),
     Bad("weight dtype", lambda a: dict(weight=like(a["x"], 6, 8, dtype=F64)), TypeError, "weight", "Double"),
     Bad("bias shape", lambda a: dict(bias=like(a["x"], 5)), ValueError, "bias", "[5]"),
@@ -1250,6 +1251,7 @@ SCAN_BAD = [
     Bad("h0 dtype", lambda a: dict(h0=like(a["xs"], 4, 3, dtype=F64)), TypeError, "h0", "Double"),
     Bad("w_hh dtype", lambda a: dict(w_hh=like(a["xs"], 9, 3, dtype=torch.bfloat16)), TypeError, "w_hh", "BFloat16"),
     Bad("integer xs", lambda a: dict(xs=ones_like_dev(a["xs"], 5, 4, 5, dtype=torch.int64)), TypeError, "xs", "Long"),
+    Bad("xs float16 on the CPU", lambda a: dict(xs=a["xs"].half()), TypeError, "xs", "Half", cpu_only=True),
 ]
 
 
@@ -1364,7 +1366,7 @@ OPS = [
     backward_entry("recurrent_cell_backward", cell_backward_samples, CELL_BACKWARD_BAD),
     OpInfo("recurrent_scan", scan_samples, scan_reference, bad=SCAN_BAD, saved=SavedSpec(SCAN_GRAD, scan_saved),
            params=("w_ih", "w_hh", "b_ih", "b_hh"), core=("basic", "rnn, no bias", "lstm"),
-           compile=("basic", "one step, one row")),
+           compile=("basic", "one step, one row", "lstm")),
     backward_entry("recurrent_scan_backward", scan_backward_samples, SCAN_BACKWARD_BAD),
 ]
 
