@@ -72,11 +72,11 @@ class OpInfo:
     output: Callable[[Any], Any] = lambda out: out    # the outputs compared and differentiated
     bad: Sequence[Bad] = ()
     tokens: tuple = ()             # token-subset ops: arguments differentiable at the selected tokens only
-    token_dim: int = 1
+    token_dim: int = 1             # ... whose tokens are this dim (batch is dim 0)
     double_backward: str | None = "raises"            # "raises", "works", None (no gradient)
     inference_only: str | None = None                 # what backward raises, for ops without a gradient
     saved: SavedSpec | None = None
-    params: tuple = ()
+    params: tuple = ()             # arguments whose storages saved bytes do not count
     cpu_args: tuple = ("seed",)    # may stay on the CPU beside tensors on another device
     core: tuple | None = ("basic",)  # samples that get the costly checks in full: opcheck's AOT dispatch
                                    # with dynamic shapes, gradcheck's full Jacobian (None: every sample)
