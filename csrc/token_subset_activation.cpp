@@ -65,7 +65,9 @@ std::tuple<Tensor, Tensor> token_subset_activation(const Tensor& x, c10::string_
   const auto dims = check_positions(kOp, positions, "x", x, 0, 1, /*check_values=*/true);
   check_activation_dtype(kOp, "x", x);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return {activate(x, act), gather_rows(x, flat_rows(positions, dims.tokens))};
+  // Contiguous whatever x's strides (the elementwise op would follow them):
+  // what the fake kernel promises, so that a compiled graph plans for it.
+  return {activate(x, act).contiguous(), gather_rows(x, flat_rows(positions, dims.tokens))};
 }
 
 Tensor token_subset_activation_backward(const Tensor& grad_y, const Tensor& x_rows,
@@ -102,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> token_subset_gated_activation(const Tensor& g
   const auto dims = check_gated_args(kGatedOp, "gate", gate, "up", up, positions, /*check_values=*/true);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor rows = flat_rows(positions, dims.tokens);
-  return {activate(gate, act) * up, gather_rows(gate, rows), gather_rows(up, rows)};
+  return {(activate(gate, act) * up).contiguous(), gather_rows(gate, rows), gather_rows(up, rows)};
 }
 
 // y = act(gate) ⊙ up: grad_gate = act'(gate) applied to g ⊙ up, grad_up = g ⊙ act(gate).

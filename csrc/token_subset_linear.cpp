@@ -95,8 +95,10 @@ void check_rows(const char* op, const char* arg, const Tensor& t, int64_t rows, 
 Tensor x_rows_operand(const char* op, const Tensor& x_rows, int64_t rows, int64_t in,
                       const Tensor& grad_y, bool values_needed) {
   check_defined(op, "x_rows", x_rows);
-  if (!values_needed && x_rows.dim() == 1 && x_rows.numel() == 0)
+  if (!values_needed && x_rows.dim() == 1 && x_rows.numel() == 0) {
+    check_same_device(op, "x_rows", x_rows, "grad_y", grad_y);
     return at::empty({in}, grad_y.options()).expand({rows, in});
+  }
   check_rows(op, "x_rows", x_rows, rows, in, grad_y);
   return x_rows;
 }

@@ -131,7 +131,8 @@ std::tuple<Tensor, Tensor> token_subset_rms_norm(const Tensor& x, const OptTenso
   h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
   Tensor y = h.to(x.scalar_type());
   if (has_value(weight)) y = *weight * y;
-  return {y, gather_rows(x, flat_rows(positions, dims.tokens))};
+  // Contiguous whatever x's strides, as the fake kernel says (and layer_norm gives).
+  return {y.contiguous(), gather_rows(x, flat_rows(positions, dims.tokens))};
 }
 
 // With h = x·r, r = (mean(x²) + eps)^(-1/2) and y = w ⊙ cast(h):

@@ -50,9 +50,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vera_linear_backward(
     const Tensor& vera_a, const Tensor& vera_b, const Tensor& lambda_d, const Tensor& lambda_b,
     const Tensor& u, double dropout_p, const OptTensor& seed, std::array<bool, 5> output_mask,
     const OptTensor& row_ids) {
-  const auto dims = check_vera_linear_args(kBackwardOp, x, weight, c10::nullopt, vera_a, vera_b,
-                                           lambda_d, lambda_b, dropout_p, seed);
-  check_row_ids(kBackwardOp, row_ids, x, dims.rows);
+  // Checked here so that errors name this op and its arguments, not lora_linear_backward's.
+  check_vera_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight, vera_a, vera_b,
+                                  lambda_d, lambda_b, u, dropout_p, seed, row_ids);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_x, need_weight, need_bias, need_ld, need_lb] = output_mask;
   const auto v = vera_operands(weight, vera_a, vera_b, lambda_d, lambda_b);

@@ -147,6 +147,45 @@ def token_subset(fn, positions: torch.Tensor, *tensors: torch.Tensor, token_dim:
     return keep_grad_at(out, positions, token_dim)
 
 
+def flat_row_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """drop(x) with x [B, T, ...] viewed as [B * T, F]: element (b, t, f) masked
+    as row b * T + t (TokenTune's dropout)."""
+    features = 1
+    for size in x.shape[2:]:
+        features *= size
+    return dropout(x.reshape(x.shape[0] * x.shape[1], features), seed, p).reshape(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm as a function: normalised in float32, cast
+    back to x's dtype, times weight; except that float64 stays float64 (the
+    op's documented choice, so that float64 comparisons are exact)."""
+    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+
+
+def attention(q, k, v, mask, is_causal: bool, scale: float, p: float = 0.0, seed: int = 0):
+    """softmax(q kᵀ · scale + mask) v per query head (K/V heads grouped),
+    q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]: torch's
+    scaled_dot_product_attention without dropout; with dropout, written out
+    with dropout()'s mask on the probabilities viewed as rows (b * Hq + h) * T + t."""
+    if mask is not None and mask.dim() < 4:  # SDPA's CPU kernels reject a 1-D mask; same broadcast
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if p == 0:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, scale=scale,
+                                                                enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ kk.transpose(-2, -1) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
+    if is_causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), -float("inf"))
+    return dropout(torch.softmax(scores, -1), seed, p) @ vv
+
+
 # --- READ -----------------------------------------------------------------------------
 
 def read_correction(layer_outputs, cell: torch.nn.Module, joiner: torch.nn.Linear, aggregate: str = "mean"):
@@ -176,21 +215,27 @@ def read_correction(layer_outputs, cell: torch.nn.Module, joiner: torch.nn.Linea
 _NN_CELLS = {"rnn": torch.nn.RNNCell, "gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}
 
 
-def recurrent_scan(xs, h0, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru", c0=None):
-    """hs [L, N, H]: a loop of torch.nn.RNNCell (tanh) / GRUCell / LSTMCell,
-    run with the given weights (differentiable in all of them) over xs
-    [L, N, in] from h0 (and c0 for lstm). A missing bias of the two is zero."""
+def recurrent_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru"):
+    """One step of torch.nn.RNNCell (tanh) / GRUCell / LSTMCell run with the
+    given weights (differentiable in all of them): h' for rnn and gru, (h', c')
+    for lstm. A missing bias of the two is zero."""
     module_cls = _NN_CELLS[cell]
-    hidden = w_hh.shape[1]
     has_bias = b_ih is not None or b_hh is not None
-    module = module_cls(w_ih.shape[1], hidden, bias=has_bias, device="meta", dtype=w_ih.dtype)
+    module = module_cls(w_ih.shape[1], w_hh.shape[1], bias=has_bias, device="meta", dtype=w_ih.dtype)
     params = {"weight_ih": w_ih, "weight_hh": w_hh}
     if has_bias:
         params["bias_ih"] = b_ih if b_ih is not None else torch.zeros_like(w_ih[:, 0])
         params["bias_hh"] = b_hh if b_hh is not None else torch.zeros_like(w_hh[:, 0])
-    state = (h0, c0) if cell == "lstm" else h0
+    return torch.func.functional_call(module, params, (x, (h, c) if cell == "lstm" else h))
+
+
+def recurrent_scan(xs, h0, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru", c0=None):
+    """hs [L, N, H]: recurrent_cell run over xs [L, N, in] from h0 (and c0 for
+    lstm), differentiable in every input."""
+    h, c = h0, c0
     hs = []
     for t in range(xs.shape[0]):
-        state = torch.func.functional_call(module, params, (xs[t], state))
-        hs.append(state[0] if cell == "lstm" else state)
-    return torch.stack(hs) if hs else xs.new_empty((0, xs.shape[1], hidden))
+        state = recurrent_cell(xs[t], h, c, w_ih, w_hh, b_ih, b_hh, cell)
+        h, c = state if cell == "lstm" else (state, None)
+        hs.append(h)
+    return torch.stack(hs) if hs else xs.new_empty((0, xs.shape[1], w_hh.shape[1]))

@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 import pypeft
+import saved_tensors
 import tiny_models as tm
 from reference import read_correction
 
@@ -166,18 +167,9 @@ def graph_node_names(t: torch.Tensor) -> set[str]:
 def saved_bytes(model, fn) -> tuple[int, torch.Tensor]:
     """Bytes of the distinct storages saved for backward in fn(), the model's parameters (and views of them)
     excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensors.saved(exclude=model.parameters()) as record:
         out = fn()
-    return sum(storages.values()), out
+    return record.nbytes, out
 
 
 @pytest.mark.parametrize("family", list(STACKS))

@@ -1,11 +1,11 @@
-"""pypeft::recurrent_scan against a loop of torch.nn cells (tests/reference.py):
-forward and every gradient, shapes from empty to several steps, non-contiguous
-inputs, gradcheck, bfloat16, the sparse-row backward, what it saves, opcheck,
-torch.compile, TorchScript and its argument checks."""
+"""pypeft::recurrent_scan: what is particular to it (the op contract, against
+a loop of torch.nn cells in tests/reference.py, runs from tests/op_table.py in
+test_op_contract.py). Every cell and bias combination over shapes from empty
+to several steps, bfloat16, the sparse-row backward, zero and partial
+gradients, and CUDA against the CPU."""
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import reference as R
 from conftest import DEVICES, requires_cuda
@@ -75,35 +75,6 @@ def check_against_reference(inputs, cell, grad_hs=None, atol=1e-10, rtol=1e-10):
 @pytest.mark.parametrize("L, N", [(0, 3), (1, 1), (1, 4), (5, 0), (5, 1), (6, 5)])
 def test_matches_nn_cell_loop(device, cell, bias, L, N):
     check_against_reference(make_inputs(cell, L=L, N=N, device=device, bias=bias), cell)
-
-
-@pytest.mark.parametrize("cell", list(GATES))
-def test_non_contiguous_inputs(cell):
-    i = make_inputs(cell, L=4, N=5, n_in=6, H=3)
-    G = GATES[cell]
-    # The same values, laid out with other strides.
-    i["xs"] = i["xs"].transpose(0, 1).contiguous().transpose(0, 1)
-    i["h0"] = i["h0"].t().contiguous().t()
-    if i["c0"] is not None:
-        i["c0"] = torch.stack([i["c0"], i["c0"]], 2)[..., 0]
-    i["w_ih"] = i["w_ih"].t().contiguous().t()
-    i["w_hh"] = torch.cat([i["w_hh"], i["w_hh"]], 1)[:, :3]
-    i["b_ih"] = torch.stack([i["b_ih"], i["b_ih"]], 1)[:, 1]
-    assert not (i["xs"].is_contiguous() or i["h0"].is_contiguous() or i["w_ih"].is_contiguous()
-                or i["w_hh"].is_contiguous() or i["b_ih"].is_contiguous())
-    assert i["w_hh"].shape == (G * 3, 3)
-    check_against_reference(i, cell)
-
-
-@pytest.mark.parametrize("cell", list(GATES))
-def test_gradcheck_float64(cell):
-    i = make_inputs(cell, L=3, N=2, n_in=3, H=2)
-    names = [k for k in NAMES if i[k] is not None]
-
-    def fn(*args):
-        return run(dict.fromkeys(NAMES) | dict(zip(names, args)), cell)
-
-    assert torch.autograd.gradcheck(fn, [i[k].requires_grad_() for k in names])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,146 +147,6 @@ def test_output_mask_leaves_the_rest_undefined():
     out = backward_op(torch.ones_like(hs), i["xs"], hs, i["h0"], i["c0"], i["w_ih"], i["w_hh"], None, i["b_hh"],
                       "lstm", [False, True, False, False, True, True, False])
     assert [t is not None for t in out] == [False, True, False, False, True, False, False]
-
-
-@pytest.mark.parametrize("cell", list(GATES))
-def test_saves_no_gate_sized_tensor(cell):
-    L, N, n_in, H = 4, 8, 6, 5
-    i = leaves(make_inputs(cell, L=L, N=N, n_in=n_in, H=H))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        hs = run(i, cell)
-    shapes = sorted(tuple(t.shape) for t in saved)
-    want = [(L, N, n_in), (L, N, H), (N, H)] + ([(N, H)] if cell == "lstm" else [])
-    want += [tuple(i[k].shape) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
-    assert shapes == sorted(want)
-    G = GATES[cell]
-    if G > 1:
-        assert all(t.numel() != L * N * G * H for t in saved)
-    assert any(t is hs or t.data_ptr() == hs.data_ptr() for t in saved)  # hs itself, not a copy
-    hs.sum().backward()
-    assert all(i[k].grad is not None for k in NAMES if i[k] is not None)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cell", list(GATES))
-def test_opcheck(device, cell):
-    i = make_inputs(cell, L=3, N=4, n_in=5, H=3, dtype=torch.float32, device=device)
-    for k in NAMES:
-        if i[k] is not None:
-            i[k].requires_grad_(True)
-    opcheck(op, (i["xs"], i["h0"], i["c0"], i["w_ih"], i["w_hh"], i["b_ih"], i["b_hh"], cell))
-    d = {k: (v.detach() if v is not None else None) for k, v in i.items()}
-    hs = op(d["xs"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], cell)
-    g = torch.randn_like(hs)
-    g[:, 1] = 0
-    for mask in ([True] * 7, [False, True, False, True, False, False, True]):
-        opcheck(backward_op, (g, d["xs"], hs, d["h0"], d["c0"], d["w_ih"], d["w_hh"], d["b_ih"], None, cell, mask))
-
-
-def test_compile_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
-    i = leaves(make_inputs("gru", L=4, N=6, dtype=torch.float32))
-    c = leaves(make_inputs("lstm", L=4, N=6, dtype=torch.float32, bias="none", seed=1))
-
-    def step(xs, h0, w_ih, w_hh, b_ih, b_hh, xs2, h2, c2, v_ih, v_hh):
-        a = recurrent_scan(xs, h0, w_ih, w_hh, b_ih, b_hh, cell="gru")
-        b = recurrent_scan(xs2, h2, v_ih, v_hh, cell="lstm", c0=c2)
-        return a[-1].pow(2).mean() + b.sin().sum()
-
-    args = (i["xs"], i["h0"], i["w_ih"], i["w_hh"], i["b_ih"], i["b_hh"], c["xs"], c["h0"], c["c0"], c["w_ih"],
-            c["w_hh"])
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    loss = compiled(*args)
-    torch.testing.assert_close(loss, step(*args))
-    got = torch.autograd.grad(loss, args)
-    want = torch.autograd.grad(step(*args), args)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-
-
-def test_compile_dynamic_rows():
-    torch._dynamo.reset()
-    f = torch.compile(lambda xs, h0, w_ih, w_hh: recurrent_scan(xs, h0, w_ih, w_hh, cell="rnn").sum(),
-                      backend="aot_eager", fullgraph=True, dynamic=True)
-    for N in (3, 5):
-        i = leaves(make_inputs("rnn", L=2, N=N, bias="none", dtype=torch.float32))
-        loss = f(i["xs"], i["h0"], i["w_ih"], i["w_hh"])
-        loss.backward()
-        torch.testing.assert_close(loss, run_reference(i, "rnn").sum())
-        assert i["w_hh"].grad is not None
-
-
-def test_torchscript():
-    @torch.jit.script
-    def scripted(xs: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                 b_ih: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pypeft.recurrent_scan(xs, h0, None, w_ih, w_hh, b_ih, None, "gru")
-
-    i = make_inputs("gru", bias="ih")
-    torch.testing.assert_close(scripted(i["xs"], i["h0"], i["w_ih"], i["w_hh"], i["b_ih"]), run_reference(i, "gru"))
-
-
-def test_double_backward_is_refused():
-    i = leaves(make_inputs("gru", L=2, N=3))
-    hs = run(i, "gru")
-    (g,) = torch.autograd.grad(hs.pow(2).sum(), i["w_hh"], create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order"):
-        g.sum().backward()
-
-
-def _bad(cell="gru", **changes):
-    i = make_inputs(cell, L=3, N=4, n_in=5, H=2, dtype=torch.float32)
-    i.update(changes)
-    return i
-
-
-BAD = {
-    "unknown cell": (dict(), "lstmx", ValueError, "'cell'", "'rnn', 'gru', 'lstm'"),
-    "xs rank": (dict(xs=torch.randn(4, 5)), "gru", ValueError, "'xs'", "3-D"),
-    "xs features": (dict(xs=torch.randn(3, 4, 6)), "gru", ValueError, "'xs'", "[3, 4, 6]"),
-    "h0 rows": (dict(h0=torch.randn(5, 2)), "gru", ValueError, "'h0'", "[5, 2]"),
-    "h0 hidden": (dict(h0=torch.randn(4, 3)), "gru", ValueError, "'h0'", "[4, 3]"),
-    "h0 rank": (dict(h0=torch.randn(4)), "gru", ValueError, "'h0'", "1-D"),
-    "w_hh not G·H rows": (dict(w_hh=torch.randn(4, 2)), "gru", ValueError, "'w_hh'", "[4, 2]"),
-    "w_ih rows": (dict(w_ih=torch.randn(4, 5)), "gru", ValueError, "'w_ih'", "[4, 5]"),
-    "b_ih size": (dict(b_ih=torch.randn(5)), "gru", ValueError, "'b_ih'", "[5]"),
-    "b_hh rank": (dict(b_hh=torch.randn(6, 1)), "gru", ValueError, "'b_hh'", "2-D"),
-    "c0 for gru": (dict(c0=torch.randn(4, 2)), "gru", ValueError, "'c0'", "a tensor"),
-    "c0 missing for lstm": (dict(c0=None, w_ih=torch.randn(8, 5), w_hh=torch.randn(8, 2), b_ih=None, b_hh=None),
-                            "lstm", ValueError, "'c0'", "None"),
-    "h0 dtype": (dict(h0=torch.randn(4, 2, dtype=torch.float64)), "gru", TypeError, "'h0'", "Double"),
-    "w_hh dtype": (dict(w_hh=torch.randn(6, 2, dtype=torch.bfloat16)), "gru", TypeError, "'w_hh'", "BFloat16"),
-    "integer xs": (dict(xs=torch.ones(3, 4, 5, dtype=torch.int64)), "gru", TypeError, "'xs'", "Long"),
-    "float16 on cpu": (dict(xs=torch.ones(3, 4, 5, dtype=torch.float16)), "gru", TypeError, "'xs'", "Half"),
-}
-
-
-@pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_input_names_the_argument(case):
-    changes, cell, exc, arg, got = BAD[case]
-    i = _bad(cell if cell != "lstmx" else "gru", **changes)
-    with pytest.raises(exc) as info:
-        op(i["xs"], i["h0"], i["c0"], i["w_ih"], i["w_hh"], i["b_ih"], i["b_hh"], cell)
-    msg = str(info.value)
-    assert arg in msg and "expected" in msg and got in msg, msg
-
-
-@pytest.mark.parametrize("which, shape", [("grad_hs", (3, 4, 3)), ("hs", (2, 4, 2))])
-def test_backward_checks_sequence_shapes(which, shape):
-    i = _bad()
-    args = dict(grad_hs=torch.ones(3, 4, 2), hs=torch.ones(3, 4, 2))
-    args[which] = torch.ones(shape)
-    with pytest.raises(ValueError, match=f"'{which}': expected shape \\[3, 4, 2\\]"):
-        backward_op(args["grad_hs"], i["xs"], args["hs"], i["h0"], None, i["w_ih"], i["w_hh"], i["b_ih"],
-                    i["b_hh"], "gru", [True] * 7)
-
-
-@requires_cuda
-def test_device_mismatch_names_the_argument():
-    i = _bad()
-    with pytest.raises(ValueError, match="'h0'.*expected a tensor on cuda"):
-        op(i["xs"].cuda(), i["h0"], None, i["w_ih"].cuda(), i["w_hh"].cuda(), None, None, "gru")
 
 
 @requires_cuda

@@ -1,13 +1,17 @@
 """pypeft::token_subset_linear, token_subset_lora_linear and token_subset_vera_linear
-(TokenTune) against tests/reference.py, what they save for backward, opcheck,
-gradcheck, torch.compile, TorchScript, and their argument checks."""
+(TokenTune): what is particular to them (the op contract runs from
+tests/op_table.py in test_op_contract.py). A frozen base (x_rows not saved),
+float32 and low precision against tests/reference.py, forward bit for bit the
+plain op, backward regenerating forward's dropout mask, what they save for
+each training configuration, one x_rows for a layer's q/k/v projections, and
+the row ids of lora_linear_backward / vera_linear_backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.library import opcheck
 
 import reference as R
+import saved_tensors
 from conftest import DEVICES, requires_cuda
 from pypeft.ops import (
     lora_linear,
@@ -152,20 +156,6 @@ def check_against_reference(method, case, p, seed, atol, rtol, atol_of_max=0.0, 
 
 # --- against the reference ----------------------------------------------------------
 
-SELECTIONS = {"B=1, k=1": (1, 5, 1), "B=2, middle k": (2, 6, 3), "B=3, k=T": (3, 4, 4)}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("selection", SELECTIONS, ids=list(SELECTIONS))
-@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no dropout", "dropout"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
-def test_matches_reference_float64(device, method, selection, p, bias):
-    B, T, k = SELECTIONS[selection]
-    case = make_case(B=B, T=T, k=k, device=device, bias=bias, gen_seed=B * 100 + k)
-    check_against_reference(method, case, p, seed=1234, atol=1e-10, rtol=1e-10)
-
-
 FROZEN_BASE = {
     # x_rows is then not saved: the backward op gets the empty [0] stand-in
     "linear": ("x",),
@@ -181,29 +171,6 @@ def test_matches_reference_frozen_base(device, trained):
     case = make_case(B=2, T=7, k=3, device=device)
     check_against_reference(trained.split(",")[0], case, 0.3, seed=17, atol=1e-10, rtol=1e-10,
                             trained=FROZEN_BASE[trained])
-
-
-EDGE_CASES = {
-    "empty batch": dict(B=0, T=4, k=2),
-    "no token selected": dict(B=2, T=4, k=0),
-    "r=1": dict(r=1),
-    "r > in and out": dict(n_in=3, n_out=2, r=7),
-    "many rows (several CPU row blocks)": dict(B=3, T=300, k=200, n_in=64, n_out=16, r=4),
-}
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", EDGE_CASES, ids=list(EDGE_CASES))
-def test_matches_reference_edge_shapes(method, case):
-    check_against_reference(method, make_case(**EDGE_CASES[case]), 0.2, seed=5, atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_non_contiguous_x(method):
-    case = make_case(B=3, T=5, k=2, n_in=8)
-    case["x"] = torch.randn(8, 5, 3, dtype=torch.float64).permute(2, 1, 0)
-    assert not case["x"].is_contiguous()
-    check_against_reference(method, case, 0.4, seed=9, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -258,12 +225,10 @@ def test_dropout_mask_is_forwards_in_backward():
 # --- what backward keeps ---------------------------------------------------------------
 
 def saved_activations(fn, params):
-    """The tensors autograd saves while fn() runs, parameters excluded."""
-    ptrs = {t.untyped_storage().data_ptr() for t in params if t is not None}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    """fn()'s output and the tensors autograd saves while it runs, parameters excluded."""
+    with saved_tensors.saved(exclude=params) as record:
         out = fn()
-    return out, [t for t in saved if t.untyped_storage().data_ptr() not in ptrs]
+    return out, record.activations()
 
 
 SAVES = {
@@ -302,9 +267,9 @@ def test_saved_bytes_scale_with_k_not_t():
         case = make_case(B=2, T=T, k=k, n_in=64, n_out=32, r=4, dtype=torch.float32)
         c = with_grad(case, Lora.trained)
         params = [v for key, v in c.items() if key not in ("x", "positions")]
-        _, saved = saved_activations(lambda: Lora.ours(c, 0.1, 1), params)
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
-        return sum(storages.values())
+        with saved_tensors.saved(exclude=params) as record:
+            Lora.ours(c, 0.1, 1)
+        return record.nbytes
 
     assert saved_bytes(T=64, k=4) == saved_bytes(T=512, k=4)
     assert saved_bytes(T=64, k=8) > saved_bytes(T=64, k=4)
@@ -366,102 +331,7 @@ def test_backward_ops_with_row_ids_mask_gathered_rows_as_in_x():
         torch.testing.assert_close(vpart[i], want)
 
 
-def test_bad_row_ids_name_the_argument():
-    c = make_case()
-    x2 = c["x"].reshape(12, 8)
-    u = torch.zeros(12, 3, dtype=torch.float64)
-    args = (torch.zeros(12, 5, dtype=torch.float64), None, x2, c["weight"], c["lora_a"], c["lora_b"], u, 1.0, 0.1,
-            torch.tensor(1), [True] * 5)
-    with pytest.raises(TypeError, match="lora_linear_backward: argument 'row_ids'.*int64"):
-        ops.lora_linear_backward(*args, torch.arange(12, dtype=torch.int32))
-    with pytest.raises(ValueError, match="'row_ids'.*one id per row of x \\(12\\)"):
-        ops.lora_linear_backward(*args, torch.arange(11))
-
-
-# --- opcheck -----------------------------------------------------------------------------
-
-def forward_args(method, c, p):
-    seed = seed_tensor(p, 7, c["x"].device)
-    if method == "linear":
-        return ops.token_subset_linear.default, (c["x"], c["weight"], c["bias"], c["positions"])
-    if method == "lora":
-        return ops.token_subset_lora_linear.default, (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"],
-                                                      SCALE, p, seed, c["positions"])
-    return ops.token_subset_vera_linear.default, (c["x"], c["weight"], c["bias"], c["vera_a"], c["vera_b"],
-                                                  c["lambda_d"], c["lambda_b"], p, seed, c["positions"])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward(device, method, p, bias):
-    c = with_grad(make_case(dtype=torch.float32, device=device, bias=bias), METHODS[method].trained)
-    op, args = forward_args(method, c, p)
-    opcheck(op, args)
-
-
-def backward_args(method, c, x_rows, mask, p=0.25):
-    B, k = c["positions"].shape
-    dev, dt = c["x"].device, c["x"].dtype
-    gy = torch.randn(B, c["x"].shape[1], c["weight"].shape[0], dtype=dt, device=dev)
-    u_rows = torch.randn(B * k, c["lora_a"].shape[0], dtype=dt, device=dev)
-    seed = torch.tensor(3, device=dev)
-    if method == "linear":
-        return ops.token_subset_linear_backward.default, (gy, x_rows, c["weight"], c["positions"], mask[:3])
-    if method == "lora":
-        return ops.token_subset_lora_linear_backward.default, (gy, x_rows, c["weight"], c["lora_a"], c["lora_b"],
-                                                               u_rows, SCALE, p, seed, c["positions"], mask)
-    return ops.token_subset_vera_linear_backward.default, (gy, x_rows, c["weight"], c["vera_a"], c["vera_b"],
-                                                           c["lambda_d"], c["lambda_b"], u_rows, p, seed,
-                                                           c["positions"], mask)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("mask", [[True] * 5, [True, False, False, True, True], [False, True, True, False, False],
-                                  [True, False, False, False, True]])
-def test_opcheck_backward(device, method, mask):
-    c = make_case(dtype=torch.float32, device=device)
-    B, k = c["positions"].shape
-    x_rows = torch.randn(B * k, c["x"].shape[2], device=device)
-    opcheck(*backward_args(method, c, x_rows, mask))
-    values_needed = mask[1] or (method == "lora" and mask[3])
-    if not values_needed:  # x_rows not saved: the empty [0] stand-in
-        opcheck(*backward_args(method, c, torch.empty(0, device=device), mask))
-
-
-# --- gradcheck ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("p", [0.0, 0.4])
-def test_gradcheck_float64(method, p):
-    """The op's gradients are the true Jacobian of y at the selected tokens
-    with respect to x at the selected tokens and the parameters, the other
-    tokens of x held constant (the full Jacobian is not: by design the
-    unselected tokens' computations are constants)."""
-    case = make_case(B=2, T=4, k=2, n_in=5, n_out=3, r=2)
-    m = METHODS[method]
-    params = [k for k in m.trained if k != "x"]
-    pos = case["positions"]
-    x_index = pos.unsqueeze(-1).expand(-1, -1, 5)
-    y_index = pos.unsqueeze(-1).expand(-1, -1, 3)
-
-    def fn(x_selected, *tensors):
-        x = case["x"].scatter(1, x_index, x_selected)
-        y = m.ours(dict(case, x=x, **dict(zip(params, tensors))), p, 11)
-        return y.gather(1, y_index)
-
-    inputs = [case["x"].gather(1, x_index)] + [case[k] for k in params]
-    assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in inputs])
-
-
-def test_second_order_gradients_fail_loudly():
-    c = with_grad(make_case(), Lora.trained)
-    gx, = torch.autograd.grad(Lora.ours(c, 0.0, 0).sum(), c["x"], create_graph=True)
-    with pytest.raises(RuntimeError, match="second-order gradients"):
-        gx.sum().backward()
-
+# --- autograd -------------------------------------------------------------------------------
 
 def test_vera_shared_matrices_must_be_frozen():
     c = with_grad(make_case(), ("x", "vera_a", "lambda_d"))
@@ -473,132 +343,6 @@ def test_gathered_rows_carry_no_gradient():
     """x_rows / u_rows are outputs only to be saved: marked non-differentiable,
     so a loss on them cannot silently get a wrong gradient."""
     c = with_grad(make_case(), Lora.trained)
-    _, args = forward_args("lora", c, 0.0)
-    y, x_rows, u_rows = ops.token_subset_lora_linear(*args)
+    y, x_rows, u_rows = ops.token_subset_lora_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], SCALE,
+                                                     0.0, None, c["positions"])
     assert y.requires_grad and not x_rows.requires_grad and not u_rows.requires_grad
-
-
-# --- torch.compile and TorchScript ----------------------------------------------------------
-
-def check_compiled(method, backend):
-    torch._dynamo.reset()
-    m = METHODS[method]
-    trained = [k for k in m.trained if k != "x"]
-
-    def step(x, positions, seed, *params):
-        c = dict(base, x=x, positions=positions, **dict(zip(trained, params)))
-        return (m.ours(c, 0.1, seed).float() ** 2).mean()
-
-    base = with_grad(make_case(dtype=torch.float32), trained)
-    params = [base[k] for k in trained]
-    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=True)
-    g = torch.Generator().manual_seed(3)
-    for B, T, k, seed in [(2, 6, 3, 3), (3, 9, 4, 4)]:  # a second shape and seed
-        x = torch.randn(B, T, 8, requires_grad=True)
-        pos = random_positions(B, T, k, g)
-        loss = compiled(x, pos, torch.tensor(seed), *params)
-        got = torch.autograd.grad(loss, [x, *params])
-        want_loss = step(x, pos, torch.tensor(seed), *params)
-        want = torch.autograd.grad(want_loss, [x, *params])
-        torch.testing.assert_close(loss, want_loss)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_compile_fullgraph_forward_backward(method):
-    check_compiled(method, "aot_eager")
-
-
-@pytest.mark.slow
-def test_compile_inductor():
-    check_compiled("lora", "inductor")
-
-
-def test_torchscript_function_calls_the_op():
-    @torch.jit.script
-    def scripted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bb: torch.Tensor,
-                 seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pypeft.token_subset_lora_linear(x, w, b, a, bb, 0.5, 0.2, seed, positions)[0]
-
-    c = make_case(dtype=torch.float32)
-    assert "pypeft::token_subset_lora_linear" in str(scripted.graph)
-    got = scripted(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], torch.tensor(8), c["positions"])
-    want = R.lora_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], 0.5, 0.2, 8)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-# --- bad input -----------------------------------------------------------------------------
-
-BAD_POSITIONS = {
-    "int32": (torch.tensor([[0, 2], [1, 3]], dtype=torch.int32), TypeError, "int64"),
-    "wrong batch": (torch.tensor([[0, 2]]), ValueError, "B = 2"),
-    "1-D": (torch.tensor([0, 2]), ValueError, "2-D"),
-    "negative": (torch.tensor([[0, -1], [1, 3]]), ValueError, "[0, 6)"),
-    "past the end": (torch.tensor([[0, 6], [1, 3]]), ValueError, "[0, 6)"),
-    "repeated in a row": (torch.tensor([[2, 2], [1, 3]]), ValueError, "distinct"),
-    "more than T per row": (torch.arange(7).repeat(2, 1), ValueError, "at most 6"),
-}
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", BAD_POSITIONS, ids=list(BAD_POSITIONS))
-def test_bad_positions_name_the_argument(method, case):
-    positions, exc, got = BAD_POSITIONS[case]
-    c = make_case(B=2, T=6, dtype=torch.float32)
-    c["positions"] = positions
-    op, args = forward_args(method, c, 0.1)
-    with pytest.raises(exc) as info:
-        op(*args)
-    msg = str(info.value)
-    assert "token_subset" in msg and "'positions'" in msg and "expected" in msg and got in msg, msg
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", [(12, 8), (2, 6, 1, 8)], ids=["2-D", "4-D"])
-def test_x_must_be_batch_tokens_features(method, shape):
-    c = make_case(B=2, T=6, dtype=torch.float32)
-    c["x"] = torch.randn(*shape)
-    op, args = forward_args(method, c, 0.0)
-    with pytest.raises(ValueError, match="argument 'x': expected a 3-D tensor \\[batch, tokens, in_features\\]"):
-        op(*args)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_bad_adapter_and_layer_args_name_this_op(method):
-    c = make_case(B=2, T=6, dtype=torch.float32)
-    c["weight"] = torch.randn(5, 7)
-    op, args = forward_args(method, c, 0.0)
-    with pytest.raises(ValueError, match="token_subset.*argument '(x|vera_a)'.*expected"):
-        op(*args)
-    c = make_case(B=2, T=6, dtype=torch.float32)
-    c["bias"] = torch.randn(5, dtype=torch.float64)
-    op, args = forward_args(method, c, 0.0)
-    with pytest.raises(TypeError, match="token_subset.*argument 'bias'.*Double"):
-        op(*args)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_bad_backward_input_names_the_argument(method):
-    c = make_case(dtype=torch.float32)
-    op, args = backward_args(method, c, torch.empty(0), [True] * 5)
-    with pytest.raises(ValueError, match="_backward: argument 'x_rows': expected shape \\[6, 8\\]"):
-        op(*args)  # grad_weight needs the rows' values
-    op, args = backward_args(method, c, torch.randn(6, 8), [True] * 5)
-    with pytest.raises(ValueError, match="argument 'grad_y'.*5"):
-        op(torch.randn(2, 6, 4), *args[1:])
-    if method != "linear":
-        bad_u = list(args)
-        bad_u[5 if method == "lora" else 7] = torch.randn(6, 2)
-        with pytest.raises(ValueError, match="argument 'u_rows': expected shape \\[6, 3\\]"):
-            op(*bad_u)
-
-
-@requires_cuda
-@pytest.mark.parametrize("method", METHODS)
-def test_positions_on_another_device(method):
-    c = make_case(device="cuda", dtype=torch.float32)
-    c["positions"] = c["positions"].cpu()
-    op, args = forward_args(method, c, 0.0)
-    with pytest.raises(ValueError, match="'positions'.*cuda"):
-        op(*args)

@@ -18,6 +18,7 @@ from torch import nn
 
 import pypeft
 import reference as R
+import saved_tensors
 import tiny_models as tm
 from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.models.linear import is_linear_like
@@ -374,16 +375,9 @@ def test_patching_twice_raises():
 # --- memory -------------------------------------------------------------------------
 
 def saved_bytes(model, batch) -> int:
-    storages = {}
-
-    def pack(t):
-        if not isinstance(t, nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensors.saved(exclude=model.parameters()) as record:
         model(**batch).loss
-    return sum(storages.values())
+    return record.nbytes
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
+
 _op = torch.ops.pypeft.counter_dropout.default
+_OP = "pypeft.counter_dropout"
 
 
 def counter_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None,
@@ -31,6 +34,14 @@ def counter_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None,
 
 @torch.library.register_fake("pypeft::counter_dropout")
 def _counter_dropout_fake(x, p, seed, row_ids):
+    # As csrc/include/pypeft/counter_dropout.h: x viewed as [rows, C].
+    _checks.check_defined(_OP, "x", x)
+    _checks.check_activation_dtype(_OP, "x", x)
+    _checks.check_probability(_OP, "p", p)
+    _checks.check_seed(_OP, "seed", seed, p > 0.0, x)
+    cols = 1 if x.dim() == 0 else x.shape[-1]
+    rows = 0 if cols == 0 else x.numel() // cols
+    _checks.check_row_ids(_OP, row_ids, x, rows)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from pypeft.ops import saved_inputs
+from pypeft.ops import _checks, saved_inputs
 from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.lora_linear.default
 _backward_op = torch.ops.pypeft.lora_linear_backward.default
+_OP, _BACKWARD_OP = "pypeft.lora_linear", "pypeft.lora_linear_backward"
 
 
 def lora_linear(
@@ -55,11 +56,7 @@ def lora_linear(
 
 @torch.library.register_fake("pypeft::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-    torch._check(x.dim() >= 1, lambda: "pypeft.lora_linear: argument 'x': expected [..., in]")
-    torch._check(weight.dim() == 2 and lora_a.dim() == 2 and lora_b.dim() == 2,
-                 lambda: "pypeft.lora_linear: weight, lora_a, lora_b must be 2-D")
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"pypeft.lora_linear: argument 'x': expected in_features {weight.shape[1]}")
+    _checks.check_lora_linear_args(_OP, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     u = x.new_empty((*x.shape[:-1], lora_a.shape[0]))
     return y, u
@@ -68,6 +65,8 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 @torch.library.register_fake("pypeft::lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p,
                                seed, output_mask, row_ids=None):
+    _checks.check_lora_linear_backward_args(_BACKWARD_OP, grad_out, grad_u, x, weight, lora_a, lora_b, u, scale,
+                                            dropout_p, seed, row_ids)
     need_x, need_weight, need_bias, need_a, need_b = output_mask
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
+
 _lora_op = torch.ops.pypeft.lora_linear_mixed.default
 _vera_op = torch.ops.pypeft.vera_linear_mixed.default
+_LORA_OP, _VERA_OP = "pypeft.lora_linear_mixed", "pypeft.vera_linear_mixed"
 
 
 def lora_linear_mixed(
@@ -82,24 +85,102 @@ def vera_linear_mixed(
     return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter)
 
 
-def _check_fake_args(label, x, weight, row_adapter):
-    torch._check(x.dim() >= 2, lambda: f"{label}: argument 'x': expected [batch, ..., in_features], at least 2-D")
-    torch._check(weight.dim() == 2, lambda: f"{label}: argument 'weight': expected a 2-D tensor")
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"{label}: argument 'x': expected in_features {weight.shape[1]}")
-    torch._check(x.shape[0] == len(row_adapter),
-                 lambda: f"{label}: argument 'row_adapter': expected one entry per batch row (x.size(0))")
+# --- fake kernels: csrc/include/pypeft/mixed_linear.h's checks -------------------------
+
+def _check_base_args(op, x, weight, bias):
+    """x [B, ..., in] (at least 2-D), weight [out, in], bias [out] or None."""
+    _checks.check_defined(op, "x", x)
+    _checks.check_value(x.dim() >= 2, op, "x",
+                        "a tensor of shape [batch, ..., in_features] (at least 2-D: one adapter per batch row)",
+                        f"{x.dim()}-D tensor of shape {_checks.shape_str(x.shape)}")
+    _checks.check_activation_dtype(op, "x", x)
+    _checks.check_dim(op, "weight", weight, 2)
+    out, n_in = weight.shape
+    for size in (n_in, out):
+        _checks.check_value(size >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
+                            f"shape {_checks.shape_str(weight.shape)}")
+    _checks.check_size(op, "x", x, x.dim() - 1, n_in, "in_features, from weight [out, in]")
+    _checks.check_like(op, "weight", weight, "x", x)
+    if bias is not None:
+        _checks.check_dim(op, "bias", bias, 1)
+        _checks.check_size(op, "bias", bias, 0, out, "out_features, from weight [out, in]")
+        _checks.check_like(op, "bias", bias, "x", x)
+
+
+def _check_row_adapter(op, row_adapter, batch, adapters):
+    """One entry per batch row, each in [-1, K)."""
+    _checks.check_value(len(row_adapter) == batch, op, "row_adapter",
+                        f"{batch} entries (one per batch row, x.size(0))", f"{len(row_adapter)} entries")
+    expected = f"adapter indices in [-1, {adapters}) ({adapters} adapters; -1: the base layer alone)"
+    for b, k in enumerate(row_adapter):
+        # Two checks, no `and`: under torch.compile k may be symbolic.
+        _checks.check_value(k >= -1, op, "row_adapter", expected, f"row_adapter[{b}] = {k}")
+        _checks.check_value(k < adapters, op, "row_adapter", expected, f"row_adapter[{b}] = {k}")
+
+
+def _check_lora_mixed_args(op, x, weight, bias, lora_a, lora_b, scale, row_adapter):
+    _check_base_args(op, x, weight, bias)
+    out, n_in = weight.shape
+    adapters = len(lora_a)
+    _checks.check_value(len(lora_b) == adapters, op, "lora_b", f"{adapters} tensors (one per adapter, as 'lora_a')",
+                        f"{len(lora_b)} tensors")
+    _checks.check_value(len(scale) == adapters, op, "scale", f"{adapters} numbers (one per adapter, as 'lora_a')",
+                        f"{len(scale)} numbers")
+    for k, (a, b, s) in enumerate(zip(lora_a, lora_b, scale)):
+        a_name, b_name = f"lora_a[{k}]", f"lora_b[{k}]"
+        _checks.check_dim(op, a_name, a, 2)
+        _checks.check_value(a.shape[0] >= 1, op, a_name, "shape [r, in_features] with rank r >= 1",
+                            f"shape {_checks.shape_str(a.shape)}")
+        _checks.check_size(op, a_name, a, 1, n_in, "in_features, from weight [out, in]")
+        _checks.check_dim(op, b_name, b, 2)
+        _checks.check_size(op, b_name, b, 0, out, "out_features, from weight [out, in]")
+        _checks.check_size(op, b_name, b, 1, a.shape[0], f"rank r, from {a_name} [r, in]")
+        _checks.check_same_device(op, a_name, a, "x", x)
+        _checks.check_same_device(op, b_name, b, "x", x)
+        _checks.check_low_precision_partner(op, a_name, a, "x", x)
+        _checks.check_same_dtype(op, b_name, b, a_name, a)
+        _checks.check_finite(op, f"scale[{k}]", s)
+    _check_row_adapter(op, row_adapter, x.shape[0], adapters)
+
+
+def _check_vera_mixed_args(op, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter):
+    _check_base_args(op, x, weight, bias)
+    out, n_in = weight.shape
+    _checks.check_dim(op, "vera_a", vera_a, 2)
+    _checks.check_dim(op, "vera_b", vera_b, 2)
+    r = vera_a.shape[0]
+    _checks.check_value(r >= 1, op, "vera_a", "shape [r, max_in] with rank r >= 1",
+                        f"shape {_checks.shape_str(vera_a.shape)}")
+    _checks.check_value(vera_a.shape[1] >= n_in, op, "vera_a",
+                        f"shape [r, max_in] with max_in >= in_features {n_in} (the shared matrix is sliced per layer)",
+                        f"shape {_checks.shape_str(vera_a.shape)}")
+    _checks.check_value(vera_b.shape[0] >= out, op, "vera_b",
+                        f"shape [max_out, r] with max_out >= out_features {out} (the shared matrix is sliced per "
+                        f"layer)", f"shape {_checks.shape_str(vera_b.shape)}")
+    _checks.check_size(op, "vera_b", vera_b, 1, r, "rank r, from vera_a [r, max_in]")
+    _checks.check_dim(op, "lambda_d", lambda_d, 2)
+    adapters = lambda_d.shape[0]
+    _checks.check_size(op, "lambda_d", lambda_d, 1, r, "rank r, from vera_a [r, max_in]")
+    _checks.check_dim(op, "lambda_b", lambda_b, 2)
+    _checks.check_size(op, "lambda_b", lambda_b, 0, adapters, "one row per adapter, as lambda_d [K, r]")
+    _checks.check_size(op, "lambda_b", lambda_b, 1, out, "out_features, from weight [out, in]")
+    _checks.check_same_device(op, "vera_a", vera_a, "x", x)
+    _checks.check_low_precision_partner(op, "vera_a", vera_a, "x", x)
+    for name, t in (("vera_b", vera_b), ("lambda_d", lambda_d), ("lambda_b", lambda_b)):
+        _checks.check_same_device(op, name, t, "x", x)
+        _checks.check_same_dtype(op, name, t, "vera_a", vera_a)
+    _check_row_adapter(op, row_adapter, x.shape[0], adapters)
 
 
 @torch.library.register_fake("pypeft::lora_linear_mixed")
 def _lora_linear_mixed_fake(x, weight, bias, lora_a, lora_b, scale, row_adapter):
-    _check_fake_args("pypeft.lora_linear_mixed", x, weight, row_adapter)
+    _check_lora_mixed_args(_LORA_OP, x, weight, bias, lora_a, lora_b, scale, row_adapter)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("pypeft::vera_linear_mixed")
 def _vera_linear_mixed_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter):
-    _check_fake_args("pypeft.vera_linear_mixed", x, weight, row_adapter)
+    _check_vera_mixed_args(_VERA_OP, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

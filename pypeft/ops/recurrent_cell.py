@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 
 _rnn_op = torch.ops.pypeft.rnn_cell.default
@@ -47,24 +48,27 @@ def lstm_cell(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Ten
     return _lstm_op(x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
-def _state_fake(x, h, w_hh):
-    torch._check(x.shape[0] == h.shape[0], lambda: "pypeft: argument 'h': expected N rows, the rows of 'x'")
-    return h.new_empty((x.shape[0], w_hh.shape[1]))
+# --- fake kernels: the checks of csrc/include/pypeft/recurrent.h -----------------------------
+
+def _cell_fake(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    rows, hidden = _checks.check_recurrent_args(f"pypeft.{cell}_cell", cell, False, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return x.new_empty((rows, hidden))
 
 
 @torch.library.register_fake("pypeft::rnn_cell")
 def _rnn_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
-    return _state_fake(x, h, w_hh)
+    return _cell_fake("rnn", x, h, None, w_ih, w_hh, b_ih, b_hh)
 
 
 @torch.library.register_fake("pypeft::gru_cell")
 def _gru_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
-    return _state_fake(x, h, w_hh)
+    return _cell_fake("gru", x, h, None, w_ih, w_hh, b_ih, b_hh)
 
 
 @torch.library.register_fake("pypeft::lstm_cell")
 def _lstm_cell_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return _state_fake(x, h, w_hh), _state_fake(x, c, w_hh)
+    h_out = _cell_fake("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return h_out, torch.empty_like(h_out)
 
 
 def _grad_like(t, needed):
@@ -73,6 +77,13 @@ def _grad_like(t, needed):
 
 @torch.library.register_fake("pypeft::recurrent_cell_backward")
 def _recurrent_cell_backward_fake(grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih, b_hh, cell, output_mask):
+    op = "pypeft.recurrent_cell_backward"
+    _checks.check_cell(op, cell)
+    rows, hidden = _checks.check_recurrent_args(op, cell, False, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    _checks.check_state(op, "grad_h", grad_h, rows, hidden, "x", x)
+    if grad_c is not None:
+        _checks.check_value(cell == "lstm", op, "grad_c", f"None for cell '{cell}'", "a tensor")
+        _checks.check_state(op, "grad_c", grad_c, rows, hidden, "x", x)
     return tuple(_grad_like(t, need) for t, need in zip((x, h, c, w_ih, w_hh, b_ih, b_hh), output_mask))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.recurrent_scan.default
@@ -47,15 +48,27 @@ def recurrent_scan(xs: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh:
     return _op(xs, h0, c0, w_ih, w_hh, b_ih, b_hh, cell)
 
 
+# --- fake kernels: the checks of csrc/include/pypeft/recurrent.h -----------------------------
+
+_OP, _BACKWARD_OP = "pypeft.recurrent_scan", "pypeft.recurrent_scan_backward"
+
+
 @torch.library.register_fake("pypeft::recurrent_scan")
 def _recurrent_scan_fake(xs, h0, c0, w_ih, w_hh, b_ih, b_hh, cell):
-    torch._check(xs.shape[1] == h0.shape[0],
-                 lambda: "pypeft.recurrent_scan: argument 'h0': expected N rows, the rows of 'xs' [L, N, in]")
-    return xs.new_empty((xs.shape[0], xs.shape[1], w_hh.shape[1]))
+    _checks.check_cell(_OP, cell)
+    rows, hidden = _checks.check_recurrent_args(_OP, cell, True, xs, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return xs.new_empty((xs.shape[0], rows, hidden))
 
 
 @torch.library.register_fake("pypeft::recurrent_scan_backward")
 def _recurrent_scan_backward_fake(grad_hs, xs, hs, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, output_mask):
+    op = _BACKWARD_OP
+    _checks.check_cell(op, cell)
+    rows, hidden = _checks.check_recurrent_args(op, cell, True, xs, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    want = (xs.shape[0], rows, hidden)
+    for name, t in (("grad_hs", grad_hs), ("hs", hs)):
+        _checks.check_shape(op, name, t, want, " ([L, N, H] from 'xs' and w_hh)")
+        _checks.check_like(op, name, t, "xs", xs)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else None
                  for t, need in zip((xs, h0, c0, w_ih, w_hh, b_ih, b_hh), output_mask))
 

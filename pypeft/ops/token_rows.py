@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
+
 _ATTR = "_pypeft_token_rows"
 
 
@@ -45,10 +47,7 @@ def shared_rows(x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, ta
 def fake_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """For register_fake: the [B * k, F] rows a token-subset op gathers from x
     ([B, T, ...], F the product of its dims after the first two)."""
-    features = 1
-    for size in x.shape[2:]:
-        features = features * size
-    return x.new_empty((positions.shape[0] * positions.shape[1], features))
+    return x.new_empty((positions.shape[0] * positions.shape[1], _checks.row_features(x)))
 
 
 def add_rows_grad(grad_x: torch.Tensor | None, grad_rows: torch.Tensor | None, positions: torch.Tensor,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 from pypeft.ops.token_rows import add_rows_grad, fake_rows, shared_rows
 
@@ -57,24 +58,63 @@ def token_subset_gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: st
     return _gated_op(gate, up, kind, positions)[0]
 
 
+# --- fake kernels: the checks of csrc/token_subset_activation.cpp ---------------------------
+
+_OP, _GATED_OP = "pypeft.token_subset_activation", "pypeft.token_subset_gated_activation"
+_KINDS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+def _check_kind(op, kind):
+    _checks.check_value(kind in _KINDS, op, "kind", "one of " + ", ".join(f"'{k}'" for k in _KINDS), f"'{kind}'")
+
+
+def _check_gated_args(op, gate_arg, gate, up_arg, up, positions):
+    """gate and up: the same shape, dtype and device ([B, T, ...])."""
+    _checks.check_positions(op, positions, gate_arg, gate)
+    _checks.check_activation_dtype(op, gate_arg, gate)
+    _checks.check_shape(op, up_arg, up, tuple(gate.shape), f" (the shape of '{gate_arg}')")
+    _checks.check_same_dtype(op, up_arg, up, gate_arg, gate)
+    _checks.check_same_device(op, up_arg, up, gate_arg, gate)
+
+
+def _check_backward_rows(op, grad_y, positions, *rows):
+    _checks.check_positions(op, positions, "grad_y", grad_y)
+    _checks.check_activation_dtype(op, "grad_y", grad_y)
+    for name, t in rows:
+        _checks.check_rows(op, name, t, positions, "grad_y", grad_y)
+        _checks.check_same_dtype(op, name, t, "grad_y", grad_y)
+
+
 @torch.library.register_fake("pypeft::token_subset_activation")
 def _activation_fake(x, kind, positions):
+    _check_kind(_OP, kind)
+    _checks.check_positions(_OP, positions, "x", x)
+    _checks.check_activation_dtype(_OP, "x", x)
     return torch.empty_like(x, memory_format=torch.contiguous_format), fake_rows(x, positions)
 
 
 @torch.library.register_fake("pypeft::token_subset_activation_backward")
 def _activation_backward_fake(grad_y, x_rows, kind, positions):
+    op = _OP + "_backward"
+    _check_kind(op, kind)
+    _check_backward_rows(op, grad_y, positions, ("x_rows", x_rows))
     return torch.empty_like(grad_y, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pypeft::token_subset_gated_activation")
 def _gated_activation_fake(gate, up, kind, positions):
+    _check_kind(_GATED_OP, kind)
+    _check_gated_args(_GATED_OP, "gate", gate, "up", up, positions)
     return (torch.empty_like(gate, memory_format=torch.contiguous_format), fake_rows(gate, positions),
             fake_rows(up, positions))
 
 
 @torch.library.register_fake("pypeft::token_subset_gated_activation_backward")
 def _gated_activation_backward_fake(grad_y, gate_rows, up_rows, kind, positions, output_mask):
+    op = _GATED_OP + "_backward"
+    _check_kind(op, kind)
+    _check_backward_rows(op, grad_y, positions, ("gate_rows", gate_rows), ("up_rows", up_rows))
+
     def grad():
         return torch.empty_like(grad_y, memory_format=torch.contiguous_format)
 

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.token_subset_attention.default
@@ -69,13 +70,57 @@ def token_subset_attention(
     return _op(query, key, value, attn_mask, scale, is_causal, dropout_p, seed, positions)[0]
 
 
+# --- fake kernels: the checks of csrc/include/pypeft/token_subset_attention.h -------------
+
+_OP, _BACKWARD_OP = "pypeft.token_subset_attention", "pypeft.token_subset_attention_backward"
+
+
+def _check_args(op, q_arg, queries, tokens, key, value, attn_mask, scale, is_causal, dropout_p, seed):
+    """queries: query (forward) or query_rows (backward), giving B, Hq and D;
+    tokens: T (query.size(2), or grad_out's in backward)."""
+    for name, t in ((q_arg, queries), ("key", key), ("value", value)):
+        _checks.check_dim(op, name, t, 4)
+    _checks.check_activation_dtype(op, q_arg, queries)
+    _checks.check_same_dtype(op, "key", key, q_arg, queries)
+    _checks.check_same_dtype(op, "value", value, q_arg, queries)
+    _checks.check_same_device(op, "key", key, q_arg, queries)
+    _checks.check_same_device(op, "value", value, q_arg, queries)
+    B, Hq, _, D = queries.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    _checks.check_size(op, "key", key, 0, B, "batch B, from query [B, Hq, T, D]")
+    heads = f"a number of heads Hkv dividing query's Hq = {Hq} (grouped K/V heads)"
+    _checks.check_value(Hkv > 0, op, "key", heads, f"shape {_checks.shape_str(key.shape)}")
+    _checks.check_value(Hq % Hkv == 0, op, "key", heads, f"shape {_checks.shape_str(key.shape)}")
+    _checks.check_size(op, "key", key, 3, D, "head dim D, from query [B, Hq, T, D]")
+    _checks.check_size(op, "value", value, 0, B, "batch B, from query [B, Hq, T, D]")
+    _checks.check_size(op, "value", value, 1, Hkv, "K/V heads Hkv, from key [B, Hkv, S, D]")
+    _checks.check_size(op, "value", value, 2, S, "key tokens S, from key [B, Hkv, S, D]")
+    if attn_mask is not None:
+        m = attn_mask
+        _checks.check_type(m.dtype == torch.bool or m.dtype == queries.dtype, op, "attn_mask",
+                           f"dtype Bool or {_checks.dtype_name(queries.dtype)} (the dtype of '{q_arg}')",
+                           _checks.dtype_name(m.dtype))
+        _checks.check_same_device(op, "attn_mask", m, q_arg, queries)
+        full = (B, Hq, tokens, S)
+        expected = f"a shape broadcastable to [B, Hq, T, S] = {_checks.shape_str(full)}"
+        got = f"shape {_checks.shape_str(m.shape)}"
+        _checks.check_value(m.dim() <= 4, op, "attn_mask", expected, got)
+        for size, want in zip(reversed(m.shape), reversed(full)):
+            _checks.check_value((size == 1) | (size == want), op, "attn_mask", expected, got)
+        _checks.check_value(not is_causal, op, "is_causal", "False when attn_mask is given",
+                            "True together with an attn_mask")
+    _checks.check_value(scale == scale and abs(scale) != float("inf") and scale > 0.0, op, "scale",
+                        "a finite number > 0", _checks.number_str(scale))
+    _checks.check_probability(op, "dropout_p", dropout_p)
+    _checks.check_seed(op, "seed", seed, dropout_p > 0.0, queries)
+
+
 @torch.library.register_fake("pypeft::token_subset_attention")
 def _token_subset_attention_fake(query, key, value, attn_mask, scale, is_causal, dropout_p, seed,
                                  positions):
-    torch._check(query.dim() == 4 and key.dim() == 4 and value.dim() == 4,
-                 lambda: "pypeft.token_subset_attention: query, key, value must be 4-D")
-    torch._check(positions.dim() == 2,
-                 lambda: "pypeft.token_subset_attention: argument 'positions': expected [B, k]")
+    _checks.check_dim(_OP, "query", query, 4)
+    _check_args(_OP, "query", query, query.shape[2], key, value, attn_mask, scale, is_causal, dropout_p, seed)
+    _checks.check_positions(_OP, positions, "query", query, 0, 2)
     B, Hq, T, D = query.shape
     out = query.new_empty((B, T, Hq, value.shape[3])).transpose(1, 2)
     query_rows = query.new_empty((B, Hq, positions.shape[1], D))
@@ -85,8 +130,18 @@ def _token_subset_attention_fake(query, key, value, attn_mask, scale, is_causal,
 @torch.library.register_fake("pypeft::token_subset_attention_backward")
 def _token_subset_attention_backward_fake(grad_out, query_rows, key, value, attn_mask, scale,
                                           is_causal, dropout_p, seed, positions, output_mask):
-    need_query, need_key, need_value = output_mask
+    op = _BACKWARD_OP
+    _checks.check_dim(op, "grad_out", grad_out, 4)
+    _check_args(op, "query_rows", query_rows, grad_out.shape[2], key, value, attn_mask, scale, is_causal,
+                dropout_p, seed)
+    _checks.check_positions(op, positions, "grad_out", grad_out, 0, 2)
     B, Hq, _, D = query_rows.shape
+    _checks.check_size(op, "grad_out", grad_out, 0, B, "batch B, from query_rows")
+    _checks.check_size(op, "grad_out", grad_out, 1, Hq, "query heads Hq, from query_rows")
+    _checks.check_size(op, "grad_out", grad_out, 3, value.shape[3], "value dim Dv, from value")
+    _checks.check_like(op, "grad_out", grad_out, "query_rows", query_rows)
+    _checks.check_size(op, "query_rows", query_rows, 2, positions.shape[1], "selected tokens k, from positions [B, k]")
+    need_query, need_key, need_value = output_mask
     return (
         query_rows.new_empty((B, Hq, grad_out.shape[2], D)) if need_query else None,
         torch.empty_like(key, memory_format=torch.contiguous_format) if need_key else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.token_subset_dropout.default
@@ -39,13 +40,26 @@ def token_subset_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None,
     return _op(x, p, seed, positions)
 
 
+_OP = "pypeft.token_subset_dropout"
+
+
+def _check_args(op, x_arg, x, p, seed, positions):
+    """The checks of csrc/token_subset_dropout.cpp (positions' values aside)."""
+    _checks.check_positions(op, positions, x_arg, x)
+    _checks.check_activation_dtype(op, x_arg, x)
+    _checks.check_probability(op, "p", p)
+    _checks.check_seed(op, "seed", seed, p > 0.0, x)
+
+
 @torch.library.register_fake("pypeft::token_subset_dropout")
 def _dropout_fake(x, p, seed, positions):
+    _check_args(_OP, "x", x, p, seed, positions)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pypeft::token_subset_dropout_backward")
 def _dropout_backward_fake(grad_y, p, seed, positions):
+    _check_args(_OP + "_backward", "grad_y", grad_y, p, seed, positions)
     return torch.empty_like(grad_y, memory_format=torch.contiguous_format)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 from pypeft.ops.token_rows import shared_rows
 
@@ -84,15 +85,50 @@ def token_subset_vera_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions)[0]
 
 
-# --- fake (meta) kernels -------------------------------------------------------------
+# --- fake (meta) kernels: the checks of csrc/token_subset_linear.cpp ----------------------
 
-def _check_fake_args(op, x, weight, positions):
-    torch._check(x.dim() == 3, lambda: f"{op}: argument 'x': expected a 3-D tensor [batch, tokens, in_features]")
-    torch._check(weight.dim() == 2, lambda: f"{op}: argument 'weight': expected a 2-D tensor")
-    torch._check(x.shape[2] == weight.shape[1],
-                 lambda: f"{op}: argument 'x': expected in_features {weight.shape[1]}")
-    torch._check(positions.dim() == 2 and positions.shape[0] == x.shape[0],
-                 lambda: f"{op}: argument 'positions': expected [B, k] with B the batch of 'x'")
+_LINEAR, _LORA, _VERA = ("pypeft.token_subset_linear", "pypeft.token_subset_lora_linear",
+                         "pypeft.token_subset_vera_linear")
+
+
+def _check_tokens_layout(op, arg, t, features):
+    _checks.check_defined(op, arg, t)
+    _checks.check_value(t.dim() == 3, op, arg, f"a 3-D tensor [batch, tokens, {features}]",
+                        f"{t.dim()}-D tensor of shape {_checks.shape_str(t.shape)}")
+
+
+def _check_selection(op, x, positions):
+    _check_tokens_layout(op, "x", x, "in_features")
+    _checks.check_positions(op, positions, "x", x)
+
+
+def _check_selected_grad(op, grad_y, weight, positions):
+    _check_tokens_layout(op, "grad_y", grad_y, "out_features")
+    _checks.check_activation_dtype(op, "grad_y", grad_y)
+    _checks.check_dim(op, "weight", weight, 2)
+    _checks.check_size(op, "grad_y", grad_y, 2, weight.shape[0], "out_features, from weight [out, in]")
+    _checks.check_like(op, "weight", weight, "grad_y", grad_y)
+    _checks.check_positions(op, positions, "grad_y", grad_y)
+
+
+def _check_saved_rows(op, arg, t, rows, cols, grad_y):
+    _checks.check_shape(op, arg, t, (rows, cols), " (one row per selected token)")
+    _checks.check_like(op, arg, t, "grad_y", grad_y)
+
+
+def _x_rows_operand(op, x_rows, rows, n_in, grad_y, values_needed):
+    """x_rows as the kernels see it: the empty [0] stand-in when its values
+    are not needed (then a tensor of x_rows' shape takes its place)."""
+    _checks.check_defined(op, "x_rows", x_rows)
+    if not values_needed and x_rows.dim() == 1 and x_rows.shape[0] == 0:
+        _checks.check_same_device(op, "x_rows", x_rows, "grad_y", grad_y)
+        return grad_y.new_empty((n_in,)).expand(rows, n_in)
+    _check_saved_rows(op, "x_rows", x_rows, rows, n_in, grad_y)
+    return x_rows
+
+
+def _selected_rows(positions):
+    return positions.shape[0] * positions.shape[1]
 
 
 def _rows_like(x, positions, cols):
@@ -110,13 +146,17 @@ def _grad_like(t):
 
 @torch.library.register_fake("pypeft::token_subset_linear")
 def _linear_fake(x, weight, bias, positions):
-    _check_fake_args("pypeft.token_subset_linear", x, weight, positions)
+    _checks.check_linear_args(_LINEAR, x, weight, bias)
+    _check_selection(_LINEAR, x, positions)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2])
 
 
 @torch.library.register_fake("pypeft::token_subset_linear_backward")
 def _linear_backward_fake(grad_y, x_rows, weight, positions, output_mask):
+    op = _LINEAR + "_backward"
     need_x, need_weight, need_bias = output_mask
+    _check_selected_grad(op, grad_y, weight, positions)
+    _x_rows_operand(op, x_rows, _selected_rows(positions), weight.shape[1], grad_y, need_weight)
     return (
         _grad_x_like(grad_y, weight) if need_x else None,
         _grad_like(weight) if need_weight else None,
@@ -126,7 +166,8 @@ def _linear_backward_fake(grad_y, x_rows, weight, positions, output_mask):
 
 @torch.library.register_fake("pypeft::token_subset_lora_linear")
 def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions):
-    _check_fake_args("pypeft.token_subset_lora_linear", x, weight, positions)
+    _checks.check_lora_linear_args(_LORA, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    _check_selection(_LORA, x, positions)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
             _rows_like(x, positions, lora_a.shape[0]))
 
@@ -134,7 +175,13 @@ def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, position
 @torch.library.register_fake("pypeft::token_subset_lora_linear_backward")
 def _lora_backward_fake(grad_y, x_rows, weight, lora_a, lora_b, u_rows, scale, dropout_p, seed, positions,
                         output_mask):
+    op = _LORA + "_backward"
     need_x, need_weight, need_bias, need_a, need_b = output_mask
+    _check_selected_grad(op, grad_y, weight, positions)
+    n = _selected_rows(positions)
+    xr = _x_rows_operand(op, x_rows, n, weight.shape[1], grad_y, need_weight or need_a)
+    _checks.check_lora_linear_args(op, xr, weight, None, lora_a, lora_b, scale, dropout_p, seed)
+    _check_saved_rows(op, "u_rows", u_rows, n, lora_a.shape[0], grad_y)
     return (
         _grad_x_like(grad_y, weight) if need_x else None,
         _grad_like(weight) if need_weight else None,
@@ -146,7 +193,8 @@ def _lora_backward_fake(grad_y, x_rows, weight, lora_a, lora_b, u_rows, scale, d
 
 @torch.library.register_fake("pypeft::token_subset_vera_linear")
 def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions):
-    _check_fake_args("pypeft.token_subset_vera_linear", x, weight, positions)
+    _checks.check_vera_linear_args(_VERA, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)
+    _check_selection(_VERA, x, positions)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
             _rows_like(x, positions, vera_a.shape[0]))
 
@@ -154,7 +202,13 @@ def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, s
 @torch.library.register_fake("pypeft::token_subset_vera_linear_backward")
 def _vera_backward_fake(grad_y, x_rows, weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, dropout_p, seed,
                         positions, output_mask):
+    op = _VERA + "_backward"
     need_x, need_weight, need_bias, need_ld, need_lb = output_mask
+    _check_selected_grad(op, grad_y, weight, positions)
+    n = _selected_rows(positions)
+    xr = _x_rows_operand(op, x_rows, n, weight.shape[1], grad_y, need_weight)
+    _checks.check_vera_linear_args(op, xr, weight, None, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)
+    _check_saved_rows(op, "u_rows", u_rows, n, vera_a.shape[0], grad_y)
     return (
         _grad_x_like(grad_y, weight) if need_x else None,
         _grad_like(weight) if need_weight else None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from pypeft.ops import _checks
 from pypeft.ops._double_backward import forbid_double_backward
 from pypeft.ops.token_rows import add_rows_grad, fake_rows, shared_rows
 
@@ -63,14 +64,57 @@ def token_subset_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: flo
     return _rms_norm_op(x, weight, eps, positions)[0]
 
 
+# --- fake kernels: the checks of csrc/token_subset_norm.cpp ---------------------------------
+
+_LAYER_NORM, _RMS_NORM = "pypeft.token_subset_layer_norm", "pypeft.token_subset_rms_norm"
+
+
+def _check_input(op, arg, x, eps):
+    """x (or grad_y): [B, T, ..., D], normalised over D."""
+    _checks.check_defined(op, arg, x)
+    expected, got = "a tensor of shape [B, T, ..., D] with D >= 1", f"shape {_checks.shape_str(x.shape)}"
+    _checks.check_value(x.dim() >= 3, op, arg, expected, got)
+    _checks.check_value(x.shape[-1] >= 1, op, arg, expected, got)
+    _checks.check_activation_dtype(op, arg, x)
+    _checks.check_finite(op, "eps", eps)
+
+
+def _check_param(op, arg, param, features, x_arg, x):
+    """weight / bias: [D], in x's dtype or float32 beside a bfloat16/float16 x."""
+    if param is None:
+        return
+    _checks.check_dim(op, arg, param, 1)
+    _checks.check_size(op, arg, param, 0, features, "the normalised last dim")
+    _checks.check_same_device(op, arg, param, x_arg, x)
+    _checks.check_low_precision_partner(op, arg, param, x_arg, x)
+
+
+def _check_backward_rows(op, grad_y, x_rows, eps, positions):
+    _check_input(op, "grad_y", grad_y, eps)
+    _checks.check_positions(op, positions, "grad_y", grad_y)
+    _checks.check_rows(op, "x_rows", x_rows, positions, "grad_y", grad_y)
+    _checks.check_activation_dtype(op, "x_rows", x_rows)
+
+
 @torch.library.register_fake("pypeft::token_subset_layer_norm")
 def _layer_norm_fake(x, weight, bias, eps, positions):
-    torch._check(x.dim() >= 3, lambda: "pypeft.token_subset_layer_norm: argument 'x': expected [B, T, ..., D]")
+    op = _LAYER_NORM
+    _check_input(op, "x", x, eps)
+    _check_param(op, "weight", weight, x.shape[-1], "x", x)
+    _check_param(op, "bias", bias, x.shape[-1], "x", x)
+    if weight is not None and bias is not None:
+        _checks.check_same_dtype(op, "bias", bias, "weight", weight)
+    _checks.check_positions(op, positions, "x", x)
     return torch.empty_like(x, memory_format=torch.contiguous_format), fake_rows(x, positions)
 
 
 @torch.library.register_fake("pypeft::token_subset_layer_norm_backward")
 def _layer_norm_backward_fake(grad_y, x_rows, weight, bias, eps, positions, output_mask):
+    op = _LAYER_NORM + "_backward"
+    _check_backward_rows(op, grad_y, x_rows, eps, positions)
+    _checks.check_same_dtype(op, "grad_y", grad_y, "x_rows", x_rows)
+    _check_param(op, "weight", weight, grad_y.shape[-1], "x_rows", x_rows)
+    _check_param(op, "bias", bias, grad_y.shape[-1], "x_rows", x_rows)
     need_x, need_weight, need_bias = output_mask
     return (
         grad_y.new_empty(grad_y.shape, dtype=x_rows.dtype) if need_x else None,
@@ -81,13 +125,19 @@ def _layer_norm_backward_fake(grad_y, x_rows, weight, bias, eps, positions, outp
 
 @torch.library.register_fake("pypeft::token_subset_rms_norm")
 def _rms_norm_fake(x, weight, eps, positions):
-    torch._check(x.dim() >= 3, lambda: "pypeft.token_subset_rms_norm: argument 'x': expected [B, T, ..., D]")
+    op = _RMS_NORM
+    _check_input(op, "x", x, eps)
+    _check_param(op, "weight", weight, x.shape[-1], "x", x)
+    _checks.check_positions(op, positions, "x", x)
     dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
     return x.new_empty(x.shape, dtype=dtype), fake_rows(x, positions)
 
 
 @torch.library.register_fake("pypeft::token_subset_rms_norm_backward")
 def _rms_norm_backward_fake(grad_y, x_rows, weight, eps, positions, output_mask):
+    op = _RMS_NORM + "_backward"
+    _check_backward_rows(op, grad_y, x_rows, eps, positions)
+    _check_param(op, "weight", weight, grad_y.shape[-1], "x_rows", x_rows)
     need_x, need_weight = output_mask
     return (
         grad_y.new_empty(grad_y.shape, dtype=x_rows.dtype) if need_x else None,

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from pypeft.ops import saved_inputs
+from pypeft.ops import _checks, saved_inputs
 from pypeft.ops._double_backward import forbid_double_backward
 
 _op = torch.ops.pypeft.vera_linear.default
 _backward_op = torch.ops.pypeft.vera_linear_backward.default
+_OP, _BACKWARD_OP = "pypeft.vera_linear", "pypeft.vera_linear_backward"
 
 
 def vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p: float = 0.0, seed=None):
@@ -32,14 +33,17 @@ def vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p: 
 
 @torch.library.register_fake("pypeft::vera_linear")
 def _vera_linear_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed):
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"pypeft.vera_linear: argument 'x': expected in_features {weight.shape[1]}")
+    _checks.check_vera_linear_args(_OP, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], vera_a.shape[0]))
 
 
 @torch.library.register_fake("pypeft::vera_linear_backward")
 def _vera_linear_backward_fake(grad_out, grad_u, x, weight, vera_a, vera_b, lambda_d, lambda_b, u, dropout_p,
                                seed, output_mask, row_ids=None):
+    _checks.check_vera_shared(_BACKWARD_OP, weight, vera_a, vera_b, lambda_d, lambda_b, x)
+    out, n_in = weight.shape
+    _checks.check_lora_linear_backward_args(_BACKWARD_OP, grad_out, grad_u, x, weight, vera_a[:, :n_in],
+                                            vera_b[:out], u, 1.0, dropout_p, seed, row_ids, "vera_a", "vera_b")
     need_x, need_weight, need_bias, need_ld, need_lb = output_mask
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None,

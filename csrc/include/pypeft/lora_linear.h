@@ -32,16 +32,26 @@ inline std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return s;
 }
 
+// The adapter matrices' names in messages: lora_linear's own, or the shared
+// matrices' when vera_linear checks its slices of them.
+struct AdapterArgNames {
+  const char* a;
+  const char* b;
+};
+constexpr AdapterArgNames kLoraArgs{"lora_a", "lora_b"};
+constexpr AdapterArgNames kVeraArgs{"vera_a", "vera_b"};
+
 inline void check_lora_adapter_dtype(const char* op, const at::Tensor& x,
-                                     const at::Tensor& lora_a, const at::Tensor& lora_b) {
+                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                     const AdapterArgNames& names = kLoraArgs) {
   const bool low_precision_x = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   PYPEFT_CHECK_TYPE(lora_a.scalar_type() == x.scalar_type() ||
                         (low_precision_x && lora_a.scalar_type() == at::kFloat),
-                    op, "lora_a",
+                    op, names.a,
                     std::string("dtype ") + c10::toString(x.scalar_type()) + " (the dtype of 'x')" +
                         (low_precision_x ? " or float32" : ""),
                     c10::toString(lora_a.scalar_type()));
-  check_same_dtype(op, "lora_b", lora_b, "lora_a", lora_a);
+  check_same_dtype(op, names.b, lora_b, names.a, lora_a);
 }
 
 // The frozen layer's part, x [..., in] · weight [out, in]ᵀ + bias [out]: what
@@ -72,20 +82,21 @@ inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x
                                              const c10::optional<at::Tensor>& bias,
                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
                                              double scale, double dropout_p,
-                                             const c10::optional<at::Tensor>& seed) {
+                                             const c10::optional<at::Tensor>& seed,
+                                             const AdapterArgNames& names = kLoraArgs) {
   check_linear_args(op, x, weight, bias);
   const int64_t in = weight.size(1), out = weight.size(0);
-  check_dim(op, "lora_a", lora_a, 2);
+  check_dim(op, names.a, lora_a, 2);
   const int64_t r = lora_a.size(0);
-  PYPEFT_CHECK_VALUE(r >= 1, op, "lora_a", "shape [r, in_features] with rank r >= 1",
+  PYPEFT_CHECK_VALUE(r >= 1, op, names.a, "shape [r, in_features] with rank r >= 1",
                      "shape " + shape_str(lora_a.sizes()));
-  check_size(op, "lora_a", lora_a, 1, in, "in_features, from weight [out, in]");
-  check_dim(op, "lora_b", lora_b, 2);
-  check_size(op, "lora_b", lora_b, 0, out, "out_features, from weight [out, in]");
-  check_size(op, "lora_b", lora_b, 1, r, "rank r, from lora_a [r, in]");
-  check_same_device(op, "lora_a", lora_a, "x", x);
-  check_same_device(op, "lora_b", lora_b, "x", x);
-  check_lora_adapter_dtype(op, x, lora_a, lora_b);
+  check_size(op, names.a, lora_a, 1, in, "in_features, from weight [out, in]");
+  check_dim(op, names.b, lora_b, 2);
+  check_size(op, names.b, lora_b, 0, out, "out_features, from weight [out, in]");
+  check_size(op, names.b, lora_b, 1, r, (std::string("rank r, from ") + names.a + " [r, in]").c_str());
+  check_same_device(op, names.a, lora_a, "x", x);
+  check_same_device(op, names.b, lora_b, "x", x);
+  check_lora_adapter_dtype(op, x, lora_a, lora_b, names);
   PYPEFT_CHECK_VALUE(std::isfinite(scale), op, "scale", "a finite number", scale);
   check_probability(op, "dropout_p", dropout_p);
   check_seed(op, "seed", seed, dropout_p > 0.0, x);
@@ -98,9 +109,10 @@ inline LoraLinearDims check_lora_linear_backward_args(
     const char* op, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u,
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& u, double scale, double dropout_p,
-    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& row_ids) {
-  const auto dims =
-      check_lora_linear_args(op, x, weight, c10::nullopt, lora_a, lora_b, scale, dropout_p, seed);
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& row_ids,
+    const AdapterArgNames& names = kLoraArgs) {
+  const auto dims = check_lora_linear_args(op, x, weight, c10::nullopt, lora_a, lora_b, scale,
+                                           dropout_p, seed, names);
   check_row_ids(op, row_ids, x, dims.rows);
   check_defined(op, "grad_out", grad_out);
   const auto y_shape = with_last_dim(x.sizes(), dims.out);

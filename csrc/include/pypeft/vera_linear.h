@@ -12,13 +12,11 @@
 
 namespace pypeft {
 
-inline LoraLinearDims check_vera_linear_args(const char* op, const at::Tensor& x,
-                                             const at::Tensor& weight,
-                                             const c10::optional<at::Tensor>& bias,
-                                             const at::Tensor& vera_a, const at::Tensor& vera_b,
-                                             const at::Tensor& lambda_d,
-                                             const at::Tensor& lambda_b, double dropout_p,
-                                             const c10::optional<at::Tensor>& seed) {
+// The shared matrices against the layer (weight [out, in]) and the vectors:
+// shapes, devices and dtypes.
+inline void check_vera_shared_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& vera_a, const at::Tensor& vera_b,
+                                   const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
   check_dim(op, "vera_a", vera_a, 2);
   check_dim(op, "vera_b", vera_b, 2);
   check_dim(op, "weight", weight, 2);
@@ -41,9 +39,33 @@ inline LoraLinearDims check_vera_linear_args(const char* op, const at::Tensor& x
     check_same_device(op, name, *t, "x", x);
     check_same_dtype(op, name, *t, "vera_a", vera_a);
   }
-  // The slices are what the LoRA-shaped checks see.
-  return check_lora_linear_args(op, x, weight, bias, vera_a.narrow(1, 0, in),
-                                vera_b.narrow(0, 0, out), 1.0, dropout_p, seed);
+}
+
+inline LoraLinearDims check_vera_linear_args(const char* op, const at::Tensor& x,
+                                             const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias,
+                                             const at::Tensor& vera_a, const at::Tensor& vera_b,
+                                             const at::Tensor& lambda_d,
+                                             const at::Tensor& lambda_b, double dropout_p,
+                                             const c10::optional<at::Tensor>& seed) {
+  check_vera_shared_args(op, x, weight, vera_a, vera_b, lambda_d, lambda_b);
+  // The slices are what the LoRA-shaped checks see; messages name the shared matrices.
+  return check_lora_linear_args(op, x, weight, bias, vera_a.narrow(1, 0, weight.size(1)),
+                                vera_b.narrow(0, 0, weight.size(0)), 1.0, dropout_p, seed,
+                                kVeraArgs);
+}
+
+inline LoraLinearDims check_vera_linear_backward_args(
+    const char* op, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& vera_a,
+    const at::Tensor& vera_b, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+    const at::Tensor& u, double dropout_p, const c10::optional<at::Tensor>& seed,
+    const c10::optional<at::Tensor>& row_ids) {
+  check_vera_shared_args(op, x, weight, vera_a, vera_b, lambda_d, lambda_b);
+  return check_lora_linear_backward_args(op, grad_out, grad_u, x, weight,
+                                         vera_a.narrow(1, 0, weight.size(1)),
+                                         vera_b.narrow(0, 0, weight.size(0)), u, 1.0, dropout_p,
+                                         seed, row_ids, kVeraArgs);
 }
 
 }  // namespace pypeft

@@ -1,0 +1,333 @@
+"""Argument checks for the fake (meta) kernels: csrc/include/pypeft/checks.h
+and the per-op checks of csrc/, in Python, with the same conditions and the
+same messages ("<op>: argument '<arg>': expected ..., got ...", ValueError for
+values and shapes, TypeError for dtypes).
+
+Why the fake kernels check everything the real ones do:
+- Under FakeTensor (torch.compile, opcheck, export) the fake kernel is all
+  that runs: without the checks a wrong shape (a lora_a of the wrong width)
+  would trace into a graph and fail later, somewhere else, or never.
+- register_fake registers the fake kernel as the op's Meta kernel, and the
+  dispatcher picks Meta whenever one argument is a meta tensor. A meta tensor
+  mixed with CPU tensors therefore reaches the fake kernel with real tensors,
+  and an unchecked `x.new_empty(...)` would return uninitialised CPU memory as
+  the op's result. Every tensor argument's device is checked against the
+  op's first tensor argument (x), as the real kernels check it.
+
+Values that only the data can tell (positions in range and distinct) are left
+to the real kernels. Shapes may be symbolic (torch.compile with dynamic
+shapes): conditions go through torch._check_value / torch._check_type, which
+guard on them instead of failing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as c10::toString names it (what the C++ messages print)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def shape_str(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def number_str(v: float) -> str:
+    """A double as C++'s ostream prints it (6 significant digits, no '.0')."""
+    return "%g" % v
+
+
+def check_value(cond, op: str, arg: str, expected, got) -> None:
+    """ValueError "<op>: argument '<arg>': expected <expected>, got <got>" unless cond."""
+    torch._check_value(cond, lambda: f"{op}: argument '{arg}': expected {expected}, got {got}")
+
+
+def check_type(cond, op: str, arg: str, expected, got) -> None:
+    """As check_value, a TypeError (dtypes)."""
+    torch._check_type(cond, lambda: f"{op}: argument '{arg}': expected {expected}, got {got}")
+
+
+def check_defined(op: str, arg: str, t) -> None:
+    check_value(t is not None, op, arg, "a tensor", "None")
+
+
+def check_dim(op: str, arg: str, t, dim: int) -> None:
+    check_defined(op, arg, t)
+    check_value(t.dim() == dim, op, arg, f"{dim}-D tensor", f"{t.dim()}-D tensor of shape {shape_str(t.shape)}")
+
+
+def check_size(op: str, arg: str, t, d: int, expected, what: str) -> None:
+    check_value(t.shape[d] == expected, op, arg, f"size {expected} in dim {d} ({what})",
+                f"shape {shape_str(t.shape)}")
+
+
+def check_shape(op: str, arg: str, t, expected, what: str = "") -> None:
+    """t's whole shape is `expected` (what: why, appended in parentheses)."""
+    check_defined(op, arg, t)
+    check_value(t.dim() == len(expected), op, arg, f"shape {shape_str(expected)}{what}", f"shape {shape_str(t.shape)}")
+    for got, want in zip(t.shape, expected):
+        check_value(got == want, op, arg, f"shape {shape_str(expected)}{what}", f"shape {shape_str(t.shape)}")
+
+
+def check_same_device(op: str, arg: str, t, ref_arg: str, ref) -> None:
+    check_value(t.device == ref.device, op, arg, f"a tensor on {ref.device} (the device of '{ref_arg}')",
+                f"a tensor on {t.device}")
+
+
+def check_same_dtype(op: str, arg: str, t, ref_arg: str, ref) -> None:
+    check_type(t.dtype == ref.dtype, op, arg, f"dtype {dtype_name(ref.dtype)} (the dtype of '{ref_arg}')",
+               dtype_name(t.dtype))
+
+
+def check_like(op: str, arg: str, t, ref_arg: str, ref) -> None:
+    check_same_device(op, arg, t, ref_arg, ref)
+    check_same_dtype(op, arg, t, ref_arg, ref)
+
+
+def check_dtype_in(op: str, arg: str, t, allowed) -> None:
+    names = ", ".join(dtype_name(d) for d in allowed)
+    check_type(t.dtype in allowed, op, arg, f"one of dtypes {{{names}}} on {t.device}", dtype_name(t.dtype))
+
+
+def check_activation_dtype(op: str, arg: str, t) -> None:
+    """float32, float64, bfloat16; float16 too on CUDA."""
+    if t.device.type == "cuda":
+        check_dtype_in(op, arg, t, (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    else:
+        check_dtype_in(op, arg, t, (torch.float32, torch.float64, torch.bfloat16))
+
+
+def check_low_precision_partner(op: str, arg: str, t, ref_arg: str, ref) -> None:
+    """t's dtype is ref's, or float32 beside a bfloat16 / float16 ref (fp32
+    master weights beside low-precision activations)."""
+    low = ref.dtype in (torch.bfloat16, torch.float16)
+    check_type(t.dtype == ref.dtype or (low and t.dtype == torch.float32), op, arg,
+               f"dtype {dtype_name(ref.dtype)} (the dtype of '{ref_arg}')" + (" or float32" if low else ""),
+               dtype_name(t.dtype))
+
+
+def check_finite(op: str, arg: str, v: float) -> None:
+    check_value(v == v and abs(v) != float("inf"), op, arg, "a finite number", number_str(v))
+
+
+def check_probability(op: str, arg: str, p: float) -> None:
+    check_value(0.0 <= p < 1.0, op, arg, "a probability in [0, 1)", number_str(p))
+
+
+def check_seed(op: str, arg: str, seed, required: bool, ref) -> None:
+    """A one-element int64 tensor on the CPU or ref's device; required: not None."""
+    if seed is None:
+        check_value(not required, op, arg, "a 0-dim int64 tensor when dropout_p > 0", "None")
+        return
+    check_type(seed.dtype == torch.int64, op, arg, "an int64 tensor", dtype_name(seed.dtype))
+    check_value(seed.numel() == 1, op, arg, "a tensor with one element", f"shape {shape_str(seed.shape)}")
+    check_value(seed.device.type == "cpu" or seed.device == ref.device, op, arg,
+                f"a tensor on cpu or {ref.device}", f"a tensor on {seed.device}")
+
+
+def check_row_ids(op: str, row_ids, x, rows) -> None:
+    """Optional int64 ids, one per row of x viewed as [rows, C], on x's device."""
+    if row_ids is None:
+        return
+    check_type(row_ids.dtype == torch.int64, op, "row_ids", "an int64 tensor", dtype_name(row_ids.dtype))
+    check_same_device(op, "row_ids", row_ids, "x", x)
+    check_value(row_ids.numel() == rows, op, "row_ids", f"one id per row of x ({rows})",
+                f"shape {shape_str(row_ids.shape)}")
+
+
+def numel(sizes):
+    n = 1
+    for s in sizes:
+        n = n * s
+    return n
+
+
+# --- the linear layers (csrc/include/pypeft/lora_linear.h, vera_linear.h) -----------
+
+def check_linear_args(op: str, x, weight, bias) -> None:
+    """x [..., in], weight [out, in], bias [out] or None: one dtype, one device."""
+    check_defined(op, "x", x)
+    check_value(x.dim() >= 1, op, "x", "a tensor of shape [..., in_features]", "a 0-D tensor")
+    check_activation_dtype(op, "x", x)
+    check_dim(op, "weight", weight, 2)
+    out, n_in = weight.shape
+    check_value(n_in >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
+                f"shape {shape_str(weight.shape)}")
+    check_value(out >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
+                f"shape {shape_str(weight.shape)}")
+    check_size(op, "x", x, x.dim() - 1, n_in, "in_features, from weight [out, in]")
+    check_like(op, "weight", weight, "x", x)
+    if bias is not None:
+        check_dim(op, "bias", bias, 1)
+        check_size(op, "bias", bias, 0, out, "out_features, from weight [out, in]")
+        check_like(op, "bias", bias, "x", x)
+
+
+def check_lora_linear_args(op: str, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
+                           a_name: str = "lora_a", b_name: str = "lora_b") -> None:
+    """lora_linear's arguments; a_name / b_name: what the adapter matrices are
+    called (vera_linear passes its shared matrices' slices as vera_a, vera_b)."""
+    check_linear_args(op, x, weight, bias)
+    out, n_in = weight.shape
+    check_dim(op, a_name, lora_a, 2)
+    r = lora_a.shape[0]
+    check_value(r >= 1, op, a_name, "shape [r, in_features] with rank r >= 1", f"shape {shape_str(lora_a.shape)}")
+    check_size(op, a_name, lora_a, 1, n_in, "in_features, from weight [out, in]")
+    check_dim(op, b_name, lora_b, 2)
+    check_size(op, b_name, lora_b, 0, out, "out_features, from weight [out, in]")
+    check_size(op, b_name, lora_b, 1, r, f"rank r, from {a_name} [r, in]")
+    check_same_device(op, a_name, lora_a, "x", x)
+    check_same_device(op, b_name, lora_b, "x", x)
+    check_low_precision_partner(op, a_name, lora_a, "x", x)
+    check_same_dtype(op, b_name, lora_b, a_name, lora_a)
+    check_finite(op, "scale", scale)
+    check_probability(op, "dropout_p", dropout_p)
+    check_seed(op, "seed", seed, dropout_p > 0.0, x)
+
+
+def check_lora_linear_backward_args(op: str, grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p,
+                                    seed, row_ids, a_name: str = "lora_a", b_name: str = "lora_b") -> None:
+    check_lora_linear_args(op, x, weight, None, lora_a, lora_b, scale, dropout_p, seed, a_name, b_name)
+    rows = numel(x.shape[:-1])
+    check_row_ids(op, row_ids, x, rows)
+    y_shape = (*x.shape[:-1], weight.shape[0])
+    u_shape = (*x.shape[:-1], lora_a.shape[0])
+    check_shape(op, "grad_out", grad_out, y_shape)
+    check_like(op, "grad_out", grad_out, "x", x)
+    check_shape(op, "u", u, u_shape)
+    check_like(op, "u", u, "x", x)
+    if grad_u is not None:
+        check_shape(op, "grad_u", grad_u, u_shape)
+        check_like(op, "grad_u", grad_u, "x", x)
+
+
+def check_vera_shared(op: str, weight, vera_a, vera_b, lambda_d, lambda_b, x) -> None:
+    """The shared A [r, max_in], B [max_out, r] against the layer (weight [out,
+    in]) and the vectors λ_d [r], λ_b [out]: shapes, devices and dtypes."""
+    check_dim(op, "vera_a", vera_a, 2)
+    check_dim(op, "vera_b", vera_b, 2)
+    check_dim(op, "weight", weight, 2)
+    out, n_in = weight.shape
+    r = vera_a.shape[0]
+    check_value(vera_a.shape[1] >= n_in, op, "vera_a",
+                f"shape [r, max_in] with max_in >= in_features {n_in} (the shared matrix is sliced per layer)",
+                f"shape {shape_str(vera_a.shape)}")
+    check_value(vera_b.shape[0] >= out, op, "vera_b",
+                f"shape [max_out, r] with max_out >= out_features {out} (the shared matrix is sliced per layer)",
+                f"shape {shape_str(vera_b.shape)}")
+    check_size(op, "vera_b", vera_b, 1, r, "rank r, from vera_a [r, max_in]")
+    check_dim(op, "lambda_d", lambda_d, 1)
+    check_size(op, "lambda_d", lambda_d, 0, r, "rank r, from vera_a [r, max_in]")
+    check_dim(op, "lambda_b", lambda_b, 1)
+    check_size(op, "lambda_b", lambda_b, 0, out, "out_features, from weight [out, in]")
+    for name, t in (("lambda_d", lambda_d), ("lambda_b", lambda_b)):
+        check_same_device(op, name, t, "x", x)
+        check_same_dtype(op, name, t, "vera_a", vera_a)
+
+
+def check_vera_linear_args(op: str, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed) -> None:
+    check_vera_shared(op, weight, vera_a, vera_b, lambda_d, lambda_b, x)
+    out, n_in = weight.shape
+    check_lora_linear_args(op, x, weight, bias, vera_a[:, :n_in], vera_b[:out], 1.0, dropout_p, seed,
+                           "vera_a", "vera_b")
+
+
+# --- token-subset ops (csrc/include/pypeft/token_subset.h) ---------------------------
+
+def check_positions(op: str, positions, x_arg: str, x, batch_dim: int = 0, token_dim: int = 1) -> None:
+    """positions [B, k] int64 on x's device, B and T from x's dims batch_dim
+    and token_dim, k <= T. (Their values, in [0, T) and distinct per row, are
+    checked by the real kernels: the data is not here.)"""
+    check_defined(op, x_arg, x)
+    check_value(x.dim() > max(batch_dim, token_dim), op, x_arg,
+                f"a tensor with batch and token dims {batch_dim} and {token_dim}", f"shape {shape_str(x.shape)}")
+    check_dim(op, "positions", positions, 2)
+    check_type(positions.dtype == torch.int64, op, "positions", "an int64 tensor", dtype_name(positions.dtype))
+    check_same_device(op, "positions", positions, x_arg, x)
+    B, T, k = x.shape[batch_dim], x.shape[token_dim], positions.shape[1]
+    check_value(positions.shape[0] == B, op, "positions", f"[B, k] with B = {B} (the batch of '{x_arg}')",
+                f"shape {shape_str(positions.shape)}")
+    check_value(k <= T, op, "positions", f"at most {T} positions per row (the tokens of '{x_arg}')", str(k))
+
+
+def row_features(x):
+    """F, the features of one token's row: the product of x's dims after [B, T]."""
+    return numel(x.shape[2:])
+
+
+def check_rows(op: str, rows_arg: str, rows, positions, ref_arg: str, ref) -> None:
+    """A backward op's saved rows [B * k, F] against ref ([B, T, ...]), the
+    gradient whose selected rows they pair with."""
+    check_dim(op, rows_arg, rows, 2)
+    check_same_device(op, rows_arg, rows, ref_arg, ref)
+    n, f = positions.shape[0] * positions.shape[1], row_features(ref)
+    expected = f"shape [{n}, {f}] (the B * k selected rows of '{ref_arg}')"
+    check_value(rows.shape[0] == n, op, rows_arg, expected, f"shape {shape_str(rows.shape)}")
+    check_value(rows.shape[1] == f, op, rows_arg, expected, f"shape {shape_str(rows.shape)}")
+
+
+
+# --- recurrent cells and scan (csrc/include/pypeft/recurrent.h) -----------------------
+
+RECURRENT_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def check_cell(op: str, cell: str) -> None:
+    check_value(cell in RECURRENT_GATES, op, "cell", "one of 'rnn', 'gru', 'lstm'", f"'{cell}'")
+
+
+def check_state(op: str, arg: str, t, rows, hidden, x_arg: str, x) -> None:
+    """A [rows, H]-shaped tensor (h, c and their gradients) like x."""
+    check_dim(op, arg, t, 2)
+    check_size(op, arg, t, 0, rows, f"rows N, from '{x_arg}'")
+    check_size(op, arg, t, 1, hidden, "hidden size H, from w_hh [G·H, H]")
+    check_like(op, arg, t, x_arg, x)
+
+
+def check_recurrent_args(op: str, cell: str, sequence: bool, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """Everything a forward op reads: x [N, in] (a cell; arguments x, h, c) or
+    xs [L, N, in] (the scan; xs, h0, c0). Returns (rows N, hidden H)."""
+    x_arg, h_arg, c_arg = ("xs", "h0", "c0") if sequence else ("x", "h", "c")
+    check_dim(op, x_arg, x, 3 if sequence else 2)
+    check_activation_dtype(op, x_arg, x)
+    G = RECURRENT_GATES[cell]
+    gates_what = f"{G}·H rows for cell '{cell}' ({G} gates), H = hidden size"
+    check_dim(op, "w_hh", w_hh, 2)
+    check_like(op, "w_hh", w_hh, x_arg, x)
+    H = w_hh.shape[1]
+    check_value(w_hh.shape[0] == G * H, op, "w_hh", f"shape [{G}·H, H] ({gates_what})",
+                f"shape {shape_str(w_hh.shape)}")
+    check_dim(op, "w_ih", w_ih, 2)
+    check_like(op, "w_ih", w_ih, x_arg, x)
+    check_size(op, "w_ih", w_ih, 0, G * H, gates_what + ", from w_hh [G·H, H]")
+    check_size(op, x_arg, x, x.dim() - 1, w_ih.shape[1], "input features, from w_ih [G·H, in]")
+    for arg, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_dim(op, arg, b, 1)
+            check_size(op, arg, b, 0, G * H, gates_what + ", from w_hh [G·H, H]")
+            check_like(op, arg, b, x_arg, x)
+    rows = x.shape[1 if sequence else 0]
+    check_state(op, h_arg, h, rows, H, x_arg, x)
+    if cell == "lstm":
+        check_value(c is not None, op, c_arg, "a tensor [N, H] for cell 'lstm'", "None")
+        check_state(op, c_arg, c, rows, H, x_arg, x)
+    else:
+        check_value(c is None, op, c_arg, f"None for cell '{cell}' (only 'lstm' has a cell state)", "a tensor")
+    return rows, H
