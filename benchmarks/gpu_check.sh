@@ -8,7 +8,8 @@
 #
 #   benchmarks/gpu_check.sh [OUTDIR]            on the GPU machine (torch already installed there)
 #   benchmarks/gpu_check.sh --dry-run [OUTDIR]  the same steps on the CPU with tiny sizes: checks the plumbing
-#   benchmarks/gpu_check.sh --prepare           where pip reaches a registry, before: fills .whl/ (below)
+#   benchmarks/gpu_check.sh --prepare           before, where pip reaches a registry (in a venv with torch and
+#                                               safetensors): fills .whl/ (below)
 #
 # Run from anywhere; it works in the checkout it lives in. OUTDIR defaults to
 # $OUT when set (the device tool's output folder), else ./gpu-check-<time>.
@@ -67,6 +68,8 @@ done
 # --- --prepare: what the GPU machine cannot download -----------------------------------------
 if [[ "$mode" == prepare ]]; then
   set -eo pipefail
+  "$PY" -c 'import torch, safetensors' 2>/dev/null \
+    || { echo "gpu_check.sh --prepare: $PY lacks torch or safetensors; run it with the project's venv active, or PYTHON=.venv/bin/python" >&2; exit 2; }
   dest="$repo/.whl"
   mkdir -p "$dest"
   tmp="$(mktemp -d)"
@@ -221,7 +224,8 @@ if (( build )); then
   # pyproject.toml's license (an SPDX string) needs setuptools 77 or later.
   "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null \
     || say "build: WARNING: setuptools $("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>&1) is older than 77, the build's floor; expect it to fail on project.license"
-  run_step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . || build_ok=0
+  # 16 cores build it in 1-2 minutes; 2 cores (a --dry-run here) need about 8.
+  run_step build "$([[ "$mode" == gpu ]] && echo 240 || echo 1500)" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . || build_ok=0
 fi
 # Import from outside the checkout, and (on a GPU) find the CUDA kernels.
 run_step import_check 60 env -C "$scratch" "$PY" -c '
