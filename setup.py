@@ -136,7 +136,11 @@ if __name__ == "__main__":
 
     kernels = "CPU and CUDA" if any(s.endswith(".cu") for s in ext.sources) else "CPU"
     print(f"pypeft: building {ext.name} with {kernels} kernels")
+    # Plain BuildExtension: it uses ninja when ninja is there and falls back by
+    # itself. Not BuildExtension.with_options(use_ninja=...): its keyword reaches
+    # distutils' Command.__init__, which older setuptools (77.0.3, the floor in
+    # pyproject.toml) reject while pip generates metadata.
     setup(
         ext_modules=[ext],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        cmdclass={"build_ext": BuildExtension},
     )

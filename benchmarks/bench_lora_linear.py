@@ -21,17 +21,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import alternate_timings, machine_description, saved_activation_bytes  # noqa: E402
+from common import (DTYPES, add_device_options, alternate_timings, machine_description,  # noqa: E402
+                    saved_activation_bytes)
 
 import pypeft  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_device_options(p)
     p.add_argument("--features", type=int, default=1024, help="in = out features")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--r", type=int, default=16)

@@ -11,6 +11,7 @@ VeRA r=256):
 Prints one JSON object. Candidates alternate in one process; medians, ratios.
 
     python benchmarks/bench_mixed_batch.py [--rows 32 --adapters 8 --tokens 4 128 --rounds 15]
+                                           [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import alternate_timings, machine_description, minilm_shaped  # noqa: E402
+from common import DTYPES, add_device_options, alternate_timings, machine_description, minilm_shaped  # noqa: E402
 
 import pypeft  # noqa: E402
 
@@ -65,8 +66,8 @@ def peft_model(base, method, names, args):
     return model.eval()
 
 
-def candidates(method, ours, theirs, batch, row_names, adapters):
-    rows_of = {a: torch.tensor([i for i, n in enumerate(row_names) if n == a]) for a in adapters}
+def candidates(method, ours, theirs, batch, row_names, adapters, device):
+    rows_of = {a: torch.tensor([i for i, n in enumerate(row_names) if n == a], device=device) for a in adapters}
 
     def sub(b, a):
         return {k: v.index_select(0, rows_of[a]) for k, v in b.items()}
@@ -111,31 +112,36 @@ def main(argv=None):
     p.add_argument("--vera-r", type=int, default=256)
     p.add_argument("--methods", nargs="+", default=["lora", "vera"])
     p.add_argument("--rounds", type=int, default=15)
+    add_device_options(p)
     args = p.parse_args(argv)
     import peft
 
-    device = torch.device("cpu")
-    base = minilm_shaped(0.0)
+    device = torch.device(args.device)
+    # Both libraries' models are built on the CPU from the same weights, then moved.
+    base = minilm_shaped(0.0, dtype=DTYPES[args.dtype])
+    # How closely a mixed batch must match row-by-row calls: float32 rounding, or the model's.
+    tolerance = 1e-4 if args.dtype in ("float32", "float64") else 5e-2
     adapters = [f"user{i}" for i in range(args.adapters)]
     row_names = [adapters[i % len(adapters)] for i in range(args.rows)]
     results = {}
     for method in args.methods:
-        ours, theirs = pypeft_model(base, method, adapters, args), peft_model(base, method, adapters, args)
+        ours = pypeft_model(base, method, adapters, args).to(device)
+        theirs = peft_model(base, method, adapters, args).to(device)
         pypeft.set_adapter(ours, adapters[0])
         theirs.set_adapter(adapters[0])
         for tokens in args.tokens:
             g = torch.Generator().manual_seed(tokens)
-            batch = {"input_ids": torch.randint(0, 30522, (args.rows, tokens), generator=g),
-                     "attention_mask": torch.ones(args.rows, tokens, dtype=torch.long)}
+            batch = {"input_ids": torch.randint(0, 30522, (args.rows, tokens), generator=g).to(device),
+                     "attention_mask": torch.ones(args.rows, tokens, dtype=torch.long, device=device)}
             with torch.inference_mode():
                 # The candidates must agree before they are timed.
                 with pypeft.mixed_batch(ours, row_names):
                     got = ours(**batch).logits
                 want = torch.cat([ours_row(ours, batch, i, a) for i, a in enumerate(row_names)])
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
                 pypeft.set_adapter(ours, adapters[0])
-                times = alternate_timings(candidates(method, ours, theirs, batch, row_names, adapters), device,
-                                          args.rounds, warmup=2)
+                times = alternate_timings(candidates(method, ours, theirs, batch, row_names, adapters, device),
+                                          device, args.rounds, warmup=2)
             ms = {k: round(v * 1e3, 2) for k, v in times.items()}
             ratios = {f"{k}_vs_single": round(times[k] / times["single"], 3) for k in ("mixed", "loop")}
             ratios.update({f"{k}_vs_peft_single": round(times[k] / times["peft_single"], 3)

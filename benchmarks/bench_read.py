@@ -11,7 +11,8 @@ probability — swings its forward by ±20% from round to round). The joiner sta
 values, not zero, in both READs: at zero the RNN's gradient is exactly zero,
 which only the first step sees, and pypeft's backward would skip all of it.
 
-    python benchmarks/bench_read.py [--seq 256 --batch 8 --rnn gru --hidden 128 --dropout 0.1 --rounds 25] [--device cuda]
+    python benchmarks/bench_read.py [--seq 256 --batch 8 --rnn gru --hidden 128 --dropout 0.1 --rounds 25]
+                                   [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (alternate_samples, classification_batch, machine_description, minilm_shaped,  # noqa: E402
-                    paired_ratio, saved_activation_bytes, train_step)
+from common import (DTYPES, add_device_options, alternate_samples, classification_batch,  # noqa: E402
+                    machine_description, minilm_shaped, paired_ratio, saved_activation_bytes, train_step)
 from plain_read import PlainRead  # noqa: E402
 
 import pypeft  # noqa: E402
 
 
 def pypeft_read(args):
-    model = minilm_shaped(args.dropout).train()
+    """On the CPU, in args.dtype (pypeft keeps READ's network in float32 on a
+    bfloat16/float16 model)."""
+    model = minilm_shaped(args.dropout, dtype=DTYPES[args.dtype]).train()
     pypeft.patch(model, method="read", rnn=args.rnn, hidden=args.hidden)
     network = model.bert.encoder.pypeft_read.networks["default"]
     with torch.no_grad():  # as after some training (see the module docstring)
@@ -45,15 +48,16 @@ def pypeft_read(args):
 
 
 def plain_read(args, network):
-    plain = PlainRead(minilm_shaped(args.dropout).train(), args.hidden).train()
+    plain = PlainRead(minilm_shaped(args.dropout, dtype=DTYPES[args.dtype]).train(), args.hidden).train()
     plain.load_from_pypeft(network)
     return plain
 
 
 def candidates(args, device, batch):
     """name -> (module, step, forward returning the loss)."""
-    full = minilm_shaped(args.dropout).train().to(device)
-    frozen = minilm_shaped(args.dropout).train().requires_grad_(False).to(device)
+    dtype = DTYPES[args.dtype]
+    full = minilm_shaped(args.dropout, dtype=dtype).train().to(device)
+    frozen = minilm_shaped(args.dropout, dtype=dtype).train().requires_grad_(False).to(device)
     ours, network = pypeft_read(args)
     ours.to(device)
     plain = plain_read(args, network).to(device)
@@ -76,9 +80,10 @@ def candidates(args, device, batch):
 
 def check_same_gradients(args) -> float:
     """Largest difference between pypeft's and the plain READ's RNN and joiner
-    gradients on one batch without dropout: both must compute the same thing."""
+    gradients on one batch without dropout, on the CPU in float32: both must
+    compute the same thing."""
     batch = classification_batch(2, 32)
-    args0 = argparse.Namespace(**{**vars(args), "dropout": 0.0})
+    args0 = argparse.Namespace(**{**vars(args), "dropout": 0.0, "dtype": "float32"})
     ours, network = pypeft_read(args0)
     plain = plain_read(args0, network)
     ours(**batch).loss.backward()
@@ -97,10 +102,10 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--device", default="cpu")
+    add_device_options(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    batch = {n: t.to(device) for n, t in classification_batch(args.batch, args.seq).items()}
+    batch = classification_batch(args.batch, args.seq, device=device)
     built = candidates(args, device, batch)
     saved = {n: saved_activation_bytes(fwd, list(m.parameters())) for n, (m, _, fwd) in built.items() if fwd}
     samples = alternate_samples({n: step for n, (_, step, _) in built.items()}, device, args.rounds)
@@ -110,7 +115,7 @@ def main(argv=None):
         "benchmark": "read", "date": datetime.date.today().isoformat(),
         "machine": machine_description(device), "torch": torch.__version__,
         "shape": {"seq": args.seq, "batch": args.batch, "rnn": args.rnn, "hidden": args.hidden,
-                  "dropout": args.dropout},
+                  "dropout": args.dropout, "dtype": args.dtype},
         "max_grad_difference_vs_plain": check_same_gradients(args),
         "trainable_parameters": pypeft.trainable_parameters(built["pypeft_read"][0])[0],
         "saved_bytes": saved, "step_s": times,

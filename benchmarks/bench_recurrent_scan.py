@@ -12,6 +12,7 @@ backward). Also the bytes each saves for backward.
 Prints one JSON object. Candidates alternate in one process; medians, ratios.
 
     python benchmarks/bench_recurrent_scan.py [--cell gru --hidden 128 --batch 8 --seq 256 --rounds 7]
+                                              [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import alternate_timings, machine_description, minilm_shaped, saved_activation_bytes  # noqa: E402
+from common import (DTYPES, add_device_options, alternate_timings, machine_description, minilm_shaped,  # noqa: E402
+                    saved_activation_bytes)
 
 from pypeft.ops import recurrent_scan  # noqa: E402
 
@@ -48,12 +50,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_device_options(p, default_device="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
-    backbone = minilm_shaped(0.0).to(device=device, dtype=dtype).eval()
+    backbone = minilm_shaped(0.0, dtype=dtype).to(device).eval()
     cfg = backbone.config
     L, N, n_in, H = cfg.num_hidden_layers, args.batch * args.seq, cfg.hidden_size, args.hidden
     g = torch.Generator().manual_seed(0)

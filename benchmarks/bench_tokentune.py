@@ -9,7 +9,7 @@ subprocess per configuration: build, then train `--steps` steps), and a sweep
 of the fraction of tokens (1/16 ... 1) for TokenTune alone and with LoRA,
 plotted to benchmarks/tokentune_fraction.png.
 
-    python benchmarks/bench_tokentune.py [--seq 256 --batch 8 --k 32 --rounds 5] [--device cuda]
+    python benchmarks/bench_tokentune.py [--seq 256 --batch 8 --k 32 --rounds 5] [--device cuda --dtype bfloat16]
                                          [--no-sweep] [--no-rss] [--rss-only]
 """
 
@@ -27,8 +27,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (alternate_timings, classification_batch, machine_description, minilm_shaped,  # noqa: E402
-                    saved_activation_bytes, train_step)
+from common import (DTYPES, add_device_options, alternate_timings, classification_batch,  # noqa: E402
+                    machine_description, minilm_shaped, saved_activation_bytes, train_step)
 from two_stream_bert import two_stream_loss  # noqa: E402
 
 import pypeft  # noqa: E402
@@ -45,13 +45,14 @@ def first_and_random(seq: int, k: int, seed: int = 0):
     def select(input_ids, attention_mask, k_):
         B = input_ids.shape[0]
         rest = torch.stack([torch.randperm(seq - 1, generator=g)[: k_ - 1] + 1 for _ in range(B)])
-        return torch.cat([torch.zeros(B, 1, dtype=torch.long), rest], 1).sort(1).values
+        return torch.cat([torch.zeros(B, 1, dtype=torch.long), rest], 1).sort(1).values.to(input_ids.device)
     return select
 
 
-def build(name: str, dropout: float, seq: int, k: int, lora_r: int):
-    """(model, step function, forward-for-bytes) of one configuration."""
-    base = minilm_shaped(dropout)
+def build(name: str, dropout: float, seq: int, k: int, lora_r: int, dtype: torch.dtype = torch.float32):
+    """The model of one configuration, patched on the CPU (adapters follow PEFT:
+    float32 on a bfloat16 model)."""
+    base = minilm_shaped(dropout, dtype=dtype)
     base.train()
     if name.startswith("lora") or name.startswith("tokentune+lora"):
         pypeft.patch(base, method="lora", r=lora_r, alpha=2 * lora_r, target_modules="all-linear")
@@ -74,15 +75,15 @@ def two_stream_step(model, batch, seq, k):
 
 
 def measure(names, args, k, rounds):
-    device = torch.device(args.device)
-    batch = {n: t.to(device) for n, t in classification_batch(args.batch, args.seq).items()}
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    batch = classification_batch(args.batch, args.seq, device=device)
     models, steps, forwards = {}, {}, {}
     for name in names:
         if name == "two_stream":
-            model = minilm_shaped(args.dropout).train().to(device)
+            model = minilm_shaped(args.dropout, dtype=dtype).train().to(device)
             steps[name], forwards[name] = two_stream_step(model, batch, args.seq, k)
         else:
-            model = build(name, args.dropout, args.seq, k, args.lora_r).to(device)
+            model = build(name, args.dropout, args.seq, k, args.lora_r, dtype).to(device)
             steps[name] = train_step(model, batch)
             forwards[name] = (lambda m: (lambda: m(**batch).loss))(model)
         models[name] = model
@@ -94,18 +95,20 @@ def measure(names, args, k, rounds):
 def peak_rss(name: str, args) -> int:
     """Peak resident bytes of a fresh process that builds `name` and trains it."""
     cmd = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--seq", str(args.seq), "--batch",
-           str(args.batch), "--k", str(args.k), "--lora-r", str(args.lora_r), "--dropout", str(args.dropout)]
+           str(args.batch), "--k", str(args.k), "--lora-r", str(args.lora_r), "--dropout", str(args.dropout),
+           "--dtype", args.dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
 
 def rss_child(args) -> None:
     batch = classification_batch(args.batch, args.seq)
+    dtype = DTYPES[args.dtype]
     if args.rss_of == "two_stream":
-        model = minilm_shaped(args.dropout).train()
+        model = minilm_shaped(args.dropout, dtype=dtype).train()
         step, _ = two_stream_step(model, batch, args.seq, args.k)
     else:
-        step = train_step(build(args.rss_of, args.dropout, args.seq, args.k, args.lora_r), batch)
+        step = train_step(build(args.rss_of, args.dropout, args.seq, args.k, args.lora_r, dtype), batch)
     for _ in range(args.steps):
         step()
     print(peak_resident_bytes())
@@ -124,7 +127,8 @@ def peak_resident_bytes() -> int:
 
 def check_same_gradients(args) -> float:
     """Largest gradient difference between native TokenTune and the two-stream
-    baseline on one batch without dropout: both must compute the same thing."""
+    baseline on one batch without dropout, on the CPU in float32: both must
+    compute the same thing."""
     batch = classification_batch(2, 32)
     ours = build("tokentune", 0.0, 32, 8, args.lora_r)
     theirs = minilm_shaped(0.0).train()
@@ -178,7 +182,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sweep-rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="train steps in each peak-memory subprocess")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (peak RSS is measured on cpu only)")
+    add_device_options(p)  # peak RSS is measured on cpu only
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--plot", default=os.path.join(HERE, "tokentune_fraction.png"))
@@ -199,7 +203,7 @@ def main(argv=None):
         "benchmark": "tokentune", "date": datetime.date.today().isoformat(),
         "machine": machine_description(torch.device(args.device)), "torch": torch.__version__,
         "shape": {"seq": args.seq, "batch": args.batch, "k": args.k, "dropout": args.dropout,
-                  "lora_r": args.lora_r},
+                  "lora_r": args.lora_r, "dtype": args.dtype},
         "max_grad_difference_vs_two_stream": check_same_gradients(args),
         "saved_bytes": saved, "step_s": times,
         "ratios": {
@@ -220,9 +224,12 @@ def main(argv=None):
     if not args.no_sweep:
         rows = sweep(args)
         result["fraction_sweep"] = rows
-        plot(rows, {"saved": saved["full_finetuning"], "step": times["full_finetuning"]},
-             {"saved": saved["lora"], "step": times["lora"]}, args.plot)
-        result["plot"] = os.path.relpath(args.plot, os.path.dirname(HERE))
+        try:
+            plot(rows, {"saved": saved["full_finetuning"], "step": times["full_finetuning"]},
+                 {"saved": saved["lora"], "step": times["lora"]}, args.plot)
+            result["plot"] = os.path.relpath(args.plot, os.path.dirname(HERE))
+        except ImportError as exc:  # the figures above are the result; the picture is a view of them
+            result["plot"] = f"not drawn: {exc}"
     print(json.dumps(result, indent=2))
 
 

@@ -7,6 +7,7 @@ adapter) as references.
 Prints one JSON object. Candidates alternate in one process; medians, ratios.
 
     python benchmarks/bench_vera.py [--seq 256 --batch 8 --r 256 --lora-r 8 --rounds 7]
+                                    [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (alternate_timings, classification_batch, machine_description, minilm_shaped,  # noqa: E402
-                    reference_models, saved_activation_bytes, train_step)
+from common import (DTYPES, add_device_options, alternate_timings, classification_batch,  # noqa: E402
+                    machine_description, minilm_shaped, reference_models, saved_activation_bytes, train_step)
 
 import pypeft  # noqa: E402
 
@@ -38,12 +39,14 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--memory-only", action="store_true", help="skip the timings")
+    add_device_options(p)
     args = p.parse_args(argv)
     import peft
 
-    device = torch.device("cpu")
-    base = minilm_shaped(args.dropout)
-    batch = classification_batch(args.batch, args.seq)
+    device = torch.device(args.device)
+    # Every candidate is built on the CPU from the same weights, then moved.
+    base = minilm_shaped(args.dropout, dtype=DTYPES[args.dtype])
+    batch = classification_batch(args.batch, args.seq, device=device)
     models = reference_models(base)
     models["pypeft_vera"] = pypeft.patch(copy.deepcopy(base), method="vera", r=args.r, dropout=args.dropout,
                                          target_modules=TARGETS)
@@ -52,7 +55,7 @@ def main(argv=None):
     models["pypeft_lora"] = pypeft.patch(copy.deepcopy(base), method="lora", r=args.lora_r, alpha=2 * args.lora_r,
                                          dropout=args.dropout, target_modules=TARGETS)
     for m in models.values():
-        m.train()
+        m.train().to(device)
 
     times = ({k: float("nan") for k in models} if args.memory_only else
              alternate_timings({k: train_step(m, batch) for k, m in models.items()}, device, args.rounds, warmup=1))

@@ -15,23 +15,39 @@ from typing import Callable
 import torch
 
 
-def minilm_shaped(dropout: float, num_labels: int = 5):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_device_options(parser, default_device: str = "cpu") -> None:
+    """--device and --dtype, the same in every benchmark. On CUDA each timed call
+    is bracketed by torch.cuda.synchronize(), so a time is the call's wall time
+    with its kernels finished."""
+    parser.add_argument("--device", default=default_device, help=f"cpu or cuda[:N] (default: {default_device})")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="dtype of the model's weights and activations; adapters follow PEFT "
+                             "(float32 on a bfloat16/float16 model). Default: float32; bfloat16 on CUDA is the "
+                             "usual training setting")
+
+
+def minilm_shaped(dropout: float, num_labels: int = 5, dtype: torch.dtype = torch.float32):
     """A BERT classifier shaped as all-MiniLM-L6-v2 (6 layers, hidden 384, 12
-    heads, FFN 1536), random weights, seed 0."""
+    heads, FFN 1536), random weights, seed 0, on the CPU (the same weights
+    whatever the device it moves to), cast to dtype."""
     import transformers
 
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                   intermediate_size=1536, hidden_dropout_prob=dropout,
                                   attention_probs_dropout_prob=dropout, num_labels=num_labels)
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg)
+    return transformers.BertForSequenceClassification(cfg).to(dtype)
 
 
-def classification_batch(batch: int, seq: int, num_labels: int = 5) -> dict:
-    """Random token ids and labels for minilm_shaped, seed 0."""
+def classification_batch(batch: int, seq: int, num_labels: int = 5, device: torch.device | str = "cpu") -> dict:
+    """Random token ids and labels for minilm_shaped, seed 0 (drawn on the CPU:
+    the same batch on every device)."""
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 30522, (batch, seq), generator=g),
-            "labels": torch.randint(0, num_labels, (batch,), generator=g)}
+    return {"input_ids": torch.randint(0, 30522, (batch, seq), generator=g).to(device),
+            "labels": torch.randint(0, num_labels, (batch,), generator=g).to(device)}
 
 
 def reference_models(base) -> dict:

@@ -42,7 +42,9 @@ class PlainRead(nn.Module):
             layers = out.hidden_states[1:]  # each layer's output (index 0 is the embeddings)
             states = torch.stack([F.layer_norm(h, (h.shape[-1],)) for h in layers])
         steps, batch, tokens, width = states.shape
-        hs, _ = self.rnn(states.view(steps, batch * tokens, width))
-        corrected = out.last_hidden_state + self.joiner(hs.mean(0)).view(batch, tokens, width)
+        # The RNN runs in its own dtype (float32 beside a bfloat16 backbone, as pypeft's READ does).
+        hs, _ = self.rnn(states.view(steps, batch * tokens, width).to(self.joiner.weight.dtype))
+        correction = self.joiner(hs.mean(0)).view(batch, tokens, width)
+        corrected = out.last_hidden_state + correction.to(out.last_hidden_state.dtype)
         pooled = self.backbone.dropout(bert.pooler(corrected))
         return F.cross_entropy(self.classifier(pooled), labels)
