@@ -1,0 +1,171 @@
+"""The bottleneck adapters at one sublayer exit (pypeft/models/sublayers.py),
+and the two hooks that put them into the model's forward.
+
+A BottleneckSite is a child of the transformer layer
+(`<layer>.pypeft_bottleneck.<attention|feed_forward>`) holding the named
+adapters for that exit. A forward pre-hook on the module receiving the
+residual stream x records x for this thread; a forward hook on the module
+whose output is the sublayer's output h replaces h with h + δ, so the block's
+own residual add (and, post-LN, its norm) then computes what the `adapters`
+library computes:
+
+    houlsby-like   δ = A(h)                   block: norm(h + A(h) + x)
+    pfeiffer       δ = A(norm(h + x))         block: norm(h + A(norm(h + x)) + x)
+    parallel       δ = A(x)                   block: norm(h + A(x) + x)
+
+with A(z) = dropout(s · (W_up act(W_down z + b_down) + b_up)) (pre-LN
+families have no norm there: norm is the identity). The hooks are objects,
+not closures, so deepcopy and pickle of the model carry them to the copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pypeft.layer import BASE, PerThread, PypeftLayer
+from pypeft.methods.adapted_linear import AdaptedLinear
+from pypeft.methods.bottleneck.config import BottleneckConfig
+from pypeft.ops.bottleneck_adapter import bottleneck_adapter
+
+# What the adapter reads: the sublayer's output h, norm(h + x), or the sublayer's input x.
+OUTPUT, NORMED_SUM, INPUT = "output", "normed_sum", "input"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one adapter at a site computes, beside its weights."""
+
+    reads: str
+    scaling: float
+    activation: str
+    dropout: float
+
+    @classmethod
+    def of(cls, config: BottleneckConfig) -> "Settings":
+        reads = INPUT if config.is_parallel else NORMED_SUM if config.original_ln_before else OUTPUT
+        return cls(reads, config.scaling, config.activation, config.dropout)
+
+
+class BottleneckWeights(nn.Module):
+    """One adapter's weights at one site, laid out as nn.Linear's
+    (down: [m, d], up: [d, m]), initialised as the adapters library does."""
+
+    def __init__(self, hidden: int, bottleneck: int, init: str, dtype, device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.down_weight = nn.Parameter(torch.empty(bottleneck, hidden, **kw))
+        self.down_bias = nn.Parameter(torch.zeros(bottleneck, **kw))
+        self.up_weight = nn.Parameter(torch.empty(hidden, bottleneck, **kw))
+        self.up_bias = nn.Parameter(torch.zeros(hidden, **kw))
+        with torch.no_grad():
+            if init == "bert":
+                self.down_weight.normal_(0.0, 0.02)
+                self.up_weight.normal_(0.0, 0.02)
+            elif init == "houlsby":
+                nn.init.trunc_normal_(self.down_weight, 0.0, 1e-2, -2e-2, 2e-2)
+                nn.init.trunc_normal_(self.up_weight, 0.0, 1e-2, -2e-2, 2e-2)
+            else:  # mam_adapter: the up projection starts at zero, so the model starts as the base
+                nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+                self.up_weight.zero_()
+
+
+class BottleneckSite(PypeftLayer):
+    """The bottleneck adapters at one sublayer exit."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.adapters = nn.ModuleDict()
+        self.settings: dict[str, Settings] = {}
+        self.active: str | None = None
+        self.captured = PerThread()  # x, recorded by the residual hook for this thread's forward
+
+    # --- lifecycle -----------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def add_adapter(self, name: str, config: BottleneckConfig, bottleneck: int, dtype, device) -> None:
+        self.adapters[name] = BottleneckWeights(self.hidden, bottleneck, config.init_weights, dtype, device)
+        self.settings[name] = Settings.of(config)
+
+    def activate(self, name: str | None) -> None:
+        self.active = name if name in self.adapters else None
+        for adapter_name, weights in self.adapters.items():
+            weights.requires_grad_(adapter_name == self.active)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        del self.settings[name]
+        if self.active == name:
+            self.active = None
+
+    def needs_residual(self) -> bool:
+        return any(s.reads != OUTPUT for s in self.settings.values())
+
+    # --- forward -------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """h + δ for this thread's active adapter (or mixed rows); h itself
+        when disabled or no adapter of this site is active."""
+        x = getattr(self.captured, "x", None)
+        self.captured.x = None  # not kept alive past the forward that recorded it
+        if self.is_disabled():
+            return h
+        rows = self.mixed_rows()
+        if rows is not None:
+            return self._mixed_forward(h, x, norm, rows)
+        if self.active is None:
+            return h
+        return self._adapter_forward(self.active, h, x, norm)
+
+    def _adapter_forward(self, name: str, h, x, norm) -> torch.Tensor:
+        s = self.settings[name]
+        if s.reads == OUTPUT:
+            z = h
+        elif x is None:
+            raise RuntimeError("pypeft: a bottleneck adapter that reads the residual stream ran without it; the "
+                               "residual hook did not run (was the model's forward changed after patching?)")
+        elif s.reads == INPUT:
+            z = x
+        else:
+            z = h + x if norm is None else norm(h + x)
+        w = self.adapters[name]
+        p = s.dropout if self.training else 0.0
+        return bottleneck_adapter(z, h, w.down_weight, w.down_bias, w.up_weight, w.up_bias, s.scaling,
+                                  s.activation, p, AdaptedLinear.dropout_seed(p, h))
+
+    def _mixed_forward(self, h, x, norm, rows: list[str]) -> torch.Tensor:
+        if len(rows) != h.shape[0]:
+            raise ValueError(f"pypeft.mixed_batch: {len(rows)} adapter names for a batch of {h.shape[0]} rows")
+        out = h
+        for name in dict.fromkeys(rows):
+            if name == BASE or name not in self.adapters:
+                continue
+            index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=h.device)
+            part = self._adapter_forward(name, h.index_select(0, index),
+                                         None if x is None else x.index_select(0, index), norm)
+            out = out.index_copy(0, index, part)
+        return out
+
+
+class ResidualHook:
+    """Forward pre-hook on the module receiving the residual stream: records x."""
+
+    def __init__(self, site: BottleneckSite, arg: int, kwarg: str):
+        self.site, self.arg, self.kwarg = site, arg, kwarg
+
+    def __call__(self, module, args, kwargs):
+        self.site.captured.x = args[self.arg] if len(args) > self.arg else kwargs.get(self.kwarg)
+
+
+class ExitHook:
+    """Forward hook on the module whose output is the sublayer's output h."""
+
+    def __init__(self, site: BottleneckSite, norm: nn.Module | None):
+        self.site, self.norm = site, norm
+
+    def __call__(self, module, args, output):
+        return self.site(output, self.norm)
