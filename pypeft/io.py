@@ -109,8 +109,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"pypeft.save_adapter: argument 'directory': expected a directory (an adapter is two "
                          f"files), got {str(directory)!r}, which is a file")
+    method = _method_of_adapter(state, name)
     with state.lock:
-        fields, _ = _method_of_adapter(state, name).to_disk(model, state, name)
+        fields, _ = method.to_disk(model, state, name)
         tensors = adapter_state_dict(model, name)
     config = _config_bytes(fields)
     metadata = {"format": "pt", SAVED_CONFIG_KEY: config.decode()}
@@ -123,49 +124,60 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         save_file(tensors, path, metadata=metadata)
 
     # Weights first, config last: the config is what marks a directory as an adapter.
-    _write_atomically(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+    _write_atomically(directory, {method.weights_names[0]: write_weights, method.config_name: write_config})
     return directory
 
 
 # --- loading --------------------------------------------------------------------
 
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterFormatError(f"pypeft.load_adapter: no {CONFIG_NAME} in {directory}")
+def _config_names() -> list[str]:
+    """The config file names of the registered formats, pypeft/peft's first."""
+    return list(dict.fromkeys([CONFIG_NAME, *(m.config_name for m in methods().values())]))
+
+
+def _read_config(directory: Path) -> tuple[Path, dict]:
+    path = next((directory / n for n in _config_names() if (directory / n).is_file()), None)
+    if path is None:
+        raise AdapterFormatError(f"pypeft.load_adapter: no {' or '.join(_config_names())} in {directory}")
     try:
         config = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"pypeft.load_adapter: {path} holds no JSON object")
-    return config
+    return path, config
 
 
 def _method_for(path: Path, fields: dict) -> Method:
-    for m in methods().values():
-        if m.recognises(fields):
-            return m
-    known = sorted({t for m in methods().values() if (t := getattr(m, "peft_type", None))})
-    raise AdapterFormatError(f"pypeft.load_adapter: {path}: expected peft_type one of {known}, got "
-                             f"{fields.get('peft_type')!r} (and no pypeft_method of pypeft's own formats)")
+    found = [m for m in methods().values() if m.config_name == path.name and m.recognises(fields)]
+    if found:
+        return found[0]
+    hints = "; ".join(m.format_hint() for m in methods().values() if m.config_name == path.name and m.holds_adapters)
+    raise AdapterFormatError(f"pypeft.load_adapter: {path}: no format pypeft reads matches its content "
+                             f"(expected one of: {hints}; got peft_type={fields.get('peft_type')!r})")
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
+def _read_weights(directory: Path, method: Method) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    names = method.weights_names
+    path = next((directory / n for n in names if (directory / n).is_file()), None)
+    if path is None:
         other = " (only the older adapter_model.bin is there; re-save it with peft as safetensors)" \
             if (directory / "adapter_model.bin").exists() else ""
-        raise AdapterFormatError(f"pypeft.load_adapter: no {WEIGHTS_NAME} in {directory}{other}")
+        raise AdapterFormatError(f"pypeft.load_adapter: no {' or '.join(names)} in {directory}{other}")
     try:
+        if path.suffix == ".bin":  # a pickle: only plain tensors, never code
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+                raise ValueError("expected a dict of tensors")
+            return path, tensors, {}
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        return load_file(path), metadata
-    except (SafetensorError, OSError, ValueError) as e:
+        return path, load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {path} is corrupt or truncated ({e})") from None
 
 
-def _check_saved_together(directory: Path, fields: dict, metadata: dict[str, str]) -> None:
+def _check_saved_together(path: Path, config_path: Path, fields: dict, metadata: dict[str, str]) -> None:
     """The weights were saved with this config (up to bookkeeping fields)."""
     recorded = metadata.get(SAVED_CONFIG_KEY)
     if recorded is None:  # saved by peft, or by hand
@@ -175,13 +187,13 @@ def _check_saved_together(directory: Path, fields: dict, metadata: dict[str, str
     except json.JSONDecodeError:
         saved = None
     if not isinstance(saved, dict):
-        raise AdapterFormatError(f"pypeft.load_adapter: {directory / WEIGHTS_NAME}: its record of the config it was "
-                                 "saved with is damaged")
+        raise AdapterFormatError(f"pypeft.load_adapter: {path}: its record of the config it was saved with is "
+                                 "damaged")
     for key in sorted((set(saved) | set(fields)) - METADATA):
         if saved.get(key) != fields.get(key):
             raise AdapterFormatError(
-                f"pypeft.load_adapter: {directory}: {WEIGHTS_NAME} was saved with {key}={saved.get(key)!r} but "
-                f"{CONFIG_NAME} says {key}={fields.get(key)!r}; the two files do not belong together (a save "
+                f"pypeft.load_adapter: {path.parent}: {path.name} was saved with {key}={saved.get(key)!r} but "
+                f"{config_path.name} says {key}={fields.get(key)!r}; the two files do not belong together (a save "
                 "interrupted between them?); save the adapter again")
 
 
@@ -226,15 +238,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise TypeError(f"pypeft.load_adapter: argument 'model': expected a torch.nn.Module, "
                         f"got {type(model).__name__}")
     directory = Path(directory)
-    config_path, path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    fields = _read_config(directory)
+    config_path, fields = _read_config(directory)
     method = _method_for(config_path, fields)
     try:
         config = method.config_from_disk(fields, adapter_name)
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {config_path}: {e}") from None
-    tensors, metadata = _read_weights(directory)
-    _check_saved_together(directory, fields, metadata)
+    path, tensors, metadata = _read_weights(directory, method)
+    _check_saved_together(path, config_path, fields, metadata)
     state = state_of(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "

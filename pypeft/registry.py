@@ -85,6 +85,15 @@ class Method:
         patch restores itself): hooks, class swaps, per-model state."""
 
     # --- disk ----------------------------------------------------------------------
+    # The files an adapter directory holds: its config (JSON), and its weights: the first name is
+    # written; loading reads the first one present (a ".bin" only through torch.load(weights_only=True)).
+    config_name: ClassVar[str] = "adapter_config.json"
+    weights_names: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)
+
+    def format_hint(self) -> str:
+        """What recognises() looks for in a config file, for the error when nothing does."""
+        return f"{self.format_name()}"
+
     def recognises(self, fields: dict) -> bool:
         """Whether an adapter_config.json is this method's."""
         return False

@@ -79,6 +79,9 @@ class LinearAdapterMethod(Method):
     def format_name(self) -> str:
         return f"PEFT's {self.peft_type}"
 
+    def format_hint(self) -> str:
+        return f"peft's (peft_type {self.peft_type!r})"
+
     def to_disk(self, model: nn.Module, state: PatchState, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         record = state.adapters[name]
         config = record.config

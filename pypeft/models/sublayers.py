@@ -38,6 +38,7 @@ class SublayerExit:
     residual_arg: int          # ... as this positional argument
     residual_kwarg: str        # ... or under this keyword
     norm: str | None           # post-LN: the LayerNorm of h + x
+    library_module: str        # where the `adapters` library keeps this exit's adapters (their keys' prefix)
 
 
 def _has(module: nn.Module, *paths: str) -> bool:
@@ -53,17 +54,19 @@ def _exits_of(layer: nn.Module, name: str, index: int) -> tuple[SublayerExit, Su
     def at(path: str) -> str:
         return f"{name}.{path}"
 
-    def pair(attn_out, attn_res, attn_arg, attn_kw, attn_norm, ffn_out, ffn_res, ffn_arg, ffn_kw, ffn_norm):
+    def pair(attn_out, attn_res, attn_arg, attn_kw, attn_norm, ffn_out, ffn_res, ffn_arg, ffn_kw, ffn_norm,
+             library=("attention_adapters", "output_adapters")):
         return (SublayerExit(index, ATTENTION, name, at(attn_out), at(attn_res) if attn_res else name, attn_arg,
-                             attn_kw, attn_norm and at(attn_norm)),
+                             attn_kw, attn_norm and at(attn_norm), at(library[0])),
                 SublayerExit(index, FEED_FORWARD, name, at(ffn_out), at(ffn_res) if ffn_res else name, ffn_arg,
-                             ffn_kw, ffn_norm and at(ffn_norm)))
+                             ffn_kw, ffn_norm and at(ffn_norm), at(library[1])))
 
     # BERT, RoBERTa, ELECTRA, XLM-R, ...: XxxSelfOutput / XxxOutput(hidden_states, input_tensor) run
     # dense -> dropout -> LayerNorm(h + input_tensor).
     if _has(layer, "attention.output.dropout", "attention.output.LayerNorm", "output.dropout", "output.LayerNorm"):
         return pair("attention.output.dropout", "attention.output", 1, "input_tensor", "attention.output.LayerNorm",
-                    "output.dropout", "output", 1, "input_tensor", "output.LayerNorm")
+                    "output.dropout", "output", 1, "input_tensor", "output.LayerNorm",
+                    library=("attention.output", "output"))
     # DistilBERT: the block adds and norms: sa_layer_norm(attention(x) + x), output_layer_norm(ffn(y) + y).
     if _has(layer, "attention.out_lin", "sa_layer_norm", "ffn.dropout", "output_layer_norm"):
         return pair("attention.out_lin", "", 0, "hidden_states", "sa_layer_norm",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pypeft.methods.bottleneck import library_format as lib
 from pypeft.methods.bottleneck.config import OWNER, BottleneckConfig
 from pypeft.methods.bottleneck.site import BottleneckSite, ExitHook, ResidualHook
 from pypeft.models.sublayers import SublayerExit, sublayer_exits
@@ -21,6 +22,18 @@ CONTAINER = "pypeft_bottleneck"  # the child of a transformer layer holding its 
 
 def site_name(exit: SublayerExit) -> str:
     return f"{exit.layer_name}.{CONTAINER}.{exit.sublayer}"
+
+
+@dataclass
+class Placement:
+    """A plan's resolved facts: the exits that get the adapter, their
+    bottleneck sizes, the model width; on load, the file's key for each
+    (site, parameter)."""
+
+    exits: list[SublayerExit]
+    sizes: dict[str, int]
+    hidden: int
+    file_keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,10 +108,10 @@ class BottleneckMethod(Method):
         if not chosen:
             raise ValueError(f"{OWNER}: argument 'leave_out': it leaves out every layer")
         sizes = {site_name(e): config.bottleneck_size(e.layer, hidden) for e in chosen}
-        return Plan(self, config, [site_name(e) for e in chosen], to_save, extra=(chosen, sizes, hidden))
+        return Plan(self, config, [site_name(e) for e in chosen], to_save, extra=Placement(chosen, sizes, hidden))
 
     def attach(self, model: nn.Module, state: PatchState, plan: Plan) -> None:
-        exits, sizes, hidden = plan.extra
+        exits, sizes, hidden = plan.extra.exits, plan.extra.sizes, plan.extra.hidden
         record = state.method_states.setdefault(self.name, BottleneckRecord())
         for exit in exits:
             name = site_name(exit)
@@ -149,3 +162,53 @@ class BottleneckMethod(Method):
             layer = model.get_submodule(exit.layer_name)
             if hasattr(layer, CONTAINER):
                 delattr(layer, CONTAINER)
+
+    # --- disk: the adapters library's format (library_format.py) --------------------
+    weights_names = ("adapter.safetensors", "pytorch_adapter.bin")
+
+    def recognises(self, fields: dict) -> bool:
+        return lib.is_library_bottleneck(fields)
+
+    def format_name(self) -> str:
+        return "the adapters library's bottleneck adapter"
+
+    def format_hint(self) -> str:
+        return "the adapters library's (a 'config' object with mh_adapter, output_adapter, reduction_factor)"
+
+    def to_disk(self, model: nn.Module, state: PatchState, name: str):
+        from pypeft.targets import modules_to_save_keys
+
+        record = state.adapters[name]
+        exits = self.record(state).exits
+        sites = {s: (exits[s], model.get_submodule(s).adapters[name]) for s in record.layers}
+        heads = modules_to_save_keys(model, record.config.modules_to_save) if record.modules_to_save else []
+        return lib.config_json(model, record.config, name, heads), lib.tensors_of(sites, name)
+
+    def config_from_disk(self, fields: dict, adapter_name: str) -> BottleneckConfig:
+        return lib.config_from_json(fields, adapter_name)
+
+    def expected_tensors(self, model: nn.Module, state: PatchState | None, plan: Plan, fields: dict,
+                         tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        placement: Placement = plan.extra
+        saved_name = fields.get("name")
+        if not isinstance(saved_name, str) or not saved_name:
+            raise ValueError("field 'name' (the adapter's name, part of every weight key) is missing")
+        if fields.get("hidden_size") not in (None, placement.hidden):
+            raise ValueError(f"saved for hidden_size {fields['hidden_size']}, but this model's is {placement.hidden}")
+        prefix = getattr(model, "base_model_prefix", "")
+        with_prefix = not prefix or any(k.startswith(prefix + ".") for k in tensors)
+        shapes = {}
+        for exit in placement.exits:
+            m, d = placement.sizes[site_name(exit)], placement.hidden
+            for ours, shape in (("down_weight", (m, d)), ("down_bias", (m,)), ("up_weight", (d, m)),
+                                ("up_bias", (d,))):
+                key = lib.key_prefix(exit, saved_name) + lib.PARAMS[ours]
+                key = key if with_prefix else lib.strip_base_prefix(model, key)
+                placement.file_keys[(site_name(exit), ours)] = key
+                shapes[key] = shape
+        return shapes
+
+    def load_tensors(self, model: nn.Module, state: PatchState, plan: Plan,
+                     tensors: dict[str, torch.Tensor]) -> None:
+        for (site, ours), key in plan.extra.file_keys.items():
+            getattr(model.get_submodule(site).adapters[plan.adapter_name], ours).copy_(tensors[key])

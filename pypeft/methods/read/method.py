@@ -58,6 +58,9 @@ class ReadMethod(Method):
     def format_name(self) -> str:
         return "pypeft's READ"
 
+    def format_hint(self) -> str:
+        return "pypeft's READ (pypeft_method 'read')"
+
     def to_disk(self, model: nn.Module, state: PatchState, name: str):
         record = state.adapters[name]
         fields = read_format.config_json(model, self.record(state), record.config)

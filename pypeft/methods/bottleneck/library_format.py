@@ -1,0 +1,115 @@
+"""Bottleneck adapters on disk in the `adapters` library's (AdapterHub) format,
+so an adapter moves between that library and pypeft both ways:
+
+    adapter_config.json   {"config": {<BnConfig fields>}, "name", "model_type", "hidden_size",
+                           "model_class", "model_name", "version"}
+    adapter.safetensors   "<layer>.<where>.adapters.<name>.adapter_down.0.weight" / ".bias",
+                          "... .adapter_up.weight" / ".bias"   (pytorch_adapter.bin is read too)
+
+<where> is the library's module for the exit (pypeft/models/sublayers.py:
+BERT's `attention.output` / `output`, the others' `attention_adapters` /
+`output_adapters`). Keys are the model's state-dict names, with or without
+its base-model prefix ("bert.", "transformer.", "model.": the library saves a
+base model's adapter without it). pypeft adds "pypeft_modules_to_save" to the
+config, and the heads it trained beside the adapter to the weights under
+PEFT's prefix; the library ignores both.
+
+The library's peft-style content check: a config of this format has a
+"config" object describing a bottleneck (architecture null or "bottleneck",
+with mh_adapter/output_adapter/reduction_factor), where peft's has a
+top-level "peft_type".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pypeft.methods.bottleneck.config import ACTIVATIONS, BottleneckConfig
+from pypeft.models.sublayers import SublayerExit
+
+VERSION = "pypeft"  # the library reads "version" only to fix up LoRA adapters of its own old versions
+PARAMS = {"down_weight": "adapter_down.0.weight", "down_bias": "adapter_down.0.bias",
+          "up_weight": "adapter_up.weight", "up_bias": "adapter_up.bias"}
+HEADS_KEY = "pypeft_modules_to_save"
+
+# BnConfig fields pypeft does not run, with the value that makes them inert; any other value is refused
+# by name. (init_weights, init_weights_seed, phm_* with phm_layer false and the inverse adapter's factor
+# without an inverse adapter only shape initialisation or nothing: they load.)
+INERT = {"original_ln_after": True, "residual_before_ln": True, "ln_before": False, "ln_after": False,
+         "use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False,
+         "stochastic_depth": 0.0}
+INIT_ONLY = {"init_weights", "init_weights_seed", "adapter_residual_before_ln", "inv_adapter_reduction_factor",
+             "phm_dim", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule", "phm_c_init",
+             "phm_init_range", "learn_phm", "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "architecture"}
+RUN = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before", "is_parallel",
+       "scaling", "leave_out", "dropout")
+
+
+def is_library_bottleneck(fields: dict) -> bool:
+    config = fields.get("config")
+    return ("peft_type" not in fields and isinstance(config, dict)
+            and config.get("architecture") in (None, "bottleneck")
+            and all(k in config for k in ("mh_adapter", "output_adapter", "reduction_factor")))
+
+
+def config_json(model: nn.Module, config: BottleneckConfig, name: str, heads: list[str]) -> dict:
+    model_config = getattr(model, "config", None)
+    library = {k: getattr(config, k) for k in RUN}
+    library.update(INERT)
+    library.update(leave_out=list(config.leave_out), init_weights=config.init_weights, init_weights_seed=None,
+                   architecture=None)
+    return {
+        "config": library,
+        "name": name,
+        "model_type": getattr(model_config, "model_type", None),
+        "hidden_size": getattr(model_config, "hidden_size", None),
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "_name_or_path", None) or None,
+        "version": VERSION,
+        HEADS_KEY: heads,
+    }
+
+
+def config_from_json(fields: dict, adapter_name: str) -> BottleneckConfig:
+    library = fields["config"]
+    for key, inert in INERT.items():
+        if key in library and library[key] != inert:
+            raise ValueError(f"option config.{key}={library[key]!r} is not supported by pypeft's bottleneck adapters "
+                             f"(supported: {inert!r})")
+    unknown = sorted(set(library) - set(INERT) - INIT_ONLY - set(RUN))
+    if unknown:
+        raise ValueError(f"option config.{unknown[0]}={library[unknown[0]]!r} is unknown to pypeft's bottleneck "
+                         "adapters (a newer adapters library's option?)")
+    for key in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"):
+        if key not in library:
+            raise ValueError(f"field config.{key} is missing")
+    if str(library["non_linearity"]).lower() not in ACTIVATIONS:
+        raise ValueError(f"option config.non_linearity={library['non_linearity']!r} is not supported (supported: "
+                         f"{sorted(ACTIVATIONS)})")
+    init = library.get("init_weights", "bert")
+    return BottleneckConfig(
+        preset="pfeiffer", mh_adapter=library["mh_adapter"], output_adapter=library["output_adapter"],
+        reduction_factor=library["reduction_factor"], non_linearity=library["non_linearity"],
+        original_ln_before=library.get("original_ln_before", False), is_parallel=library.get("is_parallel", False),
+        scaling=library.get("scaling", 1.0), dropout=library.get("dropout", 0.0),
+        leave_out=library.get("leave_out", []), init_weights=init if init in ("bert", "houlsby", "mam_adapter")
+        else "bert", modules_to_save=list(fields.get(HEADS_KEY) or []), adapter_name=adapter_name)
+
+
+def key_prefix(exit: SublayerExit, name: str) -> str:
+    return f"{exit.library_module}.adapters.{name}."
+
+
+def strip_base_prefix(model: nn.Module, key: str) -> str:
+    prefix = getattr(model, "base_model_prefix", "")
+    return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+
+def tensors_of(sites: dict[str, tuple[SublayerExit, nn.Module]], name: str) -> dict[str, torch.Tensor]:
+    """sites: site name -> (exit, its BottleneckWeights for adapter `name`)."""
+    out = {}
+    for exit, weights in sites.values():
+        for ours, theirs in PARAMS.items():
+            out[key_prefix(exit, name) + theirs] = getattr(weights, ours)
+    return out
