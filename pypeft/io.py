@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -173,11 +174,14 @@ def _read_weights(directory: Path, method: Method) -> tuple[Path, dict[str, torc
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         return path, load_file(path), metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:
-        raise AdapterFormatError(f"pypeft.load_adapter: {path} is corrupt or truncated ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterFormatError(f"pypeft.load_adapter: {path} is corrupt or truncated, or holds more than "
+                                 f"tensors ({reason})") from None
 
 
-def _check_saved_together(path: Path, config_path: Path, fields: dict, metadata: dict[str, str]) -> None:
+def _check_saved_together(method: Method, path: Path, config_path: Path, fields: dict,
+                          metadata: dict[str, str]) -> None:
     """The weights were saved with this config (up to bookkeeping fields)."""
     recorded = metadata.get(SAVED_CONFIG_KEY)
     if recorded is None:  # saved by peft, or by hand
@@ -189,6 +193,12 @@ def _check_saved_together(path: Path, config_path: Path, fields: dict, metadata:
     if not isinstance(saved, dict):
         raise AdapterFormatError(f"pypeft.load_adapter: {path}: its record of the config it was saved with is "
                                  "damaged")
+    try:
+        saved = method.comparable(saved)
+    except (KeyError, ValueError, TypeError):
+        raise AdapterFormatError(f"pypeft.load_adapter: {path}: its record of the config it was saved with is "
+                                 "damaged") from None
+    fields = method.comparable(fields)
     for key in sorted((set(saved) | set(fields)) - METADATA):
         if saved.get(key) != fields.get(key):
             raise AdapterFormatError(
@@ -245,7 +255,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {config_path}: {e}") from None
     path, tensors, metadata = _read_weights(directory, method)
-    _check_saved_together(path, config_path, fields, metadata)
+    _check_saved_together(method, path, config_path, fields, metadata)
     state = state_of(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "

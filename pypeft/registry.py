@@ -94,6 +94,12 @@ class Method:
         """What recognises() looks for in a config file, for the error when nothing does."""
         return f"{self.format_name()}"
 
+    def comparable(self, fields: dict) -> dict:
+        """The part of a config file that must be the same in the copy the
+        weights record and the config file beside them (fields that only
+        initialise may differ)."""
+        return fields
+
     def recognises(self, fields: dict) -> bool:
         """Whether an adapter_config.json is this method's."""
         return False

@@ -184,6 +184,9 @@ class BottleneckMethod(Method):
         heads = modules_to_save_keys(model, record.config.modules_to_save) if record.modules_to_save else []
         return lib.config_json(model, record.config, name, heads), lib.tensors_of(sites, name)
 
+    def comparable(self, fields: dict) -> dict:
+        return {"name": fields.get("name"), **lib.config_from_json(fields, "x").math_fields()}
+
     def config_from_disk(self, fields: dict, adapter_name: str) -> BottleneckConfig:
         return lib.config_from_json(fields, adapter_name)
 
