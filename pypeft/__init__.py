@@ -6,6 +6,7 @@
     pypeft.patch(model, method="tokentune", k=16)                    # composes with LoRA / VeRA
     pypeft.patch(model, method="read", rnn="gru", hidden=256)        # or pypeft.ReadConfig(...)
     pypeft.patch(model, method="bottleneck", preset="pfeiffer")     # or pypeft.BottleneckConfig(...)
+    pypeft.patch(model, method="fusion", adapters=["a", "b"])      # AdapterFusion of bottleneck adapters
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -18,6 +19,7 @@ from pypeft import ops
 from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
 from pypeft.methods.bottleneck import BottleneckConfig
+from pypeft.methods.fusion import FusionConfig
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -39,6 +41,7 @@ from pypeft.state import state_of
 __all__ = [
     "AdapterFormatError",
     "BottleneckConfig",
+    "FusionConfig",
     "LoraConfig",
     "LoraLinear",
     "Method",

@@ -227,6 +227,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if len(state.adapters) == 1:
         raise ValueError(f"pypeft.delete_adapter: {name!r} is the only adapter; call pypeft.unpatch(model) "
                          "to remove it and restore the model")
+    for other in sorted(state.methods()):
+        method_named(other).check_delete(model, state, name)
     with state.lock:
         for layer in pypeft_layers(model):
             layer.unmerge()

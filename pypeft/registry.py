@@ -77,6 +77,10 @@ class Method:
     def model_changed(self, model: nn.Module, state: PatchState) -> None:
         """Another patch() changed the model (e.g. TokenTune tags new layers)."""
 
+    def check_delete(self, model: nn.Module, state: PatchState, name: str) -> None:
+        """Raise if adapter `name` (of any method) must not be deleted because
+        something of this method depends on it (a fusion of it)."""
+
     def adapter_deleted(self, model: nn.Module, state: PatchState, name: str) -> None:
         """Adapter `name` of this method is gone (its record already removed)."""
 

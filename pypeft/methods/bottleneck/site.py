@@ -29,6 +29,7 @@ from torch import nn
 from pypeft.layer import BASE, PerThread, PypeftLayer
 from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.bottleneck.config import BottleneckConfig
+from pypeft.ops.adapter_fusion import adapter_fusion
 from pypeft.ops.bottleneck_adapter import bottleneck_adapter
 
 # What the adapter reads: the sublayer's output h, norm(h + x), or the sublayer's input x.
@@ -73,38 +74,85 @@ class BottleneckWeights(nn.Module):
                 self.up_weight.zero_()
 
 
+class FusionWeights(nn.Module):
+    """One AdapterFusion's weights at one site (Pfeiffer et al. 2021): query
+    and key [d, d] with biases, value [d, d] without one (or none: "static"),
+    initialised as the adapters library does (N(0, 0.02), zero biases; the
+    value near the identity when value_initialized)."""
+
+    def __init__(self, hidden: int, value: bool, value_initialized: bool, dtype, device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.query_weight = nn.Parameter(torch.empty(hidden, hidden, **kw).normal_(0.0, 0.02))
+        self.query_bias = nn.Parameter(torch.zeros(hidden, **kw))
+        self.key_weight = nn.Parameter(torch.empty(hidden, hidden, **kw).normal_(0.0, 0.02))
+        self.key_bias = nn.Parameter(torch.zeros(hidden, **kw))
+        self.value_weight = None
+        if value:
+            init = torch.full((hidden, hidden), 1e-6, **kw).fill_diagonal_(1.0) if value_initialized else \
+                torch.empty(hidden, hidden, **kw).normal_(0.0, 0.02)
+            self.value_weight = nn.Parameter(init)
+
+
+@dataclass
+class FusionSettings:
+    adapters: tuple[str, ...]
+    query_before_ln: bool
+    dropout: float
+    temperature: float        # the current T (starts at 50 with the schedule, else 1)
+    temperature_step: float   # subtracted after every forward, down to 1 (the library's schedule)
+
+
 class BottleneckSite(PypeftLayer):
-    """The bottleneck adapters at one sublayer exit."""
+    """The bottleneck adapters, and the fusions of them, at one sublayer exit."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.hidden = hidden
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
         self.settings: dict[str, Settings] = {}
+        self.fusion_settings: dict[str, FusionSettings] = {}
         self.active: str | None = None
         self.captured = PerThread()  # x, recorded by the residual hook for this thread's forward
 
     # --- lifecycle -----------------------------------------------------------------
     def adapter_names(self) -> list[str]:
-        return list(self.adapters)
+        return [*self.adapters, *self.fusions]
 
     def add_adapter(self, name: str, config: BottleneckConfig, bottleneck: int, dtype, device) -> None:
         self.adapters[name] = BottleneckWeights(self.hidden, bottleneck, config.init_weights, dtype, device)
         self.settings[name] = Settings.of(config)
 
+    def add_fusion(self, name: str, settings: FusionSettings, value: bool, value_initialized: bool, dtype,
+                   device) -> None:
+        self.fusions[name] = FusionWeights(self.hidden, value, value_initialized, dtype, device)
+        self.fusion_settings[name] = settings
+
     def activate(self, name: str | None) -> None:
-        self.active = name if name in self.adapters else None
-        for adapter_name, weights in self.adapters.items():
-            weights.requires_grad_(adapter_name == self.active)
+        """Train only `name`: an adapter, or a fusion (its adapters stay frozen)."""
+        self.active = name if name in self.adapters or name in self.fusions else None
+        for key, weights in (*self.adapters.items(), *self.fusions.items()):
+            weights.requires_grad_(key == self.active)
 
     def delete_adapter(self, name: str) -> None:
-        del self.adapters[name]
-        del self.settings[name]
+        if name in self.fusions:
+            del self.fusions[name]
+            del self.fusion_settings[name]
+        else:
+            del self.adapters[name]
+            del self.settings[name]
         if self.active == name:
             self.active = None
 
+    def reads(self, name: str) -> str:
+        """What adapter or fusion `name` reads (a fusion: as its last adapter, as the library)."""
+        if name in self.fusion_settings:
+            return self.settings[self.fusion_settings[name].adapters[-1]].reads
+        return self.settings[name].reads
+
     def needs_residual(self) -> bool:
-        return any(s.reads != OUTPUT for s in self.settings.values())
+        return any(self.reads(n) != OUTPUT for n in self.adapter_names())
 
     # --- forward -------------------------------------------------------------------
     def forward(self, h: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
@@ -121,21 +169,51 @@ class BottleneckSite(PypeftLayer):
             return h
         return self._adapter_forward(self.active, h, x, norm)
 
-    def _adapter_forward(self, name: str, h, x, norm) -> torch.Tensor:
-        s = self.settings[name]
-        if s.reads == OUTPUT:
-            z = h
-        elif x is None:
+    def _adapter_input(self, name: str, h, x, norm) -> torch.Tensor:
+        reads = self.reads(name)
+        if reads == OUTPUT:
+            return h
+        if x is None:
             raise RuntimeError("pypeft: a bottleneck adapter that reads the residual stream ran without it; the "
                                "residual hook did not run (was the model's forward changed after patching?)")
-        elif s.reads == INPUT:
-            z = x
-        else:
-            z = h + x if norm is None else norm(h + x)
+        if reads == INPUT:
+            return x
+        return h + x if norm is None else norm(h + x)
+
+    def _adapter_forward(self, name: str, h, x, norm) -> torch.Tensor:
+        if name in self.fusions:
+            return self._fusion_forward(name, h, x, norm)
+        s = self.settings[name]
+        z = self._adapter_input(name, h, x, norm)
         w = self.adapters[name]
         p = s.dropout if self.training else 0.0
         return bottleneck_adapter(z, h, w.down_weight, w.down_bias, w.up_weight, w.up_bias, s.scaling,
                                   s.activation, p, AdaptedLinear.dropout_seed(p, h))
+
+    def _fusion_forward(self, name: str, h, x, norm) -> torch.Tensor:
+        """The library's compose_fuse: every fused adapter reads what the last
+        one reads; the query is that too (or h, with query_before_ln); the
+        fusion's output goes where one adapter's would (residual h)."""
+        f = self.fusion_settings[name]
+        z = self._adapter_input(name, h, x, norm)
+        query = h if f.query_before_ln else z
+        weights = [self.adapters[a] for a in f.adapters]
+        m = max(w.down_weight.shape[0] for w in weights)
+        # Bottlenecks of different sizes stack zero-padded: padded units meet zero up-projection columns.
+        w_down = torch.stack([_pad_rows(w.down_weight, m) for w in weights])
+        b_down = torch.stack([_pad_rows(w.down_bias, m) for w in weights])
+        w_up = torch.stack([_pad_rows(w.up_weight.t(), m).t() for w in weights])
+        b_up = torch.stack([w.up_bias for w in weights])
+        scales = [self.settings[a].scaling for a in f.adapters]
+        fw = self.fusions[name]
+        p = f.dropout if self.training else 0.0
+        temperature = f.temperature
+        if f.temperature_step:
+            f.temperature = max(f.temperature - f.temperature_step, 1.0)
+        return adapter_fusion(z, query, h, w_down, b_down, w_up, b_up, scales,
+                              self.settings[f.adapters[0]].activation, fw.query_weight, fw.query_bias,
+                              fw.key_weight, fw.key_bias, fw.value_weight, temperature, p,
+                              AdaptedLinear.dropout_seed(p, h))
 
     def _mixed_forward(self, h, x, norm, rows: list[str]) -> torch.Tensor:
         if len(rows) != h.shape[0]:
@@ -149,6 +227,10 @@ class BottleneckSite(PypeftLayer):
                                          None if x is None else x.index_select(0, index), norm)
             out = out.index_copy(0, index, part)
         return out
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
 class ResidualHook:
