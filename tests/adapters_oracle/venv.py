@@ -1,0 +1,154 @@
+"""A virtual environment of its own for the `adapters` library (AdapterHub), the
+oracle for bottleneck adapters and AdapterFusion.
+
+adapters 1.3 pins transformers ~=4.57.6, and pypeft needs transformers 5, so the
+oracle cannot share pypeft's venv: the tests make (or reuse) this one and drive
+it through a subprocess (driver.py). It is made once per set of pins, under a
+cache directory, atomically (built in a temporary directory beside it, renamed
+into place) and under a file lock, so that concurrent pytest workers neither
+race nor see a half-made venv.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Exact pins. adapters 1.3.0 is the latest 1.3.x and requires transformers
+# ~=4.57.6; torch 2.13.0 is the CPU build the README installs (it works with
+# both); safetensors is the version transformers 4.57 resolves to here.
+PINS = {
+    "adapters": "1.3.0",
+    "transformers": "4.57.6",
+    "torch": "2.13.0",
+    "safetensors": "0.8.0",
+}
+
+# The whole venv path (made there if missing, reused if it holds these pins).
+VENV_ENV = "PYPEFT_ADAPTERS_VENV"
+# The cache directory that holds one venv per set of pins.
+CACHE_ENV = "PYPEFT_CACHE_DIR"
+# Written last, after the venv imported the oracle with the pinned versions.
+MARKER = "pypeft-adapters-oracle.json"
+# Generous: a cold pip cache downloads transformers and its dependencies.
+MAKE_TIMEOUT_S = 1800
+
+
+class OracleUnavailable(RuntimeError):
+    """The oracle venv could not be made here; the message is the reason."""
+
+
+def _key() -> str:
+    pins = json.dumps({"pins": PINS, "python": list(sys.version_info[:2])}, sort_keys=True)
+    return hashlib.sha256(pins.encode()).hexdigest()[:12]
+
+
+def venv_path() -> Path:
+    """Where the oracle venv lives: $PYPEFT_ADAPTERS_VENV, else a directory
+    named by the pins under $PYPEFT_CACHE_DIR (default ~/.cache/pypeft)."""
+    if os.environ.get(VENV_ENV):
+        return Path(os.environ[VENV_ENV]).expanduser().absolute()
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pypeft").expanduser()
+    return cache.absolute() / f"adapters-oracle-py{sys.version_info[0]}{sys.version_info[1]}-{_key()}"
+
+
+def _python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _ready(venv: Path) -> bool:
+    try:
+        marker = json.loads((venv / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("pins") == PINS and _python(venv).exists()
+
+
+# Run by the new venv's python: the installed versions of the pinned packages,
+# after importing the oracle the way the driver does.
+_VERIFY = """
+import importlib.metadata as md, json, sys
+import torch, transformers, adapters, safetensors
+print(json.dumps({name: md.version(name) for name in sys.argv[1:]}))
+"""
+
+
+def _run(cmd: list, what: str, deadline: float) -> str:
+    left = deadline - time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 1),
+                              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    except subprocess.TimeoutExpired:
+        raise OracleUnavailable(f"{what} did not finish within {MAKE_TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise OracleUnavailable(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+def _make(venv: Path) -> None:
+    deadline = time.monotonic() + MAKE_TIMEOUT_S
+    tmp = Path(tempfile.mkdtemp(prefix=f".{venv.name}.tmp-", dir=venv.parent))
+    try:
+        _run([sys.executable, "-m", "venv", str(tmp)], "python -m venv", deadline)
+        pins = [f"{name}=={version}" for name, version in PINS.items()]
+        _run([str(_python(tmp)), "-m", "pip", "install", "-q", *pins], f"pip install {' '.join(pins)}", deadline)
+        out = _run([str(_python(tmp)), "-c", _VERIFY, *PINS], "importing adapters in the new venv", deadline)
+        got = json.loads(out.strip().splitlines()[-1])
+        # torch reports "2.13.0+cpu" for "2.13.0".
+        wrong = {n: got[n] for n in PINS if got[n].split("+")[0] != PINS[n]}
+        if wrong:
+            raise OracleUnavailable(f"pip installed other versions than pinned: {wrong} (pins {PINS})")
+        (tmp / MARKER).write_text(json.dumps({"pins": PINS, "installed": got}, indent=1))
+        # A venv's interpreter finds its site-packages relative to pyvenv.cfg, so
+        # the renamed venv works (only pip's own entry-point scripts name the
+        # temporary path, and we always run `python -m pip`).
+        if venv.exists():  # a stale or broken venv without a valid marker
+            shutil.rmtree(venv)
+        os.rename(tmp, venv)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_failure: str | None = None  # one failed attempt per process, not one per test module
+
+
+def oracle_python() -> Path:
+    """The oracle venv's python, making the venv first if needed.
+
+    Raises OracleUnavailable with the reason when it cannot be made (no
+    registry, a pin that cannot be installed, a disk error)."""
+    global _failure
+    if _failure is not None:
+        raise OracleUnavailable(_failure)
+    venv = venv_path()
+    if _ready(venv):
+        return _python(venv)
+    try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait, then reuse
+            if not _ready(venv):
+                t0 = time.monotonic()
+                print(f"\nmaking the adapters oracle venv at {venv} ...", file=sys.stderr, flush=True)
+                _make(venv)
+                print(f"made the adapters oracle venv in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    except OracleUnavailable as exc:
+        _failure = f"the adapters oracle venv ({venv}) cannot be made: {exc}"
+        raise OracleUnavailable(_failure) from None
+    except OSError as exc:
+        _failure = f"the adapters oracle venv ({venv}) cannot be made: {type(exc).__name__}: {exc}"
+        raise OracleUnavailable(_failure) from None
+    return _python(venv)
+
+
+if __name__ == "__main__":  # make it ahead of a test run: python tests/adapters_oracle/venv.py
+    print(oracle_python())
