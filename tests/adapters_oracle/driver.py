@@ -172,6 +172,9 @@ def run_case(case: dict) -> dict:
     for entry in case.get("load_fusions", []):
         name = model.load_adapter_fusion(entry["dir"], load_as=entry.get("load_as"),
                                          use_safetensors=entry.get("use_safetensors", True))
+        if name is None:  # the library's models with heads return nothing here: the name is the saved one
+            with open(os.path.join(entry["dir"], "adapter_fusion_config.json")) as fh:
+                name = entry.get("load_as") or json.load(fh)["name"]
         res["loaded"].append({"dir": entry["dir"], "name": name,
                               "check": load_check(model, entry["dir"], f"adapter_fusion_layer.{name}.")})
 

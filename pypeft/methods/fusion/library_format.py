@@ -2,7 +2,8 @@
 
     adapter_fusion_config.json          {"config": {key, query, value, query_before_ln, regularization,
                                           residual_before, temperature, value_before_softmax,
-                                          value_initialized, dropout_prob}, "name": "a,b,c", "model_type",
+                                          value_initialized, dropout_prob}, "name": "a,b,c",
+                                          "adapter_names": ["a", "b", "c"], "model_type",
                                           "hidden_size", "model_class", "model_name", "version"}
     model_adapter_fusion.safetensors    "<where>.adapter_fusion_layer.a,b,c.query.weight" / ".bias",
                                         ".key.weight" / ".bias", ".value.weight"
@@ -46,6 +47,7 @@ def config_json(model: nn.Module, config: FusionConfig, heads: list[str]) -> dic
                    "temperature": config.temperature, "value_before_softmax": True,
                    "value_initialized": config.value_initialized, "dropout_prob": config.dropout_prob},
         "name": library_name(config),
+        "adapter_names": list(config.adapters),  # what the library's loader reads the fused adapters from
         "model_type": getattr(model_config, "model_type", None),
         "hidden_size": getattr(model_config, "hidden_size", None),
         "model_class": type(model).__name__,
@@ -67,8 +69,11 @@ def config_from_json(fields: dict, adapter_name: str) -> FusionConfig:
     name = fields.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("field 'name' (the fused adapters' names, joined by commas) is missing")
+    names = fields.get("adapter_names", name.split(","))
+    if not isinstance(names, list) or ",".join(map(str, names)) != name:
+        raise ValueError(f"field 'adapter_names' {names!r} does not match field 'name' {name!r}")
     # value_before_softmax: W_v has no bias, so Σ p_i W_v u_i = W_v Σ p_i u_i: both are the same math.
-    return FusionConfig(adapters=name.split(","), value=bool(library.get("value")),
+    return FusionConfig(adapters=names, value=bool(library.get("value")),
                         value_initialized=bool(library.get("value_initialized")),
                         regularization=bool(library.get("regularization")),
                         query_before_ln=bool(library.get("query_before_ln")),
