@@ -287,3 +287,47 @@ def test_bad_options_name_the_argument(options, pattern):
 def test_an_unknown_layout_is_refused_by_name():
     with pytest.raises(ValueError, match="'model'.*stacks"):
         pypeft.patch(T.make("t5"), method="bottleneck")
+
+
+def _adapter_grads(model, family, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if ".pypeft_bottleneck." in n and p.grad is not None}
+
+
+@pytest.mark.parametrize("order", ["bottleneck first", "tokentune first"])
+def test_composes_with_tokentune_only_selected_tokens_train_the_adapter(order):
+    family = "bert"
+    batch = T.labels_for(family, T.inputs(family, length=8))
+    plain = T.make(family)
+    pypeft.patch(plain, method="bottleneck", preset="pfeiffer")
+    randomize(plain)
+    plain.train()
+    for m in plain.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    want_out = plain(**batch).logits.detach()
+    want = _adapter_grads(plain, family, batch)
+
+    def tuned(k):
+        model = copy.deepcopy(plain)
+        pypeft.unpatch(model)
+        first, second = ("bottleneck", "tokentune") if order == "bottleneck first" else ("tokentune", "bottleneck")
+        options = {"bottleneck": {"preset": "pfeiffer"}, "tokentune": {"k": k, "seed": 0}}
+        pypeft.patch(model, method=first, **options[first])
+        pypeft.patch(model, method=second, **options[second])
+        model.load_state_dict(plain.state_dict(), strict=False)
+        return model
+
+    everything = tuned(8)  # k = T: every token selected, so exactly the plain gradients
+    torch.testing.assert_close(everything(**batch).logits, want_out)
+    got = _adapter_grads(everything, family, batch)
+    assert got.keys() == want.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    subset = tuned(2)
+    torch.testing.assert_close(subset(**batch).logits, want_out)  # the forward is unchanged
+    got = _adapter_grads(subset, family, batch)
+    assert got.keys() == want.keys()
+    assert all(g.abs().sum() > 0 for g in got.values())
+    assert any(not torch.allclose(got[n], want[n], atol=1e-6) for n in want)  # fewer tokens: other gradients

@@ -104,7 +104,14 @@ class FusionSettings:
 
 
 class BottleneckSite(PypeftLayer):
-    """The bottleneck adapters, and the fusions of them, at one sublayer exit."""
+    """The bottleneck adapters, and the fusions of them, at one sublayer exit.
+
+    Under TokenTune (which tags the site with its token selection) the
+    adapter runs on every token but keeps for backward only the selected
+    tokens' rows: the others' δ is computed without autograd, as TokenTune's
+    own token-subset ops do for the backbone."""
+
+    runs_token_subsets = True
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -167,7 +174,20 @@ class BottleneckSite(PypeftLayer):
             return self._mixed_forward(h, x, norm, rows)
         if self.active is None:
             return h
+        positions = self.token_positions(h) if torch.is_grad_enabled() else None
+        if positions is not None:
+            return self._token_subset_forward(self.active, h, x, norm, positions)
         return self._adapter_forward(self.active, h, x, norm)
+
+    def _token_subset_forward(self, name: str, h, x, norm, positions: torch.Tensor) -> torch.Tensor:
+        """h + δ where only the selected tokens' δ (positions: [B, k]) takes part in backward."""
+        with torch.no_grad():
+            delta = self._adapter_forward(name, h, x, norm) - h
+        index = positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        pick = lambda t: None if t is None else t.gather(1, index)  # noqa: E731
+        h_sel = pick(h)
+        delta_sel = self._adapter_forward(name, h_sel, pick(x), norm) - h_sel
+        return h + delta.scatter(1, index, delta_sel)
 
     def _adapter_input(self, name: str, h, x, norm) -> torch.Tensor:
         reads = self.reads(name)

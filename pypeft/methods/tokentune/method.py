@@ -4,8 +4,9 @@ modules.py), routes attention through transformers' AttentionInterface
 (attention.py), and hooks the model's forward to draw each step's tokens
 (selection.py). Its per-model state is the TokenTuneRecord, which detach()
 undoes exactly. It composes with the adapter methods that run inside the
-backbone: their layers (AdaptedLinear) are tagged with the selection, also
-when they are patched after TokenTune (model_changed)."""
+backbone: their layers (AdaptedLinear, and any pypeft layer whose class sets
+`runs_token_subsets`, e.g. bottleneck sites) are tagged with the selection,
+also when they are patched after TokenTune (model_changed)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn
     by token (its weight gradient would include unselected tokens)."""
     adapter_layers = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     inside = tuple(name + "." for name in adapter_layers)
+    # Layers of other methods that run their own token-subset forms: tagged, their insides left alone.
+    own = {name: m for name, m in model.named_modules() if _runs_token_subsets(m)}
+    own_inside = tuple(name + "." for name in own)
     embedding = model.get_input_embeddings()
-    swaps, tagged, unknown = [], [], []
+    swaps, tagged, unknown = [], list(own.values()), []
     for name, module in model.named_modules():
-        if name in adapter_layers:
+        if name in adapter_layers or name in own or name.startswith(own_inside):
             continue
         if name.startswith(inside):
             if name.endswith(".base_layer"):
@@ -67,6 +71,12 @@ def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn
         raise ValueError(f"{WHERE}: these modules hold parameters but TokenTune does not know how to run them token "
                          f"by token: {', '.join(unknown)}")
     return swaps, tagged + list(adapter_layers.values())
+
+
+def _runs_token_subsets(module: nn.Module) -> bool:
+    """A pypeft layer that reads the token selection itself (class attribute
+    `runs_token_subsets`), e.g. a bottleneck adapter site."""
+    return getattr(type(module), "runs_token_subsets", False) and not isinstance(module, AdaptedLinear)
 
 
 class TokenTuneMethod(Method):
@@ -108,6 +118,9 @@ class TokenTuneMethod(Method):
         """Give adapter layers added after TokenTune (and their base layers) the selection."""
         record: TokenTuneRecord = state.method_states[self.name]
         for module in model.modules():
+            if _runs_token_subsets(module) and getattr(module, TOKENS_ATTR, None) is None:
+                setattr(module, TOKENS_ATTR, record.selection)
+                record.tagged.append(module)
             if isinstance(module, AdaptedLinear) and getattr(module, TOKENS_ATTR, None) is None:
                 setattr(module, TOKENS_ATTR, record.selection)
                 record.tagged.append(module)
