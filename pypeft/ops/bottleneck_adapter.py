@@ -99,15 +99,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_p):
-    w_down, w_up, p, seed, *z_saved = ctx.saved_tensors
-    z = saved_inputs.rebuild(ctx.z_recipe, tuple(z_saved))
     need = ctx.needs_input_grad
-    grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up = _backward_op(
-        grad_out, grad_p, z, p, w_down, w_up, ctx.scale, ctx.activation, ctx.dropout_p, seed,
-        [need[0], need[2], need[3], need[4], need[5]],
-    )
     # out = residual + ...: residual's gradient is grad_out itself (same shape, no broadcast).
     grad_residual = grad_out if need[1] else None
+    mask = [need[0], need[2], need[3], need[4], need[5]]
+    if not any(mask):  # only the residual trains: nothing of the adapter to differentiate
+        return None, grad_residual, None, None, None, None, None, None, None, None
+    w_down, w_up, p, seed, *z_saved = ctx.saved_tensors
+    z = saved_inputs.rebuild(ctx.z_recipe, tuple(z_saved))
+    grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up = _backward_op(
+        grad_out, grad_p, z, p, w_down, w_up, ctx.scale, ctx.activation, ctx.dropout_p, seed, mask)
     return grad_z, grad_residual, grad_w_down, grad_b_down, grad_w_up, grad_b_up, None, None, None, None
 
 
