@@ -1349,13 +1349,8 @@ BOTTLENECK_BAD = [
     Bad("fp32 weights with fp64 z", lambda a: dict(z=a["z"].double(), residual=a["residual"].double()), TypeError,
         "w_down", "Float"),
     Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'relu', 'silu', 'gelu'"),
-    Bad("p = 1", lambda a: dict(dropout_p=1.0), ValueError, "dropout_p", "[0, 1)"),
-    Bad("p < 0", lambda a: dict(dropout_p=-0.1), ValueError, "dropout_p", "-0.1"),
-    Bad("seed missing", lambda a: dict(seed=None), ValueError, "seed", "None"),
-    Bad("seed float", lambda a: dict(seed=torch.tensor(1.0)), TypeError, "seed", "Float"),
-    Bad("seed shape", lambda a: dict(seed=torch.tensor([1, 2])), ValueError, "seed", "[2]"),
-    Bad("scale inf", lambda a: dict(scale=float("inf")), ValueError, "scale", "inf"),
-    Bad("scale nan", lambda a: dict(scale=float("nan")), ValueError, "scale", "nan"),
+    # dropout_p, seed and scale as lora_linear's (the same arguments, the same checks)
+    *[bad for bad in LORA_BAD if bad.arg in ("dropout_p", "seed", "scale")],
 ]
 
 

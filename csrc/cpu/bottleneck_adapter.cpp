@@ -249,7 +249,6 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cpu(
     const c10::optional<Tensor>& seed) {
   const auto dims = check_bottleneck_adapter_args(kOp, z, residual, w_down, b_down, w_up, b_up,
                                                   scale, activation, dropout_p, seed);
-  const AdapterActivation act = parse_adapter_activation(kOp, activation);
   // The math inside is not itself differentiated (the autograd formula is
   // the backward op), also when called from C++ on tensors requiring grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -272,7 +271,7 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cpu(
     else
       at::mm_out(pb, zb, wd_t);
     Tensor ab = act_scratch[c].slice(0, 0, e - b);
-    activation_block(act, pb, ab);
+    activation_block(dims.act, pb, ab);
     Tensor ob = out2.slice(0, b, e);
     at::mm_out(ob, ab, wu_t);
     output_block(ob, rows_or_zero(res2, zero_row, b, e), ops.b_up, b, scaling);
@@ -287,12 +286,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_backward_c
   const auto dims = check_bottleneck_adapter_backward_args(kBackwardOp, grad_out, grad_p, z, p,
                                                            w_down, w_up, scale, activation,
                                                            dropout_p, seed);
-  const AdapterActivation act = parse_adapter_activation(kBackwardOp, activation);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto [need_z, need_w_down, need_b_down, need_w_up, need_b_up] = output_mask;
-  const bool need_grad_p = need_z || need_w_down || need_b_down;
+  const BottleneckGrads need(output_mask);
   Tensor grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up;
-  if (!need_grad_p && !need_w_up && !need_b_up) return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
+  if (!need.any()) return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
 
   const auto scaling = OutputScaling::of(scale, dropout_p, seed);
   const Tensor z2 = as_rows(z, dims.d);
@@ -312,46 +309,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_backward_c
     s.insert(s.end(), shape.begin(), shape.end());
     return need ? at::zeros(s, acc_opts) : Tensor();
   };
-  Tensor w_down_parts = parts(need_w_down, {dims.m, dims.d});
-  Tensor b_down_parts = parts(need_b_down, {dims.m});
-  Tensor w_up_parts = parts(need_w_up, {dims.d, dims.m});
-  Tensor b_up_parts = parts(need_b_up, {dims.d});
-  Tensor grad_z2 = need_z ? at::empty({dims.rows, dims.d}, z.options()) : Tensor();
+  Tensor w_down_parts = parts(need.w_down, {dims.m, dims.d});
+  Tensor b_down_parts = parts(need.b_down, {dims.m});
+  Tensor w_up_parts = parts(need.w_up, {dims.d, dims.m});
+  Tensor b_up_parts = parts(need.b_up, {dims.d});
+  Tensor grad_z2 = need.z ? at::empty({dims.rows, dims.d}, z.options()) : Tensor();
   const Tensor g_scratch = at::empty({chunks, block, dims.d}, z.options());
-  const Tensor a_scratch = need_w_up ? at::empty({chunks, block, dims.m}, z.options()) : Tensor();
+  const Tensor a_scratch = need.w_up ? at::empty({chunks, block, dims.m}, z.options()) : Tensor();
 
   for_each_row_block(dims.rows, block, [&](int64_t c, int64_t b, int64_t e) {
     // dL/du for this block, u the up-projection's output.
     Tensor g = g_scratch[c].slice(0, 0, e - b);
     masked_grad_block(gy2.slice(0, b, e), g, b, scaling);
     const Tensor pb = p2.slice(0, b, e);
-    if (need_w_up) {
+    if (need.w_up) {
       Tensor ab = a_scratch[c].slice(0, 0, e - b);
-      activation_block(act, pb, ab);  // recomputed: only p is saved
+      activation_block(dims.act, pb, ab);  // recomputed: only p is saved
       Tensor acc = w_up_parts[c];
       add_product(acc, g.t(), ab);
     }
-    if (need_b_up) b_up_parts[c].add_(g.sum(0, false, acc_type));
-    if (!need_grad_p) return;
+    if (need.b_up) b_up_parts[c].add_(g.sum(0, false, acc_type));
+    if (!need.p()) return;
     Tensor gp = at::mm(g, wu);  // dL/da, then dL/dp in place
-    activation_grad_block(act, gp, pb, rows_or_zero(gp2, zero_row, b, e));
-    if (need_b_down) b_down_parts[c].add_(gp.sum(0, false, acc_type));
-    if (need_w_down) {
+    activation_grad_block(dims.act, gp, pb, rows_or_zero(gp2, zero_row, b, e));
+    if (need.b_down) b_down_parts[c].add_(gp.sum(0, false, acc_type));
+    if (need.w_down) {
       Tensor acc = w_down_parts[c];
       add_product(acc, gp.t(), z2.slice(0, b, e));
     }
-    if (need_z) {
+    if (need.z) {
       Tensor gzb = grad_z2.slice(0, b, e);
       at::mm_out(gzb, gp, wd);
     }
   });
 
   const auto w_dtype = w_down.scalar_type();
-  if (need_z) grad_z = grad_z2.view(z.sizes());
-  if (need_w_down) grad_w_down = w_down_parts.sum(0).to(w_dtype);
-  if (need_b_down) grad_b_down = b_down_parts.sum(0).to(w_dtype);
-  if (need_w_up) grad_w_up = w_up_parts.sum(0).to(w_dtype);
-  if (need_b_up) grad_b_up = b_up_parts.sum(0).to(w_dtype);
+  if (need.z) grad_z = grad_z2.view(z.sizes());
+  if (need.w_down) grad_w_down = w_down_parts.sum(0).to(w_dtype);
+  if (need.b_down) grad_b_down = b_down_parts.sum(0).to(w_dtype);
+  if (need.w_up) grad_w_up = w_up_parts.sum(0).to(w_dtype);
+  if (need.b_up) grad_b_up = b_up_parts.sum(0).to(w_dtype);
   return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
 }
 

@@ -100,8 +100,7 @@ void activation_grad(AdapterActivation act, const Tensor& g, const Tensor& p, co
 
 // --- [N, d]: the output and its gradient ------------------------------------------------
 
-// Thread rows of a 2-D grid walk the matrix rows (grid-strided), so a row's
-// mask key is derived once per thread and row, as in dropout_rows.cu.
+// What the output's and the gradient's kernels need of the scale and the mask.
 struct OutputScaling {
   bool drop;
   SeedSource seed;
@@ -114,10 +113,20 @@ struct OutputScaling {
   }
 };
 
-__device__ __forceinline__ DropoutRowKey row_key(const SeedSource& seed, bool drop, int64_t row) {
-  if (!drop) return DropoutRowKey{0, 0};
-  const uint64_t s = seed.device_ptr ? static_cast<uint64_t>(*seed.device_ptr) : seed.value;
-  return dropout_row_key(s, static_cast<uint64_t>(row));
+// Calls fn(i, j, factor) for every element (i, j) of an [rows, d] matrix,
+// factor = kept where the mask keeps the element, 0 where it drops it. Thread
+// rows of a 2-D grid walk the matrix rows (grid-strided), so a row's mask key
+// is derived once per thread and row, as in dropout_rows.cu.
+template <bool kDrop, typename acc_t, typename Fn>
+__device__ __forceinline__ void for_each_scaled_element(int64_t rows, int64_t d, const SeedSource& seed,
+                                                        uint32_t threshold, acc_t kept, Fn fn) {
+  const uint64_t s = kDrop ? (seed.device_ptr ? static_cast<uint64_t>(*seed.device_ptr) : seed.value) : 0;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const DropoutRowKey key = kDrop ? dropout_row_key(s, static_cast<uint64_t>(i)) : DropoutRowKey{0, 0};
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < d;
+         j += int64_t(blockDim.x) * gridDim.x)
+      fn(i, j, kDrop ? adapter_output_factor<acc_t>(key, static_cast<uint32_t>(j), threshold, kept) : kept);
+  }
 }
 
 // out = residual + factor · (out + b_up), in place on out (contiguous).
@@ -127,16 +136,11 @@ __global__ void output_kernel(scalar_t* out, const scalar_t* __restrict__ res, i
                               int64_t d, SeedSource seed, uint32_t threshold,
                               at::opmath_type<scalar_t> kept) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
-    const DropoutRowKey key = row_key(seed, kDrop, i);
-    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < d;
-         j += int64_t(blockDim.x) * gridDim.x) {
-      const acc_t f = kDrop ? adapter_output_factor<acc_t>(key, static_cast<uint32_t>(j), threshold, kept) : kept;
-      scalar_t* o = out + i * d + j;
-      *o = static_cast<scalar_t>(
-          adapter_output<acc_t>(static_cast<acc_t>(res[i * res_stride + j]), static_cast<acc_t>(*o), b_up[j], f));
-    }
-  }
+  for_each_scaled_element<kDrop>(rows, d, seed, threshold, kept, [&](int64_t i, int64_t j, acc_t f) {
+    scalar_t* o = out + i * d + j;
+    *o = static_cast<scalar_t>(
+        adapter_output<acc_t>(static_cast<acc_t>(res[i * res_stride + j]), static_cast<acc_t>(*o), b_up[j], f));
+  });
 }
 
 // g = factor · grad_out, g a fresh contiguous [N, d].
@@ -145,14 +149,9 @@ __global__ void masked_grad_kernel(const scalar_t* __restrict__ grad_out, int64_
                                    scalar_t* __restrict__ g, int64_t rows, int64_t d, SeedSource seed,
                                    uint32_t threshold, at::opmath_type<scalar_t> kept) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
-    const DropoutRowKey key = row_key(seed, kDrop, i);
-    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < d;
-         j += int64_t(blockDim.x) * gridDim.x) {
-      const acc_t f = kDrop ? adapter_output_factor<acc_t>(key, static_cast<uint32_t>(j), threshold, kept) : kept;
-      g[i * d + j] = static_cast<scalar_t>(static_cast<acc_t>(grad_out[i * gy_stride + j]) * f);
-    }
-  }
+  for_each_scaled_element<kDrop>(rows, d, seed, threshold, kept, [&](int64_t i, int64_t j, acc_t f) {
+    g[i * d + j] = static_cast<scalar_t>(static_cast<acc_t>(grad_out[i * gy_stride + j]) * f);
+  });
 }
 
 dim3 row_grid(int64_t rows, int64_t d) {
@@ -214,7 +213,6 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cuda(
     const c10::optional<Tensor>& seed) {
   const auto dims = check_bottleneck_adapter_args(kOp, z, residual, w_down, b_down, w_up, b_up,
                                                   scale, activation, dropout_p, seed);
-  const AdapterActivation act = parse_adapter_activation(kOp, activation);
   // The math inside is not itself differentiated (the autograd formula is
   // the backward op), also when called from C++ on tensors requiring grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -224,7 +222,7 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cuda(
   const Tensor res2 = has_value(residual) ? as_rows(*residual, dims.d) : at::zeros({1, dims.d}, z.options());
 
   Tensor p2 = ops.b_down.defined() ? at::addmm(ops.b_down, z2, ops.w_down.t()) : at::mm(z2, ops.w_down.t());
-  Tensor out2 = at::mm(activate(act, p2), ops.w_up.t());  // act(p) is a temporary
+  Tensor out2 = at::mm(activate(dims.act, p2), ops.w_up.t());  // act(p) is a temporary
   output_epilogue(out2, res2, ops.b_up, scale, dropout_p, seed);
   return {out2.view(z.sizes()), p2.view(with_last_dim(z.sizes(), dims.m))};
 }
@@ -236,28 +234,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_backward_c
   const auto dims = check_bottleneck_adapter_backward_args(kBackwardOp, grad_out, grad_p, z, p,
                                                            w_down, w_up, scale, activation,
                                                            dropout_p, seed);
-  const AdapterActivation act = parse_adapter_activation(kBackwardOp, activation);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(z.device());
-  const auto [need_z, need_w_down, need_b_down, need_w_up, need_b_up] = output_mask;
-  const bool need_grad_p = need_z || need_w_down || need_b_down;
+  const BottleneckGrads need(output_mask);
   Tensor grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up;
-  if (!need_grad_p && !need_w_up && !need_b_up) return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
+  if (!need.any()) return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
 
   const auto w_dtype = w_down.scalar_type();
   const auto math = adapter_math_type(z.scalar_type());
   const Tensor z2 = as_rows(z, dims.d);
   const Tensor p2 = as_rows(p, dims.m);
   const Tensor g = masked_grad(as_rows(grad_out, dims.d), scale, dropout_p, seed);  // dL/du
-  if (need_w_up) grad_w_up = at::mm(g.t(), activate(act, p2)).to(w_dtype);
-  if (need_b_up) grad_b_up = g.sum(0, false, math).to(w_dtype);
-  if (need_grad_p) {
+  if (need.w_up) grad_w_up = at::mm(g.t(), activate(dims.act, p2)).to(w_dtype);
+  if (need.b_up) grad_b_up = g.sum(0, false, math).to(w_dtype);
+  if (need.p()) {
     Tensor gp = at::mm(g, w_up.to(z.scalar_type()));  // dL/da, then dL/dp in place
     const Tensor extra = has_value(grad_p) ? as_rows(*grad_p, dims.m) : at::zeros({1, dims.m}, z.options());
-    activation_grad(act, gp, p2, extra);
-    if (need_b_down) grad_b_down = gp.sum(0, false, math).to(w_dtype);
-    if (need_w_down) grad_w_down = at::mm(gp.t(), z2).to(w_dtype);
-    if (need_z) grad_z = at::mm(gp, w_down.to(z.scalar_type())).view(z.sizes());
+    activation_grad(dims.act, gp, p2, extra);
+    if (need.b_down) grad_b_down = gp.sum(0, false, math).to(w_dtype);
+    if (need.w_down) grad_w_down = at::mm(gp.t(), z2).to(w_dtype);
+    if (need.z) grad_z = at::mm(gp, w_down.to(z.scalar_type())).view(z.sizes());
   }
   return {grad_z, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
 }

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <math.h>
 
+#include <array>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -169,9 +170,21 @@ PYPEFT_HOST_DEVICE T adapter_output(T residual, T u, T b_up, T factor) {
 // --- argument checks ------------------------------------------------------------------
 
 struct BottleneckDims {
-  int64_t rows;  // N, the product of z's leading dims
-  int64_t d;     // z's features
-  int64_t m;     // bottleneck width
+  int64_t rows;           // N, the product of z's leading dims
+  int64_t d;              // z's features
+  int64_t m;              // bottleneck width
+  AdapterActivation act;  // parsed from the `activation` argument
+};
+
+// Which gradients the backward op computes (its output_mask).
+struct BottleneckGrads {
+  bool z, w_down, b_down, w_up, b_up;
+
+  explicit BottleneckGrads(std::array<bool, 5> mask)
+      : z(mask[0]), w_down(mask[1]), b_down(mask[2]), w_up(mask[3]), b_up(mask[4]) {}
+  // dL/dp, the gradient at the bottleneck, feeds z's and the down projection's.
+  bool p() const { return z || w_down || b_down; }
+  bool any() const { return p() || w_up || b_up; }
 };
 
 // The weights' dtype: z's, or float32 beside bfloat16 / float16 activations.
@@ -186,12 +199,14 @@ inline void check_adapter_weight_dtype(const char* op, const char* arg, const at
                     c10::toString(w.scalar_type()));
 }
 
-// What forward and backward both read: z [..., d], w_down [m, d], w_up [d, m],
-// scale, activation, dropout.
+// What forward and backward both read: activation, z [..., d], w_down [m, d],
+// w_up [d, m], scale, dropout.
 inline BottleneckDims check_bottleneck_core(const char* op, const at::Tensor& z,
                                             const at::Tensor& w_down, const at::Tensor& w_up,
-                                            double scale, double dropout_p,
+                                            double scale, c10::string_view activation,
+                                            double dropout_p,
                                             const c10::optional<at::Tensor>& seed) {
+  const AdapterActivation act = parse_adapter_activation(op, activation);
   check_defined(op, "z", z);
   PYPEFT_CHECK_VALUE(z.dim() >= 1, op, "z", "a tensor of shape [..., d]", "a 0-D tensor");
   check_activation_dtype(op, "z", z);
@@ -212,7 +227,7 @@ inline BottleneckDims check_bottleneck_core(const char* op, const at::Tensor& z,
   check_seed(op, "seed", seed, dropout_p > 0.0, z);
   // The mask generator counts columns in 32 bits.
   PYPEFT_CHECK_VALUE(d < (int64_t(1) << 31), op, "z", "d < 2^31", d);
-  return BottleneckDims{z.numel() / d, d, m};
+  return BottleneckDims{z.numel() / d, d, m, act};
 }
 
 inline void check_adapter_bias(const char* op, const char* arg, const c10::optional<at::Tensor>& b,
@@ -230,8 +245,7 @@ inline BottleneckDims check_bottleneck_adapter_args(
     const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
     const c10::optional<at::Tensor>& b_up, double scale, c10::string_view activation,
     double dropout_p, const c10::optional<at::Tensor>& seed) {
-  parse_adapter_activation(op, activation);
-  const auto dims = check_bottleneck_core(op, z, w_down, w_up, scale, dropout_p, seed);
+  const auto dims = check_bottleneck_core(op, z, w_down, w_up, scale, activation, dropout_p, seed);
   if (has_value(residual)) {
     PYPEFT_CHECK_VALUE(residual->sizes() == z.sizes(), op, "residual",
                        "shape " + shape_str(z.sizes()) + " (the shape of 'z')",
@@ -249,8 +263,7 @@ inline BottleneckDims check_bottleneck_adapter_backward_args(
     const at::Tensor& z, const at::Tensor& p, const at::Tensor& w_down, const at::Tensor& w_up,
     double scale, c10::string_view activation, double dropout_p,
     const c10::optional<at::Tensor>& seed) {
-  parse_adapter_activation(op, activation);
-  const auto dims = check_bottleneck_core(op, z, w_down, w_up, scale, dropout_p, seed);
+  const auto dims = check_bottleneck_core(op, z, w_down, w_up, scale, activation, dropout_p, seed);
   check_defined(op, "grad_out", grad_out);
   PYPEFT_CHECK_VALUE(grad_out.sizes() == z.sizes(), op, "grad_out",
                      "shape " + shape_str(z.sizes()) + " (the shape of 'z')",
