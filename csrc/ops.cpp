@@ -189,4 +189,26 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, bool[7] output_mask) "
       "-> (Tensor grad_xs, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh)");
+
+  // Bottleneck adapters (Houlsby / Pfeiffer / parallel), the `adapters`
+  // library's Adapter block: z [..., d], residual [..., d] or None (zero),
+  // w_down [m, d], b_down [m], w_up [d, m], b_up [d],
+  //   p = z W_downᵀ + b_down,  out = residual + drop(scale · (act(p) W_upᵀ + b_up)).
+  // drop() is counter_dropout's mask over out viewed as [N, d], kept elements
+  // scaled by 1 / (1 - dropout_p); seed: 0-dim int64, needed when dropout_p > 0.
+  // activation: "relu", "silu", "gelu" (erf), "gelu_tanh", "tanh", "sigmoid",
+  // "leaky_relu" (slope 0.01), "identity". p [..., m] is returned and saved
+  // for backward (with z): nothing else of size N·d.
+  m.def(
+      "bottleneck_adapter(Tensor z, Tensor? residual, Tensor w_down, Tensor? b_down, "
+      "Tensor w_up, Tensor? b_up, float scale, str activation, float dropout_p, Tensor? seed) "
+      "-> (Tensor out, Tensor p)");
+  // Gradients for (z, w_down, b_down, w_up, b_up) where output_mask says (the
+  // biases' in w_down's dtype); residual's is grad_out itself, so it is not an
+  // output. grad_p, the gradient flowing into the auxiliary output p, may be None.
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_out, Tensor? grad_p, Tensor z, Tensor p, "
+      "Tensor w_down, Tensor w_up, float scale, str activation, float dropout_p, Tensor? seed, "
+      "bool[5] output_mask) -> (Tensor grad_z, Tensor grad_w_down, Tensor grad_b_down, "
+      "Tensor grad_w_up, Tensor grad_b_up)");
 }

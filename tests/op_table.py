@@ -74,6 +74,8 @@ class OpInfo:
     tokens: tuple = ()             # token-subset ops: arguments differentiable at the selected tokens only
     token_dim: int = 1             # ... whose tokens are this dim (batch is dim 0)
     double_backward: str | None = "raises"            # "raises", "works", None (no gradient)
+    passthrough: tuple = ()        # arguments whose gradient is the output's gradient itself (a residual):
+                                   # differentiating it again is exact, so it does not raise
     inference_only: str | None = None                 # what backward raises, for ops without a gradient
     saved: SavedSpec | None = None
     params: tuple = ()             # arguments whose storages saved bytes do not count
@@ -1278,6 +1280,111 @@ SCAN_BACKWARD_BAD = [
 ]
 
 
+# --- bottleneck adapters: bottleneck_adapter ----------------------------------------------------
+
+BOTTLENECK_GRAD = ("z", "residual", "w_down", "b_down", "w_up", "b_up")
+ADAPTER_ACTIVATIONS = tuple(R.ADAPTER_ACTIVATIONS)
+
+
+def bottleneck_samples(device, dtype):
+    def make(name, lead=(3, 4), d=8, m=3, act="gelu", p=0.0, bias=True, residual=True, layout=None, res_layout=None,
+             big=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        z = rnd(g, *lead, d, dtype=dtype, device=device)
+        res = rnd(g, *lead, d, dtype=dtype, device=device)
+        args = dict(z=layout(z) if layout else z,
+                    residual=(res_layout(res) if res_layout else res) if residual else None,
+                    w_down=rnd(g, m, d, dtype=dtype, device=device),
+                    b_down=rnd(g, m, dtype=dtype, device=device) if bias else None,
+                    w_up=rnd(g, d, m, dtype=dtype, device=device),
+                    b_up=rnd(g, d, dtype=dtype, device=device) if bias else None,
+                    scale=0.6, activation=act, dropout_p=p, seed=torch.tensor(21 + seed, device=device) if p else None)
+        return Sample(name, args, present(BOTTLENECK_GRAD, args), big)
+
+    return [
+        make("basic", p=0.2),
+        make("no dropout, no biases", bias=False),
+        make("residual None", residual=False, p=0.2, seed=1),
+        make("other shape", lead=(5, 2), p=0.2, seed=2),
+        make("empty batch", lead=(0,), p=0.2),
+        make("empty middle dim", lead=(3, 0)),
+        make("one row", lead=(1,), p=0.2),
+        make("1-D z", lead=()),
+        make("m=1", m=1, p=0.2),
+        make("m > d", d=5, m=9),
+        make("transposed z, strided residual", layout=transposed, res_layout=strided, p=0.5),
+        make("strided rows", layout=strided_rows, res_layout=strided_rows, p=0.5),
+        make("expanded z and residual", layout=expanded, res_layout=expanded, p=0.5),
+        *[make(f"activation {act}", act=act, p=0.1, seed=3 + i) for i, act in enumerate(ADAPTER_ACTIVATIONS)],
+        make("many rows (several blocks per thread)", lead=(4, 700), d=300, m=24, p=0.2, big=True),
+    ]
+
+
+def bottleneck_reference(a):
+    return R.bottleneck_adapter(a["z"], a["residual"], a["w_down"], a["b_down"], a["w_up"], a["b_up"], a["scale"],
+                                a["activation"], a["dropout_p"], seed_of(a))
+
+
+def bottleneck_saved(a):
+    """z (an input, kept anyway where something else keeps it) and p [..., m]: nothing else of z's size."""
+    return a["z"].untyped_storage().nbytes() + a["z"][..., :1].numel() * a["w_down"].shape[0] * a["z"].element_size()
+
+
+BOTTLENECK_BAD = [
+    Bad("z last dim", lambda a: dict(z=like(a["z"], 3, 4, 7)), ValueError, "z", "[3, 4, 7]"),
+    Bad("z 0-D", lambda a: dict(z=like(a["z"])), ValueError, "z", "0-D"),
+    Bad("z int", lambda a: dict(z=ones_like_dev(a["z"], 3, 4, 8, dtype=torch.int64)), TypeError, "z", "Long"),
+    Bad("z float16 on the CPU", lambda a: dict(z=a["z"].half()), TypeError, "z", "Half", cpu_only=True),
+    Bad("residual broadcast", lambda a: dict(residual=like(a["z"], 4, 8)), ValueError, "residual", "[4, 8]"),
+    Bad("residual dtype", lambda a: dict(residual=like(a["z"], 3, 4, 8, dtype=F64)), TypeError, "residual", "Double"),
+    Bad("w_down 1-D", lambda a: dict(w_down=like(a["z"], 8)), ValueError, "w_down", "1-D"),
+    Bad("w_down m = 0", lambda a: dict(w_down=like(a["z"], 0, 8), w_up=like(a["z"], 8, 0), b_down=None), ValueError,
+        "w_down", "both >= 1"),
+    Bad("w_up d", lambda a: dict(w_up=like(a["z"], 7, 3)), ValueError, "w_up", "[7, 3]"),
+    Bad("w_up m", lambda a: dict(w_up=like(a["z"], 8, 4)), ValueError, "w_up", "m, from w_down"),
+    Bad("w_up dtype", lambda a: dict(w_up=like(a["z"], 8, 3, dtype=F64)), TypeError, "w_up", "Double"),
+    Bad("b_down size", lambda a: dict(b_down=like(a["z"], 4)), ValueError, "b_down", "[4]"),
+    Bad("b_up 2-D", lambda a: dict(b_up=like(a["z"], 1, 8)), ValueError, "b_up", "2-D"),
+    Bad("b_up dtype", lambda a: dict(b_up=like(a["z"], 8, dtype=F64)), TypeError, "b_up", "Double"),
+    Bad("fp32 weights with fp64 z", lambda a: dict(z=a["z"].double(), residual=a["residual"].double()), TypeError,
+        "w_down", "Float"),
+    Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'relu', 'silu', 'gelu'"),
+    # dropout_p, seed and scale as lora_linear's (the same arguments, the same checks)
+    *[bad for bad in LORA_BAD if bad.arg in ("dropout_p", "seed", "scale")],
+]
+
+
+def bottleneck_backward_samples(device, dtype):
+    g = torch.Generator().manual_seed(5)
+    lead, d, m = (3, 4), 8, 3
+    base = dict(z=rnd(g, *lead, d, dtype=dtype, device=device), p=rnd(g, *lead, m, dtype=dtype, device=device),
+                w_down=rnd(g, m, d, dtype=dtype, device=device), w_up=rnd(g, d, m, dtype=dtype, device=device))
+    grad_out, grad_p = rnd(g, *lead, d, dtype=dtype, device=device), rnd(g, *lead, m, dtype=dtype, device=device)
+
+    def make(name, mask, with_grad_p=False, p=0.25, act="gelu"):
+        args = dict(grad_out=grad_out, grad_p=grad_p if with_grad_p else None, **base, scale=1.5, activation=act,
+                    dropout_p=p, seed=torch.tensor(5, device=device) if p else None, output_mask=mask)
+        return Sample(name, args)
+
+    return [
+        make("basic", [True] * 5),
+        make("weights only, grad_p", [False, True, True, True, True], with_grad_p=True),
+        make("w_up only", [False, False, False, True, False]),
+        make("z only, no dropout, silu", [True, False, False, False, False], p=0.0, act="silu"),
+        make("biases only, leaky_relu", [False, False, True, False, True], act="leaky_relu"),
+    ]
+
+
+BOTTLENECK_BACKWARD_BAD = [
+    Bad("grad_out shape", lambda a: dict(grad_out=like(a["z"], 3, 4, 5)), ValueError, "grad_out", "[3, 4, 5]"),
+    Bad("grad_out dtype", lambda a: dict(grad_out=like(a["z"], 3, 4, 8, dtype=F64)), TypeError, "grad_out", "Double"),
+    Bad("p shape", lambda a: dict(p=like(a["z"], 3, 4, 2)), ValueError, "p", "[3, 4, 2]"),
+    Bad("grad_p shape", lambda a: dict(grad_p=like(a["z"], 3, 4, 2)), ValueError, "grad_p", "[3, 4, 2]"),
+    Bad("w_up m", lambda a: dict(w_up=like(a["z"], 8, 4)), ValueError, "w_up", "m, from w_down"),
+    Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'identity'"),
+]
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 def backward_entry(name, samples, bad):
@@ -1368,6 +1475,11 @@ OPS = [
            params=("w_ih", "w_hh", "b_ih", "b_hh"), core=("basic", "rnn, no bias", "lstm"),
            compile=("basic", "one step, one row", "lstm")),
     backward_entry("recurrent_scan_backward", scan_backward_samples, SCAN_BACKWARD_BAD),
+    OpInfo("bottleneck_adapter", bottleneck_samples, bottleneck_reference, first, BOTTLENECK_BAD,
+           saved=SavedSpec(BOTTLENECK_GRAD, bottleneck_saved), params=("w_down", "b_down", "w_up", "b_up", "seed"),
+           core=("basic", "no dropout, no biases", "residual None"), compile=("basic", "other shape"), inductor=True,
+           passthrough=("residual",)),
+    backward_entry("bottleneck_adapter_backward", bottleneck_backward_samples, BOTTLENECK_BACKWARD_BAD),
 ]
 
 BY_NAME = {info.name: info for info in OPS}

@@ -239,3 +239,27 @@ def recurrent_scan(xs, h0, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru", c0=None
         h, c = state if cell == "lstm" else (state, None)
         hs.append(h)
     return torch.stack(hs) if hs else xs.new_empty((0, xs.shape[1], w_hh.shape[1]))
+
+
+# --- bottleneck adapters ------------------------------------------------------------
+
+ADAPTER_ACTIVATIONS = {
+    "relu": torch.nn.functional.relu,
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+    "identity": lambda x: x,
+}
+
+
+def bottleneck_adapter(z, residual, w_down, b_down, w_up, b_up, scale, activation, dropout_p=0.0, seed=0):
+    """The `adapters` library's Adapter block: up = up_proj(act(down_proj(z))) ·
+    scale (b_up scaled too), dropout() on that d-wide output (rows over z's
+    leading dims), plus the residual (None: zero)."""
+    p = torch.nn.functional.linear(z, w_down, b_down)
+    up = torch.nn.functional.linear(ADAPTER_ACTIVATIONS[activation](p), w_up, b_up) * scale
+    out = dropout(up, seed, dropout_p)
+    return out if residual is None else out + residual

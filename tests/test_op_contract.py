@@ -341,6 +341,8 @@ def test_second_order_gradients_raise(info):
     s = info.sample("basic", "cpu", F64)
     args = leaves(s.args, s.grad)
     for wrt in s.grad:  # each input's gradient: none may be differentiated again
+        if wrt in info.passthrough:
+            continue
         loss = sum(y.pow(2).sum() for y in outputs(info, call(info, args)))
         (g,) = torch.autograd.grad(loss, args[wrt], create_graph=True)
         assert g.requires_grad, wrt

@@ -331,3 +331,66 @@ def check_recurrent_args(op: str, cell: str, sequence: bool, x, h, c, w_ih, w_hh
     else:
         check_value(c is None, op, c_arg, f"None for cell '{cell}' (only 'lstm' has a cell state)", "a tensor")
     return rows, H
+
+
+# --- bottleneck adapters (csrc/include/pypeft/bottleneck_adapter.h) -------------------
+
+ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu", "gelu_tanh", "tanh", "sigmoid", "leaky_relu", "identity")
+
+
+def check_adapter_activation(op: str, activation: str) -> None:
+    check_value(activation in ADAPTER_ACTIVATIONS, op, "activation",
+                "one of " + ", ".join(f"'{a}'" for a in ADAPTER_ACTIVATIONS), f"'{activation}'")
+
+
+def check_bottleneck_core(op: str, z, w_down, w_up, scale, dropout_p, seed) -> None:
+    """z [..., d], w_down [m, d], w_up [d, m] (z's dtype, or float32 beside a
+    bfloat16 / float16 z), scale, dropout_p, seed."""
+    check_defined(op, "z", z)
+    check_value(z.dim() >= 1, op, "z", "a tensor of shape [..., d]", "a 0-D tensor")
+    check_activation_dtype(op, "z", z)
+    check_dim(op, "w_down", w_down, 2)
+    m, d = w_down.shape
+    check_value(m >= 1, op, "w_down", "shape [m, d], both >= 1", f"shape {shape_str(w_down.shape)}")
+    check_value(d >= 1, op, "w_down", "shape [m, d], both >= 1", f"shape {shape_str(w_down.shape)}")
+    check_size(op, "z", z, z.dim() - 1, d, "d, from w_down [m, d]")
+    check_same_device(op, "w_down", w_down, "z", z)
+    check_low_precision_partner(op, "w_down", w_down, "z", z)
+    check_dim(op, "w_up", w_up, 2)
+    check_size(op, "w_up", w_up, 0, d, "d, from w_down [m, d]")
+    check_size(op, "w_up", w_up, 1, m, "m, from w_down [m, d]")
+    check_same_device(op, "w_up", w_up, "z", z)
+    check_same_dtype(op, "w_up", w_up, "w_down", w_down)
+    check_finite(op, "scale", scale)
+    check_probability(op, "dropout_p", dropout_p)
+    check_seed(op, "seed", seed, dropout_p > 0.0, z)
+
+
+def check_bottleneck_adapter_args(op: str, z, residual, w_down, b_down, w_up, b_up, scale, activation, dropout_p,
+                                  seed) -> None:
+    check_adapter_activation(op, activation)
+    check_bottleneck_core(op, z, w_down, w_up, scale, dropout_p, seed)
+    m, d = w_down.shape
+    if residual is not None:
+        check_shape(op, "residual", residual, z.shape, " (the shape of 'z')")
+        check_like(op, "residual", residual, "z", z)
+    for arg, b, size, what in (("b_down", b_down, m, "m"), ("b_up", b_up, d, "d")):
+        if b is not None:
+            check_dim(op, arg, b, 1)
+            check_size(op, arg, b, 0, size, f"{what}, from w_down [m, d]")
+            check_same_device(op, arg, b, "z", z)
+            check_same_dtype(op, arg, b, "w_down", w_down)
+
+
+def check_bottleneck_adapter_backward_args(op: str, grad_out, grad_p, z, p, w_down, w_up, scale, activation,
+                                           dropout_p, seed) -> None:
+    check_adapter_activation(op, activation)
+    check_bottleneck_core(op, z, w_down, w_up, scale, dropout_p, seed)
+    check_shape(op, "grad_out", grad_out, z.shape, " (the shape of 'z')")
+    check_like(op, "grad_out", grad_out, "z", z)
+    p_shape = (*z.shape[:-1], w_down.shape[0])
+    check_shape(op, "p", p, p_shape)
+    check_like(op, "p", p, "z", z)
+    if grad_p is not None:
+        check_shape(op, "grad_p", grad_p, p_shape)
+        check_like(op, "grad_p", grad_p, "z", z)

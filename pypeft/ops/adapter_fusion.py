@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pypeft.ops.bottleneck_adapter import _ACT
+_ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "leaky_relu": F.leaky_relu, "identity": lambda t: t}
 
 
 def adapter_fusion(z, query, residual, w_down, b_down, w_up, b_up, scales, activation, w_query, b_query,
