@@ -5,6 +5,9 @@ survive its own save/load; and a plain-PyTorch reading of its math
 (tests/reference_bottleneck.py) reproduces its outputs. Every case of this
 module runs in one oracle subprocess (the `oracle` fixture)."""
 
+import json
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +24,22 @@ HEAD_CLASS = {"bert": "AutoModelForSequenceClassification", "roberta": "AutoMode
 # Round trips: one preset per family, saved as .bin and as safetensors.
 ROUND_TRIP = [("bert", "seq_bn", False), ("roberta", "double_seq_bn", True), ("distilbert", "par_bn", False),
               ("gpt2", "double_seq_bn", True), ("llama", "seq_bn", True)]
-EAGER_PRESETS = ["seq_bn", "double_seq_bn", "par_bn"]
+# Eager reference cases: id -> (preset, overrides, save as safetensors). The
+# variants reach the branches the presets leave alone (adapter norms, gating,
+# learned per-channel scaling, per-layer widths, leave_out, "post_add").
+EAGER = {
+    "seq_bn": ("seq_bn", {}, True),
+    "double_seq_bn": ("double_seq_bn", {}, True),
+    "par_bn": ("par_bn", {}, True),
+    # ln_before cannot be saved as safetensors by the library (shared tensors).
+    "houlsby-norms-gate": ("double_seq_bn", {"ln_before": True, "ln_after": True, "use_gating": True,
+                                             "scaling": "channel", "reduction_factor": {"0": 8, "default": 16},
+                                             "leave_out": [1]}, False),
+    "pfeiffer-post-add": ("seq_bn", {"residual_before_ln": "post_add", "ln_after": True,
+                                     "adapter_residual_before_ln": True, "non_linearity": "gelu",
+                                     "scaling": 0.5}, True),
+    "par-learned": ("par_bn", {"scaling": "learned", "ln_after": True, "reduction_factor": 4}, True),
+}
 RANDOM = {"std": 0.2}
 
 
@@ -74,11 +92,20 @@ def _cases(tmp):
                   "active": {"fuse": ["a", "b"]}, "output": str(tmp / "rt-fusion-load.safetensors")})
 
     # Eager reference: BERT base model, random adapter weights.
-    for preset in EAGER_PRESETS:
-        cid = f"eager-{preset}"
-        cases.append({"id": cid, **common, "add_adapters": [_adapter("a", preset, 4)], "active": "a",
+    for name, (preset, overrides, safe) in EAGER.items():
+        cid = f"eager-{name}"
+        cases.append({"id": cid, **common, "add_adapters": [_adapter("a", preset, 4, **overrides)], "active": "a",
                       "output": str(tmp / f"{cid}.safetensors"),
-                      "save_adapters": [{"name": "a", "dir": str(tmp / cid), "use_safetensors": True}]})
+                      "save_adapters": [{"name": "a", "dir": str(tmp / cid), "use_safetensors": safe}]})
+    # A static fusion (no value matrix) over a Houlsby and a Pfeiffer-placed
+    # adapter that share placement (mh and output): the last one's config rules.
+    cases.append({"id": "eager-fusion-static", **common,
+                  "add_adapters": [_adapter("h", "double_seq_bn", 5),
+                                   _adapter("p", "seq_bn", 6, mh_adapter=True, reduction_factor=8)],
+                  "add_fusions": [{"adapters": ["h", "p"], "config": "static", "random": {**RANDOM, "seed": 7}}],
+                  "active": {"fuse": ["h", "p"]}, "output": str(tmp / "eager-fusion-static.safetensors"),
+                  "save_adapters": [{"name": n, "dir": str(tmp / f"eager-fusion-static-{n}")} for n in ("h", "p")],
+                  "save_fusions": [{"adapters": ["h", "p"], "dir": str(tmp / "eager-fusion-static-h,p")}]})
     return cases, expected
 
 
@@ -131,20 +158,60 @@ def test_library_fusion_round_trip(oracle):
     assert not torch.allclose(before, expected["bert-base"], atol=1e-3)
 
 
-@pytest.mark.parametrize("preset", EAGER_PRESETS)
-def test_eager_reference_matches_library(oracle, preset):
-    tmp, res, expected = oracle
-    cid = f"eager-{preset}"
-    saved = res["cases"][cid]["saved"][0]
-    config = saved["configs"]["adapter_config.json"]["config"]
-    adapter = load_file(str(tmp / cid / "adapter.safetensors"))
+def _saved(directory):
+    """The tensors and config of a library save (either weights file)."""
+    directory = str(directory)
+    for name in ("adapter.safetensors", "model_adapter_fusion.safetensors"):
+        if os.path.exists(os.path.join(directory, name)):
+            tensors = load_file(os.path.join(directory, name))
+            break
+    else:
+        name = next(n for n in ("pytorch_adapter.bin", "pytorch_model_adapter_fusion.bin")
+                    if os.path.exists(os.path.join(directory, n)))
+        tensors = torch.load(os.path.join(directory, name), weights_only=True)
+    config_file = "adapter_config.json" if "adapter" in name and "fusion" not in name else "adapter_fusion_config.json"
+    with open(os.path.join(directory, config_file)) as f:
+        return tensors, json.load(f)
+
+
+def _bert(tmp, **adapters):
     base = load_file(str(tmp / "bert" / "model.safetensors"))
     batch = load_file(str(tmp / "bert-in.safetensors"))
-    got = RB.bert_forward(base, T.make("bert").config, batch["input_ids"], batch["attention_mask"],
-                          adapters={"a": (config, RB.adapter_layers(adapter, "a"))}, active="a")
-    oracle_out = read_output(tmp / f"{cid}.safetensors")
-    torch.testing.assert_close(got, oracle_out)
-    # Without the adapter the same function gives the base model (it is no copy of the oracle's output).
-    plain = RB.bert_forward(base, T.make("bert").config, batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(plain, expected["bert-base"])
-    assert not torch.allclose(plain, oracle_out, atol=1e-3)
+    return RB.bert_forward(base, BERT_CONFIG, batch["input_ids"], batch["attention_mask"], **adapters)
+
+
+BERT_CONFIG = T.bert().config
+
+
+@pytest.mark.parametrize("name", list(EAGER))
+def test_eager_reference_matches_library(oracle, name):
+    tmp, res, expected = oracle
+    tensors, saved = _saved(tmp / f"eager-{name}")
+    got = _bert(tmp, adapters={"a": (saved["config"], RB.adapter_layers(tensors, "a"))}, active="a")
+    library = read_output(tmp / f"eager-{name}.safetensors")
+    torch.testing.assert_close(got, library)
+    assert not torch.allclose(library, expected["bert-base"], atol=1e-3)
+
+
+def test_eager_reference_without_adapters_is_the_base_model(oracle):
+    tmp, res, expected = oracle
+    torch.testing.assert_close(_bert(tmp), expected["bert-base"])
+
+
+@pytest.mark.parametrize("case,names", [("rt-fusion-save", ("a", "b")), ("eager-fusion-static", ("h", "p"))],
+                         ids=["dynamic", "static"])
+def test_eager_fusion_matches_library(oracle, case, names):
+    tmp, res, expected = oracle
+    saved = {s["dir"]: s for s in res["cases"][case]["saved"]}
+    adapters, fusion_dir = {}, None
+    for directory, entry in saved.items():
+        if "adapter_fusion_config.json" in entry["files"]:
+            fusion_dir = directory
+        else:
+            tensors, cfg = _saved(directory)
+            adapters[cfg["name"]] = (cfg["config"], RB.adapter_layers(tensors, cfg["name"]))
+    ftensors, fcfg = _saved(fusion_dir)
+    assert fcfg["adapter_names"] == list(names)
+    fusion = (fcfg["adapter_names"], fcfg["config"], RB.fusion_layers(ftensors, fcfg["name"]))
+    got = _bert(tmp, adapters=adapters, fusion=fusion)
+    torch.testing.assert_close(got, read_output(tmp / f"{case}.safetensors"))

@@ -27,9 +27,24 @@ test module pays the interpreter and import start-up once. A case:
     save_fusions   [{adapters: [a, b], dir, use_safetensors?: false}]
     save_state     a safetensors file: the whole model state_dict (base + adapters)
 
-RESULTS.json is {"versions": {...}, "cases": {id: RESULT}}; a RESULT holds what
-the case did (see run_case) or "error" with the traceback: one case failing does
-not stop the others.
+RESULTS.json is {"versions": {...}, "cases": {id: RESULT}}; one case failing does
+not stop the others, its RESULT is {"error": traceback}. Otherwise:
+
+    model_class        the class loaded (before adapters.init)
+    base_loading_info  from_pretrained's missing / unexpected / mismatched keys
+    active             the active setup as the library prints it ("a", "Fuse[a, b]")
+    added_state        {key: shape} of the state_dict keys that init / adapters added
+    adapter_configs    {name: the full config dict the library holds}
+    output_key, output_shape   "last_hidden_state" or "logits", when inputs ran
+    loaded   [{dir, name, loading_info (adapters only),
+               check: {weights_file, missing, unexpected, values_differ},
+               head: null or {weights_file, equal, values_differ, unexpected}}]
+    saved    [{dir, files, configs: {file: parsed json}, weights: {file: {key: shape}}}]
+
+The library loads weights non-strictly (missing keys are only logged), so
+`check` compares the file with the model after the load: all three lists empty
+means every tensor of the file landed, and every tensor of that adapter came
+from the file.
 """
 
 from __future__ import annotations
@@ -144,6 +159,24 @@ def load_check(model, path: str, marker: str) -> dict:
             "missing": sorted(set(model_state) - matched), "values_differ": sorted(differ)}
 
 
+def head_check(model, path: str):
+    """With a head file beside the adapter, load_adapter (with_head) copies it
+    into the model's head when head_config.json names this model class: which of
+    its tensors the model now holds exactly, and which differ or are not there."""
+    files = [f for f in ("model_head.safetensors", "pytorch_model_head.bin") if os.path.exists(os.path.join(path, f))]
+    if not files:
+        return None
+    state = model.state_dict()
+    equal, differ, unexpected = [], [], []
+    for key, value in read_weights(os.path.join(path, files[0])).items():
+        if key not in state:
+            unexpected.append(key)
+        else:
+            (equal if torch.equal(state[key], value.to(state[key].dtype)) else differ).append(key)
+    return {"weights_file": files[0], "equal": sorted(equal), "values_differ": sorted(differ),
+            "unexpected": sorted(unexpected)}
+
+
 def run_case(case: dict) -> dict:
     model, loading_info = load_model(case)
     res = {"model_class": type(model).__name__, "base_loading_info": loading_info}
@@ -168,7 +201,8 @@ def run_case(case: dict) -> dict:
         name = model.load_adapter(entry["dir"], load_as=entry.get("load_as"), leave_out=entry.get("leave_out"),
                                   use_safetensors=entry.get("use_safetensors", True), loading_info=info)
         res["loaded"].append({"dir": entry["dir"], "name": name, "loading_info": info,
-                              "check": load_check(model, entry["dir"], f"adapters.{name}.")})
+                              "check": load_check(model, entry["dir"], f"adapters.{name}."),
+                              "head": head_check(model, entry["dir"])})
     for entry in case.get("load_fusions", []):
         name = model.load_adapter_fusion(entry["dir"], load_as=entry.get("load_as"),
                                          use_safetensors=entry.get("use_safetensors", True))
