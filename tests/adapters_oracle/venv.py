@@ -119,6 +119,20 @@ def _make(venv: Path) -> None:
 
 
 _failure: str | None = None  # one failed attempt per process, not one per test module
+_made_s: float | None = None  # how long this process took to make the venv (None: reused)
+_used: Path | None = None
+
+
+def summary() -> str | None:
+    """One line for the end of a test run: whether the oracle venv was made
+    (and in how many seconds), reused, or could not be made. None if unused."""
+    if _failure is not None:
+        return f"adapters oracle: NOT AVAILABLE, its tests skipped: {_failure.splitlines()[0]}"
+    if _used is None:
+        return None
+    if _made_s is None:
+        return f"adapters oracle: reused the venv at {_used}"
+    return f"adapters oracle: made the venv at {_used} in {_made_s:.0f} s"
 
 
 def oracle_python() -> Path:
@@ -126,11 +140,12 @@ def oracle_python() -> Path:
 
     Raises OracleUnavailable with the reason when it cannot be made (no
     registry, a pin that cannot be installed, a disk error)."""
-    global _failure
+    global _failure, _made_s, _used
     if _failure is not None:
         raise OracleUnavailable(_failure)
     venv = venv_path()
     if _ready(venv):
+        _used = _used or venv
         return _python(venv)
     try:
         venv.parent.mkdir(parents=True, exist_ok=True)
@@ -140,13 +155,15 @@ def oracle_python() -> Path:
                 t0 = time.monotonic()
                 print(f"\nmaking the adapters oracle venv at {venv} ...", file=sys.stderr, flush=True)
                 _make(venv)
-                print(f"made the adapters oracle venv in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+                _made_s = time.monotonic() - t0
+                print(f"made the adapters oracle venv in {_made_s:.0f} s", file=sys.stderr, flush=True)
     except OracleUnavailable as exc:
         _failure = f"the adapters oracle venv ({venv}) cannot be made: {exc}"
         raise OracleUnavailable(_failure) from None
     except OSError as exc:
         _failure = f"the adapters oracle venv ({venv}) cannot be made: {type(exc).__name__}: {exc}"
         raise OracleUnavailable(_failure) from None
+    _used = venv
     return _python(venv)
 
 
