@@ -141,6 +141,9 @@ def test_library_round_trip(oracle, fam, preset, safe):
     assert weights in saved["files"] and "adapter_config.json" in saved["files"]
     loaded = res["cases"][cid + "-load"]["loaded"][0]
     assert loaded["check"] == {"weights_file": weights, "missing": [], "unexpected": [], "values_differ": []}
+    # The head was saved beside it (FORMAT.md) and loaded back, every tensor of it.
+    head = loaded["head"]
+    assert head["equal"] and head["values_differ"] == head["unexpected"] == [], head
     before, after = read_output(tmp / f"{cid}-save.safetensors"), read_output(tmp / f"{cid}-load.safetensors")
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     # The adapter changes the output (random weights): the round trip is not vacuous.

@@ -17,13 +17,14 @@ test module pays the interpreter and import start-up once. A case:
                    adapter drawn from N(0, std) with a seeded generator
     add_fusions    [{adapters: [a, b], config: "dynamic"|"static"|dict,
                      overrides: {...}, random: {std, seed}}]
-    load_adapters  [{dir, load_as?, use_safetensors?: true, leave_out?}]
+    load_adapters  [{dir, load_as?, use_safetensors?: true, leave_out?, with_head?}]
     load_fusions   [{dir, load_as?, use_safetensors?: true}]
     active         null, "name", {"fuse": [...]}, {"stack": [...]} (nestable)
     inputs         a safetensors file: input_ids, attention_mask (token_type_ids,
                    position_ids, decoder_input_ids if present; other tensors ignored)
     output         a safetensors file: {"output": last_hidden_state or logits}
-    save_adapters  [{name, dir, use_safetensors?: false}]
+    save_adapters  [{name, dir, use_safetensors?: false, with_head?}]   with_head
+                   (library default true) only for a model with a head
     save_fusions   [{adapters: [a, b], dir, use_safetensors?: false}]
     save_state     a safetensors file: the whole model state_dict (base + adapters)
 
@@ -177,6 +178,11 @@ def head_check(model, path: str):
             "unexpected": sorted(unexpected)}
 
 
+def _with_head(entry: dict) -> dict:
+    # Only models with a head (adapters.init on a *For... class) take with_head.
+    return {"with_head": entry["with_head"]} if "with_head" in entry else {}
+
+
 def run_case(case: dict) -> dict:
     model, loading_info = load_model(case)
     res = {"model_class": type(model).__name__, "base_loading_info": loading_info}
@@ -199,7 +205,8 @@ def run_case(case: dict) -> dict:
     for entry in case.get("load_adapters", []):
         info = {}
         name = model.load_adapter(entry["dir"], load_as=entry.get("load_as"), leave_out=entry.get("leave_out"),
-                                  use_safetensors=entry.get("use_safetensors", True), loading_info=info)
+                                  use_safetensors=entry.get("use_safetensors", True), loading_info=info,
+                                  **_with_head(entry))
         res["loaded"].append({"dir": entry["dir"], "name": name, "loading_info": info,
                               "check": load_check(model, entry["dir"], f"adapters.{name}."),
                               "head": head_check(model, entry["dir"])})
@@ -231,14 +238,17 @@ def run_case(case: dict) -> dict:
 
     res["saved"] = []
     for entry in case.get("save_adapters", []):
-        model.save_adapter(entry["dir"], entry["name"], use_safetensors=entry.get("use_safetensors", False))
+        model.save_adapter(entry["dir"], entry["name"], use_safetensors=entry.get("use_safetensors", False),
+                           **_with_head(entry))
         res["saved"].append(saved_dir(entry["dir"]))
     for entry in case.get("save_fusions", []):
         model.save_adapter_fusion(entry["dir"], ",".join(entry["adapters"]),
                                   use_safetensors=entry.get("use_safetensors", False))
         res["saved"].append(saved_dir(entry["dir"]))
     if case.get("save_state"):
-        save_file({k: v.contiguous() for k, v in state.items()}, case["save_state"])
+        # Cloned: tied weights (and init's reference to the embeddings) share storage,
+        # which safetensors refuses.
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, case["save_state"])
     return res
 
 
