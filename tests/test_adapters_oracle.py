@@ -41,6 +41,7 @@ EAGER = {
     "par-learned": ("par_bn", {"scaling": "learned", "ln_after": True, "reduction_factor": 4}, True),
 }
 RANDOM = {"std": 0.2}
+PRESETS = ["seq_bn", "double_seq_bn", "par_bn"]
 
 
 def _adapter(name, preset, seed, **overrides):
@@ -106,6 +107,23 @@ def _cases(tmp):
                   "active": {"fuse": ["h", "p"]}, "output": str(tmp / "eager-fusion-static.safetensors"),
                   "save_adapters": [{"name": n, "dir": str(tmp / f"eager-fusion-static-{n}")} for n in ("h", "p")],
                   "save_fusions": [{"adapters": ["h", "p"], "dir": str(tmp / "eager-fusion-static-h,p")}]})
+    # Hooked eager reference on the transformers-5 models, every family and preset.
+    for fam in CROSS_FAMILIES:
+        for preset in PRESETS:
+            cid = f"hooks-{fam}-{preset}"
+            cases.append({"id": cid, "model_dir": str(tmp / fam), "inputs": str(tmp / f"{fam}-in.safetensors"),
+                          "model_class": HEAD_CLASS[fam], "add_adapters": [_adapter("a", preset, 8)], "active": "a",
+                          "output": str(tmp / f"{cid}.safetensors"),
+                          "save_adapters": [{"name": "a", "dir": str(tmp / cid), "use_safetensors": True,
+                                             "with_head": False}]})
+    cid = "hooks-gpt2-fusion"
+    cases.append({"id": cid, "model_dir": str(tmp / "gpt2"), "inputs": str(tmp / "gpt2-in.safetensors"),
+                  "model_class": "AutoModelForCausalLM",
+                  "add_adapters": [_adapter("a", "double_seq_bn", 9), _adapter("b", "double_seq_bn", 10)],
+                  "add_fusions": [{"adapters": ["a", "b"], "config": "dynamic", "random": {**RANDOM, "seed": 11}}],
+                  "active": {"fuse": ["a", "b"]}, "output": str(tmp / f"{cid}.safetensors"),
+                  "save_adapters": [{"name": n, "dir": str(tmp / f"{cid}-{n}"), "with_head": False} for n in "ab"],
+                  "save_fusions": [{"adapters": ["a", "b"], "dir": str(tmp / f"{cid}-a,b")}]})
     return cases, expected
 
 
@@ -218,3 +236,36 @@ def test_eager_fusion_matches_library(oracle, case, names):
     fusion = (fcfg["adapter_names"], fcfg["config"], RB.fusion_layers(ftensors, fcfg["name"]))
     got = _bert(tmp, adapters=adapters, fusion=fusion)
     torch.testing.assert_close(got, read_output(tmp / f"{case}.safetensors"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("fam", CROSS_FAMILIES)
+def test_hooked_reference_matches_library(oracle, fam, preset):
+    """FORMAT.md's places, per family: the transformers-5 model with the
+    library's adapter computed in hooks gives the library's logits."""
+    tmp, res, expected = oracle
+    cid = f"hooks-{fam}-{preset}"
+    tensors, saved = _saved(tmp / cid)
+    model = T.make(fam)
+    batch = {k: v for k, v in load_file(str(tmp / f"{fam}-in.safetensors")).items()}
+    with RB.eager_hooks(model, {"a": (saved["config"], RB.adapter_layers(tensors, "a"))}, active="a"):
+        got = T.output(model, batch)
+    library = read_output(tmp / f"{cid}.safetensors")
+    torch.testing.assert_close(got, library)
+    assert not torch.allclose(library, expected[f"{fam}-head"], atol=1e-3)
+    torch.testing.assert_close(T.output(model, batch), expected[f"{fam}-head"])  # the hooks are gone
+
+
+def test_hooked_fusion_matches_library(oracle):
+    tmp, res, expected = oracle
+    cid = "hooks-gpt2-fusion"
+    adapters = {}
+    for n in "ab":
+        tensors, cfg = _saved(tmp / f"{cid}-{n}")
+        adapters[n] = (cfg["config"], RB.adapter_layers(tensors, n))
+    ftensors, fcfg = _saved(tmp / f"{cid}-a,b")
+    model = T.make("gpt2")
+    batch = load_file(str(tmp / "gpt2-in.safetensors"))
+    with RB.eager_hooks(model, adapters, fusion=(["a", "b"], fcfg["config"], RB.fusion_layers(ftensors, "a,b"))):
+        got = T.output(model, batch)
+    torch.testing.assert_close(got, read_output(tmp / f"{cid}.safetensors"))
