@@ -73,7 +73,6 @@ WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin",
                 "model_head.safetensors", "pytorch_model_head.bin")
 # The tensors of an inputs file that go to the model (others, e.g. expected outputs, stay).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids")
-CONFIG_FILES = ("adapter_config.json", "adapter_fusion_config.json", "head_config.json")
 
 
 def shapes(state: dict) -> dict:
@@ -130,7 +129,7 @@ def saved_dir(path: str) -> dict:
     files = sorted(os.listdir(path))
     out = {"dir": path, "files": files, "configs": {}, "weights": {}}
     for f in files:
-        if f in CONFIG_FILES or f.endswith(".json"):
+        if f.endswith(".json"):
             with open(os.path.join(path, f)) as fh:
                 out["configs"][f] = json.load(fh)
         if f in WEIGHT_FILES:
