@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import reference_bottleneck as RB
 import tiny_models as T
@@ -46,6 +46,25 @@ PRESETS = ["seq_bn", "double_seq_bn", "par_bn"]
 
 def _adapter(name, preset, seed, **overrides):
     return {"name": name, "config": preset, "overrides": overrides, "random": {**RANDOM, "seed": seed}}
+
+
+MINIMAL_CONFIG = {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu"}
+
+
+def _write_adapter(directory, name, rename=None):
+    """A BertModel adapter at both layers' output place, random values, a config
+    of only BnConfig's required fields; rename=(old, new) misnames keys."""
+    directory.mkdir()
+    g = torch.Generator().manual_seed(12)
+    state = {}
+    for i in range(2):
+        place = f"encoder.layer.{i}.output.adapters.{name}."
+        for key, shape in (("adapter_down.0.weight", (4, 64)), ("adapter_down.0.bias", (4,)),
+                           ("adapter_up.weight", (64, 4)), ("adapter_up.bias", (64,))):
+            key = key.replace(*rename) if rename else key
+            state[place + key] = torch.randn(shape, generator=g) * 0.2
+    save_file(state, str(directory / "adapter.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({"name": name, "config": MINIMAL_CONFIG}))
 
 
 def _cases(tmp):
@@ -107,6 +126,13 @@ def _cases(tmp):
                   "active": {"fuse": ["h", "p"]}, "output": str(tmp / "eager-fusion-static.safetensors"),
                   "save_adapters": [{"name": n, "dir": str(tmp / f"eager-fusion-static-{n}")} for n in ("h", "p")],
                   "save_fusions": [{"adapters": ["h", "p"], "dir": str(tmp / "eager-fusion-static-h,p")}]})
+    # Directories written here, as another writer (pypeft) would: the fewest config
+    # fields the library accepts, with the right keys and with misnamed ones.
+    for cid, rename in (("minimal", None), ("misnamed", ("adapter_up", "up_proj"))):
+        _write_adapter(tmp / cid, "m", rename)
+        cases.append({"id": cid, **common, "load_adapters": [{"dir": str(tmp / cid)}], "active": "m",
+                      "output": str(tmp / f"{cid}.safetensors")})
+
     # Hooked eager reference on the transformers-5 models, every family and preset.
     for fam in CROSS_FAMILIES:
         for preset in PRESETS:
@@ -269,3 +295,25 @@ def test_hooked_fusion_matches_library(oracle):
     with RB.eager_hooks(model, adapters, fusion=(["a", "b"], fcfg["config"], RB.fusion_layers(ftensors, "a,b"))):
         got = T.output(model, batch)
     torch.testing.assert_close(got, read_output(tmp / f"{cid}.safetensors"))
+
+
+def test_minimal_config_takes_bnconfig_defaults(oracle):
+    """FORMAT.md: fields a config leaves out take BnConfig's defaults (not a
+    preset's), and nothing about the model is checked."""
+    tmp, res, expected = oracle
+    case = res["cases"]["minimal"]
+    assert case["loaded"][0]["check"]["missing"] == case["loaded"][0]["check"]["unexpected"] == []
+    config = case["adapter_configs"]["m"]
+    assert config["original_ln_before"] is False and config["scaling"] == 1.0 and config["is_parallel"] is False
+    tensors, _ = _saved(tmp / "minimal")
+    got = _bert(tmp, adapters={"m": (config, RB.adapter_layers(tensors, "m"))}, active="m")
+    torch.testing.assert_close(got, read_output(tmp / "minimal.safetensors"))
+
+
+def test_misnamed_keys_load_silently_and_the_check_says_so(oracle):
+    """The library loads non-strictly: a misnamed file "loads"; the driver's check
+    names the keys, so tests of pypeft's files can tell."""
+    tmp, res, expected = oracle
+    check = res["cases"]["misnamed"]["loaded"][0]["check"]
+    assert sorted(k.split(".adapters.m.")[1] for k in check["unexpected"]) == sorted(["up_proj.bias", "up_proj.weight"] * 2)
+    assert sorted(k.split(".adapters.m.")[1] for k in check["missing"]) == sorted(["adapter_up.bias", "adapter_up.weight"] * 2)
