@@ -12,6 +12,7 @@ says where the other families put them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -177,8 +178,11 @@ def fused_sublayer(h, x, layer_norm, configs: list, weights: list, fusion_config
     return post_forward(out, h, x, layer_norm, last)
 
 
-def _sublayer(h, x, layer_norm, place, index, adapters, active, fusion):
-    """BERT's `layer_norm(h + x)` with whatever is active at (index, place)."""
+def adapted(h, x, layer_norm, place, index, adapters, active=None, fusion=None):
+    """What the active adapter (or fusion) makes of one sublayer at (index,
+    place), or None where none of them sits there (the model's own sum stays).
+    adapters: {name: (config dict, adapter_layers(...))}; fusion: (names, fusion
+    config dict, fusion_layers(...))."""
     if fusion is not None:
         names, fusion_config, flayers = fusion
         if (index, place) in flayers and all((index, place) in adapters[n][1] for n in names):
@@ -187,7 +191,7 @@ def _sublayer(h, x, layer_norm, place, index, adapters, active, fusion):
                                   flayers[(index, place)])
     elif active is not None and (index, place) in adapters[active][1]:
         return bottleneck_sublayer(h, x, layer_norm, adapters[active][0], adapters[active][1][(index, place)])
-    return layer_norm(h + x)
+    return None
 
 
 def bert_forward(state: dict, config, input_ids, attention_mask, adapters: dict | None = None,
@@ -229,7 +233,95 @@ def bert_forward(state: dict, config, input_ids, attention_mask, adapters: dict 
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias, dim=-1)
         ctx = (probs @ v).transpose(1, 2).reshape(batch, tokens, config.hidden_size)
         attn = linear(ctx, layer + "attention.output.dense")
-        h = _sublayer(attn, h, norm(layer + "attention.output.LayerNorm"), MH, i, adapters, active, fusion)
+        ln = norm(layer + "attention.output.LayerNorm")
+        out = adapted(attn, h, ln, MH, i, adapters, active, fusion)
+        h = ln(attn + h) if out is None else out
         ffn = linear(act(linear(h, layer + "intermediate.dense")), layer + "output.dense")
-        h = _sublayer(ffn, h, norm(layer + "output.LayerNorm"), OUT, i, adapters, active, fusion)
+        ln = norm(layer + "output.LayerNorm")
+        out = adapted(ffn, h, ln, OUT, i, adapters, active, fusion)
+        h = ln(ffn + h) if out is None else out
     return h
+
+
+def _norm(module):
+    # The module's own norm as a function: calling the module inside its own
+    # hook would run the hook again.
+    return lambda t: F.layer_norm(t, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+@contextlib.contextmanager
+def eager_hooks(model, adapters: dict, active: str | None = None, fusion: tuple | None = None):
+    """Runs a transformers-5 model (eval mode) with the library's adapters
+    computed by `adapted` at the library's places, through forward hooks: the
+    model's own modules and weights do the rest. BERT-likes and DistilBERT
+    (post-norm) are exact; GPT-2 and Llama-likes add the residual in the block's
+    own code, so their hooks return `adapted - x` (a rounding error's difference)."""
+    kind = model.config.model_type
+    base = model.base_model
+    handles, seen = [], {}
+
+    def run(h, x, ln, place, i):
+        return adapted(h, x, ln, place, i, adapters, active, fusion)
+
+    def post_norm(module, place, i):  # BertSelfOutput / BertOutput: (hidden_states, input_tensor)
+        def hook(mod, args, out):
+            h = mod.dropout(mod.dense(args[0]))
+            res = run(h, args[1], _norm(mod.LayerNorm), place, i)
+            return out if res is None else res
+        handles.append(module.register_forward_hook(hook))
+
+    def remember(module, key, what="input"):
+        def pre(mod, args, kwargs):
+            seen[key] = args[0] if args else next(iter(kwargs.values()))
+        def post(mod, args, out):
+            seen[key] = out[0] if isinstance(out, tuple) else out
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True) if what == "input"
+                       else module.register_forward_hook(post))
+
+    def pre_norm(module, place, i, key):  # returns adapted - x, the block adds x back
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            res = run(h, seen[key], None, place, i)
+            if res is None:
+                return out
+            res = res - seen[key]
+            return (res,) + tuple(out[1:]) if isinstance(out, tuple) else res
+        handles.append(module.register_forward_hook(hook))
+
+    def distil_norm(module, place, i, h_key, x_key):  # sa_layer_norm(sa + x), output_layer_norm(ffn + sa)
+        def hook(mod, args, out):
+            res = run(seen[h_key], seen[x_key], _norm(mod), place, i)
+            return out if res is None else res
+        handles.append(module.register_forward_hook(hook))
+
+    try:
+        if kind in ("bert", "roberta"):
+            for i, layer in enumerate(base.encoder.layer):
+                post_norm(layer.attention.output, MH, i)
+                post_norm(layer.output, OUT, i)
+        elif kind == "distilbert":
+            for i, block in enumerate(base.transformer.layer):
+                remember(block, f"x{i}")
+                remember(block.attention, f"sa{i}", "output")
+                distil_norm(block.sa_layer_norm, MH, i, f"sa{i}", f"x{i}")
+                remember(block.ffn, f"ffn_in{i}")
+                remember(block.ffn, f"ffn{i}", "output")
+                distil_norm(block.output_layer_norm, OUT, i, f"ffn{i}", f"ffn_in{i}")
+        elif kind == "gpt2":
+            for i, block in enumerate(base.h):
+                remember(block.ln_1, f"x{i}")
+                pre_norm(block.attn, MH, i, f"x{i}")
+                remember(block.ln_2, f"x1{i}")
+                pre_norm(block.mlp, OUT, i, f"x1{i}")
+        elif kind in ("llama", "mistral", "qwen2"):
+            for i, layer in enumerate(base.layers):
+                remember(layer.input_layernorm, f"x{i}")
+                pre_norm(layer.self_attn, MH, i, f"x{i}")
+                remember(layer.post_attention_layernorm, f"x1{i}")
+                pre_norm(layer.mlp, OUT, i, f"x1{i}")
+        else:
+            raise ValueError(f"model: expected a bert, roberta, distilbert, gpt2 or llama-like model, got {kind!r}")
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -17,19 +17,35 @@ test module pays the interpreter and import start-up once. A case:
                    adapter drawn from N(0, std) with a seeded generator
     add_fusions    [{adapters: [a, b], config: "dynamic"|"static"|dict,
                      overrides: {...}, random: {std, seed}}]
-    load_adapters  [{dir, load_as?, use_safetensors?: true, leave_out?}]
+    load_adapters  [{dir, load_as?, use_safetensors?: true, leave_out?, with_head?}]
     load_fusions   [{dir, load_as?, use_safetensors?: true}]
     active         null, "name", {"fuse": [...]}, {"stack": [...]} (nestable)
     inputs         a safetensors file: input_ids, attention_mask (token_type_ids,
                    position_ids, decoder_input_ids if present; other tensors ignored)
     output         a safetensors file: {"output": last_hidden_state or logits}
-    save_adapters  [{name, dir, use_safetensors?: false}]
+    save_adapters  [{name, dir, use_safetensors?: false, with_head?}]   with_head
+                   (library default true) only for a model with a head
     save_fusions   [{adapters: [a, b], dir, use_safetensors?: false}]
     save_state     a safetensors file: the whole model state_dict (base + adapters)
 
-RESULTS.json is {"versions": {...}, "cases": {id: RESULT}}; a RESULT holds what
-the case did (see run_case) or "error" with the traceback: one case failing does
-not stop the others.
+RESULTS.json is {"versions": {...}, "cases": {id: RESULT}}; one case failing does
+not stop the others, its RESULT is {"error": traceback}. Otherwise:
+
+    model_class        the class loaded (before adapters.init)
+    base_loading_info  from_pretrained's missing / unexpected / mismatched keys
+    active             the active setup as the library prints it ("a", "Fuse[a, b]")
+    added_state        {key: shape} of the state_dict keys that init / adapters added
+    adapter_configs    {name: the full config dict the library holds}
+    output_key, output_shape   "last_hidden_state" or "logits", when inputs ran
+    loaded   [{dir, name, loading_info (adapters only),
+               check: {weights_file, missing, unexpected, values_differ},
+               head: null or {weights_file, equal, values_differ, unexpected}}]
+    saved    [{dir, files, configs: {file: parsed json}, weights: {file: {key: shape}}}]
+
+The library loads weights non-strictly (missing keys are only logged), so
+`check` compares the file with the model after the load: all three lists empty
+means every tensor of the file landed, and every tensor of that adapter came
+from the file.
 """
 
 from __future__ import annotations
@@ -57,7 +73,6 @@ WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin",
                 "model_head.safetensors", "pytorch_model_head.bin")
 # The tensors of an inputs file that go to the model (others, e.g. expected outputs, stay).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids")
-CONFIG_FILES = ("adapter_config.json", "adapter_fusion_config.json", "head_config.json")
 
 
 def shapes(state: dict) -> dict:
@@ -114,7 +129,7 @@ def saved_dir(path: str) -> dict:
     files = sorted(os.listdir(path))
     out = {"dir": path, "files": files, "configs": {}, "weights": {}}
     for f in files:
-        if f in CONFIG_FILES or f.endswith(".json"):
+        if f.endswith(".json"):
             with open(os.path.join(path, f)) as fh:
                 out["configs"][f] = json.load(fh)
         if f in WEIGHT_FILES:
@@ -144,6 +159,29 @@ def load_check(model, path: str, marker: str) -> dict:
             "missing": sorted(set(model_state) - matched), "values_differ": sorted(differ)}
 
 
+def head_check(model, path: str):
+    """With a head file beside the adapter, load_adapter (with_head) copies it
+    into the model's head when head_config.json names this model class: which of
+    its tensors the model now holds exactly, and which differ or are not there."""
+    files = [f for f in ("model_head.safetensors", "pytorch_model_head.bin") if os.path.exists(os.path.join(path, f))]
+    if not files:
+        return None
+    state = model.state_dict()
+    equal, differ, unexpected = [], [], []
+    for key, value in read_weights(os.path.join(path, files[0])).items():
+        if key not in state:
+            unexpected.append(key)
+        else:
+            (equal if torch.equal(state[key], value.to(state[key].dtype)) else differ).append(key)
+    return {"weights_file": files[0], "equal": sorted(equal), "values_differ": sorted(differ),
+            "unexpected": sorted(unexpected)}
+
+
+def _with_head(entry: dict) -> dict:
+    # Only models with a head (adapters.init on a *For... class) take with_head.
+    return {"with_head": entry["with_head"]} if "with_head" in entry else {}
+
+
 def run_case(case: dict) -> dict:
     model, loading_info = load_model(case)
     res = {"model_class": type(model).__name__, "base_loading_info": loading_info}
@@ -166,9 +204,11 @@ def run_case(case: dict) -> dict:
     for entry in case.get("load_adapters", []):
         info = {}
         name = model.load_adapter(entry["dir"], load_as=entry.get("load_as"), leave_out=entry.get("leave_out"),
-                                  use_safetensors=entry.get("use_safetensors", True), loading_info=info)
+                                  use_safetensors=entry.get("use_safetensors", True), loading_info=info,
+                                  **_with_head(entry))
         res["loaded"].append({"dir": entry["dir"], "name": name, "loading_info": info,
-                              "check": load_check(model, entry["dir"], f"adapters.{name}.")})
+                              "check": load_check(model, entry["dir"], f"adapters.{name}."),
+                              "head": head_check(model, entry["dir"])})
     for entry in case.get("load_fusions", []):
         name = model.load_adapter_fusion(entry["dir"], load_as=entry.get("load_as"),
                                          use_safetensors=entry.get("use_safetensors", True))
@@ -200,14 +240,17 @@ def run_case(case: dict) -> dict:
 
     res["saved"] = []
     for entry in case.get("save_adapters", []):
-        model.save_adapter(entry["dir"], entry["name"], use_safetensors=entry.get("use_safetensors", False))
+        model.save_adapter(entry["dir"], entry["name"], use_safetensors=entry.get("use_safetensors", False),
+                           **_with_head(entry))
         res["saved"].append(saved_dir(entry["dir"]))
     for entry in case.get("save_fusions", []):
         model.save_adapter_fusion(entry["dir"], ",".join(entry["adapters"]),
                                   use_safetensors=entry.get("use_safetensors", False))
         res["saved"].append(saved_dir(entry["dir"]))
     if case.get("save_state"):
-        save_file({k: v.contiguous() for k, v in state.items()}, case["save_state"])
+        # Cloned: tied weights (and init's reference to the embeddings) share storage,
+        # which safetensors refuses.
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, case["save_state"])
     return res
 
 

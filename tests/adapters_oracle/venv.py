@@ -94,31 +94,67 @@ def _run(cmd: list, what: str, deadline: float) -> str:
     return proc.stdout
 
 
+def _installed(python: Path, what: str, deadline: float) -> dict:
+    """Imports the oracle with `python`; the installed versions of the pins, or
+    OracleUnavailable naming those that differ."""
+    out = _run([str(python), "-c", _VERIFY, *PINS], what, deadline)
+    got = json.loads(out.strip().splitlines()[-1])
+    # torch reports "2.13.0+cpu" for "2.13.0".
+    wrong = {n: got[n] for n in PINS if got[n].split("+")[0] != PINS[n]}
+    if wrong:
+        raise OracleUnavailable(f"{python} has other versions than pinned: {wrong} (pins {PINS})")
+    return got
+
+
 def _make(venv: Path) -> None:
     deadline = time.monotonic() + MAKE_TIMEOUT_S
+    for stale in venv.parent.glob(f".{venv.name}.tmp-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{venv.name}.tmp-", dir=venv.parent))
     try:
         _run([sys.executable, "-m", "venv", str(tmp)], "python -m venv", deadline)
         pins = [f"{name}=={version}" for name, version in PINS.items()]
         _run([str(_python(tmp)), "-m", "pip", "install", "-q", *pins], f"pip install {' '.join(pins)}", deadline)
-        out = _run([str(_python(tmp)), "-c", _VERIFY, *PINS], "importing adapters in the new venv", deadline)
-        got = json.loads(out.strip().splitlines()[-1])
-        # torch reports "2.13.0+cpu" for "2.13.0".
-        wrong = {n: got[n] for n in PINS if got[n].split("+")[0] != PINS[n]}
-        if wrong:
-            raise OracleUnavailable(f"pip installed other versions than pinned: {wrong} (pins {PINS})")
+        got = _installed(_python(tmp), "importing adapters in the new venv", deadline)
         (tmp / MARKER).write_text(json.dumps({"pins": PINS, "installed": got}, indent=1))
         # A venv's interpreter finds its site-packages relative to pyvenv.cfg, so
         # the renamed venv works (only pip's own entry-point scripts name the
         # temporary path, and we always run `python -m pip`).
-        if venv.exists():  # a stale or broken venv without a valid marker
+        if venv.exists():  # ours (it has a marker), made for other pins
             shutil.rmtree(venv)
         os.rename(tmp, venv)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _adopt(venv: Path) -> None:
+    """A venv at $PYPEFT_ADAPTERS_VENV that these tests did not make (no
+    marker): used as it is if it holds the pins, never changed or removed."""
+    # A wrong venv named on purpose is a mistake to show, not a reason to skip.
+    hint = f"{VENV_ENV}={venv} was not made by these tests; fix it, or name a path that does not exist yet"
+    if not _python(venv).exists():
+        raise RuntimeError(f"{hint}: it has no bin/python")
+    try:
+        _installed(_python(venv), f"importing adapters with {_python(venv)}", time.monotonic() + 300)
+    except OracleUnavailable as exc:
+        raise RuntimeError(f"{hint}: {exc}") from None
+
+
 _failure: str | None = None  # one failed attempt per process, not one per test module
+_made_s: float | None = None  # how long this process took to make the venv (None: reused)
+_used: Path | None = None
+
+
+def summary() -> str | None:
+    """One line for the end of a test run: whether the oracle venv was made
+    (and in how many seconds), reused, or could not be made. None if unused."""
+    if _failure is not None:
+        return f"adapters oracle: NOT AVAILABLE, its tests skipped: {_failure.splitlines()[0]}"
+    if _used is None:
+        return None
+    if _made_s is None:
+        return f"adapters oracle: reused the venv at {_used}"
+    return f"adapters oracle: made the venv at {_used} in {_made_s:.0f} s"
 
 
 def oracle_python() -> Path:
@@ -126,11 +162,18 @@ def oracle_python() -> Path:
 
     Raises OracleUnavailable with the reason when it cannot be made (no
     registry, a pin that cannot be installed, a disk error)."""
-    global _failure
+    global _failure, _made_s, _used
     if _failure is not None:
         raise OracleUnavailable(_failure)
     venv = venv_path()
-    if _ready(venv):
+    if venv == _used or _ready(venv):
+        _used = venv
+        return _python(venv)
+    # Ours appear whole, marker included (made aside, then renamed), so a venv
+    # without one was made by someone else: no lock needed to look at it.
+    if venv.exists() and not (venv / MARKER).exists():
+        _adopt(venv)
+        _used = venv
         return _python(venv)
     try:
         venv.parent.mkdir(parents=True, exist_ok=True)
@@ -140,13 +183,15 @@ def oracle_python() -> Path:
                 t0 = time.monotonic()
                 print(f"\nmaking the adapters oracle venv at {venv} ...", file=sys.stderr, flush=True)
                 _make(venv)
-                print(f"made the adapters oracle venv in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+                _made_s = time.monotonic() - t0
+                print(f"made the adapters oracle venv in {_made_s:.0f} s", file=sys.stderr, flush=True)
     except OracleUnavailable as exc:
         _failure = f"the adapters oracle venv ({venv}) cannot be made: {exc}"
         raise OracleUnavailable(_failure) from None
     except OSError as exc:
         _failure = f"the adapters oracle venv ({venv}) cannot be made: {type(exc).__name__}: {exc}"
         raise OracleUnavailable(_failure) from None
+    _used = venv
     return _python(venv)
 
 
