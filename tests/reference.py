@@ -239,3 +239,39 @@ def recurrent_scan(xs, h0, w_ih, w_hh, b_ih=None, b_hh=None, cell="gru", c0=None
         h, c = state if cell == "lstm" else (state, None)
         hs.append(h)
     return torch.stack(hs) if hs else xs.new_empty((0, xs.shape[1], w_hh.shape[1]))
+
+
+# --- AdapterFusion ----------------------------------------------------------------------
+
+FUSION_ACTIVATIONS = {
+    "relu": torch.nn.functional.relu,
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+    "identity": lambda h: h,
+}
+
+
+def adapter_fusion(z, query, residual, w_down, b_down, w_up, b_up, scales, activation, w_query, b_query, w_key,
+                   b_key, w_value, temperature, dropout_p=0.0, seed=0):
+    """AdapterFusion as the `adapters` library computes it (BertFusion over a
+    stack of the N adapters' up-projections), returning (out, pre_act, probs):
+    pre_act [..., N, m] the adapters' bottleneck pre-activations, probs [..., N]
+    the fusion weights. Dropout on the scores (row = token, column = adapter)
+    before the division by the temperature; w_value None: no value projection."""
+    pre = torch.einsum("...d,nmd->...nm", z, w_down) + b_down
+    a = FUSION_ACTIVATIONS[activation](pre)
+    scale = torch.tensor(scales, dtype=z.dtype, device=z.device).unsqueeze(-1)
+    up = (torch.einsum("...nm,ndm->...nd", a, w_up) + b_up) * scale             # [..., N, d]
+    q = torch.nn.functional.linear(query, w_query, b_query)
+    k = torch.nn.functional.linear(up, w_key, b_key)
+    v = up if w_value is None else torch.nn.functional.linear(up, w_value)
+    scores = torch.matmul(q.unsqueeze(-2), k.transpose(-2, -1)).squeeze(-2)       # [..., N]
+    probs = torch.softmax(dropout(scores, seed, dropout_p) / temperature, dim=-1)
+    out = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
+    if residual is not None:
+        out = out + residual
+    return out, pre, probs

@@ -25,6 +25,7 @@ from pypeft.ops.token_subset_dropout import token_subset_dropout
 from pypeft.ops.token_subset_linear import token_subset_linear, token_subset_lora_linear, token_subset_vera_linear
 from pypeft.ops.token_subset_norm import token_subset_layer_norm, token_subset_rms_norm
 from pypeft.ops.vera_linear import vera_linear
+from pypeft.ops.adapter_fusion import adapter_fusion
 
 __all__ = [
     "counter_dropout",
@@ -45,4 +46,5 @@ __all__ = [
     "token_subset_vera_linear",
     "vera_linear",
     "vera_linear_mixed",
+    "adapter_fusion",
 ]
