@@ -73,6 +73,15 @@ acc_t dropped(acc_t v, const DropoutParams& drop, DropoutRowKey key, int64_t i) 
                                                                       : acc_t(0);
 }
 
+// a'_i · v over one adapter's K = m + 1 columns (the last one is a' = 1).
+template <typename scalar_t, Activation A, typename acc_t = at::opmath_type<scalar_t>>
+acc_t augmented_dot(const scalar_t* h, const scalar_t* v, int64_t m) {
+  acc_t dot = static_cast<acc_t>(v[m]);
+  for (int64_t j = 0; j < m; ++j)
+    dot += static_cast<acc_t>(v[j]) * activation(A, static_cast<acc_t>(h[j]));
+  return dot;
+}
+
 template <typename scalar_t, Activation A>
 void forward_rows_typed(const AdapterFusionRows& r, const Tensor& pre, const Tensor& scores,
                         const Tensor& probs, const Tensor& weighted) {
@@ -91,11 +100,7 @@ void forward_rows_typed(const AdapterFusionRows& r, const Tensor& pre, const Ten
       const acc_t key_bias = static_cast<acc_t>(s[n * K]);  // q·b_k
       acc_t top = -INFINITY;
       for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* hi = h + i * m;
-        const scalar_t* si = s + i * K;
-        acc_t dot = static_cast<acc_t>(si[m]);
-        for (int64_t j = 0; j < m; ++j)
-          dot += static_cast<acc_t>(si[j]) * activation(A, static_cast<acc_t>(hi[j]));
+        const acc_t dot = augmented_dot<scalar_t, A>(h + i * m, s + i * K, m);
         x[i] = dropped(dot + key_bias, r.drop, key, i) * inv_t;
         top = std::max(top, x[i]);
       }
@@ -142,11 +147,7 @@ void backward_rows_typed(const AdapterFusionRows& r, const Tensor& pre, const Te
         const scalar_t* gp = gprob_r[t];
         acc_t pdp = 0;
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* hi = h + i * m;
-          const scalar_t* vi = v + i * K;
-          acc_t dot = static_cast<acc_t>(vi[m]);
-          for (int64_t j = 0; j < m; ++j)
-            dot += static_cast<acc_t>(vi[j]) * activation(A, static_cast<acc_t>(hi[j]));
+          acc_t dot = augmented_dot<scalar_t, A>(h + i * m, v + i * K, m);
           if (gp) dot += static_cast<acc_t>(gp[i]);
           ds[i] = dot;
           pdp += static_cast<acc_t>(p[i]) * dot;

@@ -77,17 +77,28 @@ __device__ __forceinline__ acc_t augmented_dot(const RowParams& r, const scalar_
   return warp_sum(dot) + static_cast<acc_t>(v[r.m]);
 }
 
+// This warp's N values of shared memory (the launch gives each warp N).
+template <typename acc_t>
+__device__ __forceinline__ acc_t* warp_scratch(int64_t n) {
+  extern __shared__ unsigned char smem_raw[];
+  return reinterpret_cast<acc_t*>(smem_raw) + (threadIdx.x / kWarp) * n;
+}
+
+// The first row of this warp; the warps of the grid then stride by row_step().
+__device__ __forceinline__ int64_t first_row() {
+  return int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+}
+__device__ __forceinline__ int64_t row_step() { return int64_t(gridDim.x) * kWarpsPerBlock; }
+
 template <typename scalar_t>
 __global__ void forward_rows_kernel(RowParams r, Rows<const scalar_t> pre, Rows<const scalar_t> scores,
                                     Rows<scalar_t> probs, Rows<scalar_t> weighted) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  acc_t* x = reinterpret_cast<acc_t*>(smem_raw) + warp * r.n;
+  acc_t* x = warp_scratch<acc_t>(r.n);
+  const int lane = threadIdx.x % kWarp;
   const int64_t K = r.m + 1;
   const uint64_t seed = seed_of(r.seed);
-  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < r.rows;
-       t += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t t = first_row(); t < r.rows; t += row_step()) {
     const scalar_t* h = pre[t];
     const scalar_t* s = scores[t];
     const DropoutRowKey key = dropout_row_key(seed, static_cast<uint64_t>(t));
@@ -123,14 +134,12 @@ __global__ void backward_rows_kernel(RowParams r, Rows<const scalar_t> pre, Rows
                                      Rows<scalar_t> grad_pre, Rows<scalar_t> weighted,
                                      Rows<scalar_t> dweighted, Rows<scalar_t> dsum) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  acc_t* ds = reinterpret_cast<acc_t*>(smem_raw) + warp * r.n;
+  acc_t* ds = warp_scratch<acc_t>(r.n);
+  const int lane = threadIdx.x % kWarp;
   const int64_t K = r.m + 1;
   const uint64_t seed = seed_of(r.seed);
   const bool with_scores = value.base != nullptr;
-  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < r.rows;
-       t += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t t = first_row(); t < r.rows; t += row_step()) {
     const scalar_t* h = pre[t];
     const scalar_t* p = probs[t];
     const scalar_t* v = value[t];
