@@ -178,3 +178,24 @@ def test_cuda_matches_cpu(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tol)
+
+
+def test_gradients_of_the_probabilities_alone():
+    """A loss on the fusion attentions only (no gradient reaches out): the op's
+    backward runs without one and matches the reference's gradients."""
+    torch.manual_seed(0)
+    module = Fusion(d=8, m=3, scales=[1.0, 2.0], activation="tanh")
+    args = op_args_of(module)
+    z, query, residual = fusion_inputs((5,), 8)
+    tensors = {"query": query, "w_query": args["w_query"], "w_key": args["w_key"], "w_down": args["w_down"]}
+    weights = torch.randn(5, 2, dtype=torch.float64)
+    grads = []
+    for fn in (torch.ops.pypeft.adapter_fusion, R.adapter_fusion):
+        leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+        call = {**args, **leaves}
+        probs = fn(z, call["query"], residual, call["w_down"], call["b_down"], call["w_up"], call["b_up"],
+                   call["scales"], "tanh", call["w_query"], call["b_query"], call["w_key"], call["b_key"],
+                   call["w_value"], 1.0, 0.0, None if fn is not R.adapter_fusion else 0)[2]
+        grads.append(torch.autograd.grad((probs * weights).sum(), list(leaves.values())))
+    for name, a, b in zip(tensors, *grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")

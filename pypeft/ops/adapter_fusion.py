@@ -15,6 +15,14 @@ scores is counter_dropout's, regenerated in backward; dropped scores become 0
 (the library's nn.Dropout before the temperature), kept ones are scaled by
 1 / (1 - dropout_p).
 
+The raw op, torch.ops.pypeft.adapter_fusion, also returns pre_act [..., N, m]
+and probs [..., N] (the fusion attentions the library reports with
+output_adapter_fusion_attentions); gradients reaching them are honoured.
+
+Scales and temperature are Python floats, constants to torch.compile: a
+temperature annealed every step (the library's temperature=True) recompiles
+a compiled graph at each new value.
+
 dtypes: one for every tensor: float32, float64, bfloat16 (float16 too on
 CUDA); anything else raises a TypeError naming the argument.
 """
