@@ -211,4 +211,30 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor w_down, Tensor w_up, float scale, str activation, float dropout_p, Tensor? seed, "
       "bool[5] output_mask) -> (Tensor grad_z, Tensor grad_w_down, Tensor grad_b_down, "
       "Tensor grad_w_up, Tensor grad_b_up)");
+  // AdapterFusion over N bottleneck adapters (csrc/include/pypeft/adapter_fusion.h
+  // has the math): z, query, residual [..., d]; w_down [N, m, d], b_down [N, m],
+  // w_up [N, d, m], b_up [N, d], scales: N floats; activation: 'relu', 'silu',
+  // 'gelu', 'gelu_tanh', 'tanh', 'sigmoid', 'leaky_relu', 'identity'; w_query,
+  // w_key, w_value [d, d] (w_value None: no value projection). Dropout on the
+  // [rows, N] scores before the division by temperature, with counter_dropout's
+  // mask (row, adapter). Returns out [..., d], the bottleneck pre-activations
+  // pre_act [..., N, m] and the fusion probabilities probs [..., N], the two
+  // saved for backward (nothing of size N·d per row exists).
+  m.def(
+      "adapter_fusion(Tensor z, Tensor query, Tensor? residual, Tensor w_down, Tensor b_down, "
+      "Tensor w_up, Tensor b_up, float[] scales, str activation, Tensor w_query, Tensor? b_query, "
+      "Tensor w_key, Tensor? b_key, Tensor? w_value, float temperature, float dropout_p, "
+      "Tensor? seed) -> (Tensor out, Tensor pre_act, Tensor probs)");
+  // Gradients of (z, query, residual, w_down, b_down, w_up, b_up, w_query, b_query,
+  // w_key, b_key, w_value) where output_mask says (the residual's: a copy of grad_out).
+  // grad_pre_act, grad_probs: what flowed into the auxiliary outputs, or None.
+  m.def(
+      "adapter_fusion_backward(Tensor grad_out, Tensor? grad_pre_act, Tensor? grad_probs, "
+      "Tensor z, Tensor query, Tensor pre_act, Tensor probs, Tensor w_down, Tensor w_up, "
+      "Tensor b_up, float[] scales, str activation, Tensor w_query, Tensor? b_query, "
+      "Tensor w_key, Tensor? b_key, Tensor? w_value, float temperature, float dropout_p, "
+      "Tensor? seed, bool[12] output_mask) -> (Tensor grad_z, Tensor grad_query, "
+      "Tensor grad_residual, Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up, "
+      "Tensor grad_w_query, Tensor grad_b_query, Tensor grad_w_key, Tensor grad_b_key, "
+      "Tensor grad_w_value)");
 }

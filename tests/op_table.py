@@ -1382,6 +1382,136 @@ BOTTLENECK_BACKWARD_BAD = [
     Bad("grad_p shape", lambda a: dict(grad_p=like(a["z"], 3, 4, 2)), ValueError, "grad_p", "[3, 4, 2]"),
     Bad("w_up m", lambda a: dict(w_up=like(a["z"], 8, 4)), ValueError, "w_up", "m, from w_down"),
     Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'identity'"),
+# --- AdapterFusion: adapter_fusion -------------------------------------------------------------
+
+FUSION_GRAD = ("z", "query", "residual", "w_down", "b_down", "w_up", "b_up", "w_query", "b_query", "w_key", "b_key",
+               "w_value")
+FUSION_PARAMS = ("w_down", "b_down", "w_up", "b_up", "w_query", "b_query", "w_key", "b_key", "w_value", "seed")
+
+
+def fusion_samples(device, dtype):
+    def make(name, lead=(3, 4), n=3, m=4, d=6, act="gelu", p=0.0, temperature=1.0, residual=True, value=True,
+             biases=True, query_is_z=False, layout=None, big=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+
+        def r(*shape):
+            return rnd(g, *shape, dtype=dtype, device=device, scale=0.5)
+
+        z = r(*lead, d)
+        z = layout(z) if layout else z
+        args = dict(z=z, query=z if query_is_z else r(*lead, d), residual=r(*lead, d) if residual else None,
+                    w_down=r(n, m, d), b_down=r(n, m), w_up=r(n, d, m), b_up=r(n, d),
+                    scales=[0.5 + 0.25 * i for i in range(n)], activation=act,
+                    w_query=r(d, d), b_query=r(d) if biases else None, w_key=r(d, d), b_key=r(d) if biases else None,
+                    w_value=r(d, d) if value else None, temperature=temperature, dropout_p=p,
+                    seed=torch.tensor(5 + seed, device=device) if p else None)
+        grad = tuple(k for k in present(FUSION_GRAD, args) if not (query_is_z and k == "query"))
+        return Sample(name, args, grad, big)
+
+    return [
+        make("basic", p=0.3),                                   # 12 rows < N(m+1) = 15: scores via (q W_k) U
+        make("rows >= N(m+1)", lead=(5, 4), n=2, m=3, d=4, act="silu", seed=1),   # scores via q (W_k U)
+        make("no biases, no residual", act="relu", biases=False, residual=False, p=0.3, seed=2),
+        make("value None", act="tanh", value=False, seed=3),
+        make("query is z", act="sigmoid", query_is_z=True, p=0.3, seed=4),
+        make("N=1", n=1, act="leaky_relu", p=0.3, seed=5),
+        make("m=1, temperature 3", m=1, act="gelu_tanh", temperature=3.0, seed=6),
+        make("one row", lead=(1,), p=0.3, seed=7),
+        make("1-D z", lead=(), act="identity", seed=8),
+        make("empty batch", lead=(0,), p=0.3),
+        make("empty middle dim", lead=(3, 0)),
+        make("transposed z", layout=transposed, p=0.5, seed=9),
+        make("strided rows", layout=strided_rows, act="relu", seed=10),
+        make("expanded z", layout=expanded, p=0.5, seed=11),
+        make("many rows", lead=(8, 64), n=3, m=24, d=48, p=0.1, big=True),
+    ]
+
+
+def fusion_reference(a):
+    return R.adapter_fusion(a["z"], a["query"], a["residual"], a["w_down"], a["b_down"], a["w_up"], a["b_up"],
+                            a["scales"], a["activation"], a["w_query"], a["b_query"], a["w_key"], a["b_key"],
+                            a["w_value"], a["temperature"], a["dropout_p"], seed_of(a))
+
+
+def fusion_saved(a):
+    """z and query (once when they share storage), the bottleneck
+    pre-activations [rows, N, m] and the probabilities [rows, N]: nothing of
+    size N·d per row."""
+    z, query = a["z"], a["query"]
+    inputs = z.untyped_storage().nbytes()
+    if query.untyped_storage().data_ptr() != z.untyped_storage().data_ptr():
+        inputs += query.untyped_storage().nbytes()
+    n, m = a["w_down"].shape[:2]
+    return inputs + z[..., :1].numel() * n * (m + 1) * z.element_size()
+
+
+FUSION_BAD = [
+    Bad("z 0-D", lambda a: dict(z=like(a["z"])), ValueError, "z", "0-D"),
+    Bad("z int", lambda a: dict(z=ones_like_dev(a["z"], 3, 4, 6, dtype=torch.int64)), TypeError, "z", "Long"),
+    Bad("z float16 on the CPU", lambda a: dict(z=a["z"].half()), TypeError, "z", "Half", cpu_only=True),
+    Bad("query shape", lambda a: dict(query=like(a["z"], 3, 4, 5)), ValueError, "query", "[3, 4, 5]"),
+    Bad("query dtype", lambda a: dict(query=like(a["z"], 3, 4, 6, dtype=F64)), TypeError, "query", "Double"),
+    Bad("residual shape", lambda a: dict(residual=like(a["z"], 3, 5, 6)), ValueError, "residual", "[3, 5, 6]"),
+    Bad("w_down 2-D", lambda a: dict(w_down=like(a["z"], 4, 6)), ValueError, "w_down", "2-D"),
+    Bad("w_down width", lambda a: dict(w_down=like(a["z"], 3, 4, 5)), ValueError, "w_down", "size 6 in dim 2"),
+    Bad("no adapters", lambda a: dict(w_down=like(a["z"], 0, 4, 6)), ValueError, "w_down", "N >= 1"),
+    Bad("b_down shape", lambda a: dict(b_down=like(a["z"], 3, 5)), ValueError, "b_down", "[3, 4]"),
+    Bad("w_up shape", lambda a: dict(w_up=like(a["z"], 3, 4, 6)), ValueError, "w_up", "[3, 6, 4]"),
+    Bad("w_up dtype", lambda a: dict(w_up=like(a["z"], 3, 6, 4, dtype=F64)), TypeError, "w_up", "Double"),
+    Bad("b_up shape", lambda a: dict(b_up=like(a["z"], 2, 6)), ValueError, "b_up", "[3, 6]"),
+    Bad("scales count", lambda a: dict(scales=[1.0, 1.0]), ValueError, "scales", "3 values"),
+    Bad("scales nan", lambda a: dict(scales=[1.0, float("nan"), 1.0]), ValueError, "scales", "finite"),
+    Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'swish'"),
+    Bad("w_query shape", lambda a: dict(w_query=like(a["z"], 6, 5)), ValueError, "w_query", "[6, 6]"),
+    Bad("b_query shape", lambda a: dict(b_query=like(a["z"], 5)), ValueError, "b_query", "[6]"),
+    Bad("w_key shape", lambda a: dict(w_key=like(a["z"], 5, 6)), ValueError, "w_key", "[6, 6]"),
+    Bad("b_key shape", lambda a: dict(b_key=like(a["z"], 1, 6)), ValueError, "b_key", "[6]"),
+    Bad("w_value shape", lambda a: dict(w_value=like(a["z"], 6)), ValueError, "w_value", "[6, 6]"),
+    Bad("w_value dtype", lambda a: dict(w_value=like(a["z"], 6, 6, dtype=F64)), TypeError, "w_value", "Double"),
+    Bad("temperature 0", lambda a: dict(temperature=0.0), ValueError, "temperature", "> 0"),
+    Bad("temperature inf", lambda a: dict(temperature=float("inf")), ValueError, "temperature", "inf"),
+    Bad("p = 1", lambda a: dict(dropout_p=1.0), ValueError, "dropout_p", "[0, 1)"),
+    Bad("seed missing", lambda a: dict(seed=None), ValueError, "seed", "None"),
+    Bad("seed float", lambda a: dict(seed=torch.tensor(1.0)), TypeError, "seed", "Float"),
+]
+
+
+def fusion_backward_samples(device, dtype):
+    f = fusion_samples(device, dtype)[0].args
+    lead, (n, m), d = f["z"].shape[:-1], f["w_down"].shape[:2], f["z"].shape[-1]
+    g = torch.Generator().manual_seed(21)
+    grad_out = rnd(g, *lead, d, dtype=dtype, device=device)
+    pre_act = rnd(g, *lead, n, m, dtype=dtype, device=device)
+    probs = torch.softmax(rnd(g, *lead, n, dtype=F64), -1).to(dtype).to(device)
+    grad_pre_act, grad_probs = rnd(g, *lead, n, m, dtype=dtype, device=device), rnd(g, *lead, n, dtype=dtype,
+                                                                                     device=device)
+    forward = {k: v for k, v in f.items() if k not in ("residual", "b_down")}
+
+    def make(name, mask, aux=False, p=0.3):
+        args = dict(grad_out=grad_out, grad_pre_act=grad_pre_act if aux else None,
+                    grad_probs=grad_probs if aux else None, z=forward["z"], query=forward["query"], pre_act=pre_act,
+                    probs=probs, **{k: v for k, v in forward.items() if k not in ("z", "query", "dropout_p", "seed")})
+        args.update(dropout_p=p, seed=torch.tensor(5, device=device) if p else None, output_mask=mask)
+        return Sample(name, args)
+
+    return [
+        make("basic", [True] * 12),
+        make("auxiliary gradients", [True] * 12, aux=True),
+        make("fusion weights only", [False] * 7 + [True] * 5),
+        make("w_value only, no dropout", [False] * 11 + [True], p=0.0),
+        make("inputs only", [True, True, True] + [False] * 9),
+    ]
+
+
+FUSION_BACKWARD_BAD = [
+    Bad("grad_out shape", lambda a: dict(grad_out=like(a["z"], 3, 4, 5)), ValueError, "grad_out", "[3, 4, 6]"),
+    Bad("pre_act shape", lambda a: dict(pre_act=like(a["z"], 3, 4, 3, 5)), ValueError, "pre_act", "[3, 4, 3, 4]"),
+    Bad("probs shape", lambda a: dict(probs=like(a["z"], 3, 4, 2)), ValueError, "probs", "[3, 4, 3]"),
+    Bad("grad_pre_act shape", lambda a: dict(grad_pre_act=like(a["z"], 3, 4, 4)), ValueError, "grad_pre_act",
+        "[3, 4, 3, 4]"),
+    Bad("grad_probs dtype", lambda a: dict(grad_probs=like(a["z"], 3, 4, 3, dtype=F64)), TypeError, "grad_probs",
+        "Double"),
+    Bad("w_up shape", lambda a: dict(w_up=like(a["z"], 3, 4, 6)), ValueError, "w_up", "[3, 6, 4]"),
 ]
 
 
@@ -1480,6 +1610,10 @@ OPS = [
            core=("basic", "no dropout, no biases", "residual None"), compile=("basic", "other shape"), inductor=True,
            passthrough=("residual",)),
     backward_entry("bottleneck_adapter_backward", bottleneck_backward_samples, BOTTLENECK_BACKWARD_BAD),
+    OpInfo("adapter_fusion", fusion_samples, fusion_reference, bad=FUSION_BAD,
+           saved=SavedSpec(FUSION_GRAD, fusion_saved), params=FUSION_PARAMS,
+           core=("basic", "rows >= N(m+1)", "query is z"), compile=("basic", "rows >= N(m+1)"), inductor=True),
+    backward_entry("adapter_fusion_backward", fusion_backward_samples, FUSION_BACKWARD_BAD),
 ]
 
 BY_NAME = {info.name: info for info in OPS}

@@ -263,3 +263,28 @@ def bottleneck_adapter(z, residual, w_down, b_down, w_up, b_up, scale, activatio
     up = torch.nn.functional.linear(ADAPTER_ACTIVATIONS[activation](p), w_up, b_up) * scale
     out = dropout(up, seed, dropout_p)
     return out if residual is None else out + residual
+# --- AdapterFusion ----------------------------------------------------------------------
+
+FUSION_ACTIVATIONS = ADAPTER_ACTIVATIONS  # the same names as the bottleneck op's
+
+
+def adapter_fusion(z, query, residual, w_down, b_down, w_up, b_up, scales, activation, w_query, b_query, w_key,
+                   b_key, w_value, temperature, dropout_p=0.0, seed=0):
+    """AdapterFusion as the `adapters` library computes it (BertFusion over a
+    stack of the N adapters' up-projections), returning (out, pre_act, probs):
+    pre_act [..., N, m] the adapters' bottleneck pre-activations, probs [..., N]
+    the fusion weights. Dropout on the scores (row = token, column = adapter)
+    before the division by the temperature; w_value None: no value projection."""
+    pre = torch.einsum("...d,nmd->...nm", z, w_down) + b_down
+    a = FUSION_ACTIVATIONS[activation](pre)
+    scale = torch.tensor(scales, dtype=z.dtype, device=z.device).unsqueeze(-1)
+    up = (torch.einsum("...nm,ndm->...nd", a, w_up) + b_up) * scale             # [..., N, d]
+    q = torch.nn.functional.linear(query, w_query, b_query)
+    k = torch.nn.functional.linear(up, w_key, b_key)
+    v = up if w_value is None else torch.nn.functional.linear(up, w_value)
+    scores = torch.matmul(q.unsqueeze(-2), k.transpose(-2, -1)).squeeze(-2)       # [..., N]
+    probs = torch.softmax(dropout(scores, seed, dropout_p) / temperature, dim=-1)
+    out = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
+    if residual is not None:
+        out = out + residual
+    return out, pre, probs

@@ -26,6 +26,7 @@ from pypeft.ops.token_subset_linear import token_subset_linear, token_subset_lor
 from pypeft.ops.token_subset_norm import token_subset_layer_norm, token_subset_rms_norm
 from pypeft.ops.vera_linear import vera_linear
 from pypeft.ops.bottleneck_adapter import bottleneck_adapter
+from pypeft.ops.adapter_fusion import adapter_fusion
 
 __all__ = [
     "counter_dropout",
@@ -47,4 +48,5 @@ __all__ = [
     "vera_linear",
     "vera_linear_mixed",
     "bottleneck_adapter",
+    "adapter_fusion",
 ]
