@@ -5,6 +5,7 @@
     pypeft.patch(model, method="vera", r=256)                        # or pypeft.VeraConfig(...)
     pypeft.patch(model, method="tokentune", k=16)                    # composes with LoRA / VeRA
     pypeft.patch(model, method="read", rnn="gru", hidden=256)        # or pypeft.ReadConfig(...)
+    pypeft.patch(model, method="bitfit")                             # biases only; or pypeft.BitFitConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -16,6 +17,7 @@ subclasses, and call pypeft.register_method(YourMethod()).
 from pypeft import ops
 from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
+from pypeft.methods.bitfit import BitFitConfig
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -36,6 +38,7 @@ from pypeft.state import state_of
 
 __all__ = [
     "AdapterFormatError",
+    "BitFitConfig",
     "LoraConfig",
     "LoraLinear",
     "Method",
