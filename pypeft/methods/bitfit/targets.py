@@ -82,10 +82,10 @@ def find_bias_targets(model: nn.Module, config: BitFitConfig, trained_in_full: l
         pool = set(modules) if spec is None else {n for n, m in modules.items() if is_linear_like(m)}
         chosen = (pool & with_bias) | ((pool & bias_less) - heads if config.add_missing_biases else set())
     else:
-        keys = [spec] if isinstance(spec, str) else list(spec)
+        keys = [spec] if isinstance(spec, str) else list(spec)  # a regex, or names
         chosen = set()
         for key in keys:
-            hits = _selected(modules, key, "target_modules")
+            hits = _selected(modules, key if isinstance(spec, str) else [key], "target_modules")
             usable = (hits & with_bias) | (hits & bias_less if config.add_missing_biases else set())
             if hits and not usable:
                 first = sorted(hits)[0]
