@@ -79,7 +79,7 @@ def find_bias_targets(model: nn.Module, config: BitFitConfig, trained_in_full: l
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         heads = output_head_names(model)
-        pool = set(modules) if spec is None else {n for n, m in modules.items() if is_linear_like(m)}
+        pool = set(modules) if spec is None else {n for n, m in modules.items() if is_linear_like(m)} - heads
         chosen = (pool & with_bias) | ((pool & bias_less) - heads if config.add_missing_biases else set())
     else:
         keys = [spec] if isinstance(spec, str) else list(spec)  # a regex, or names
