@@ -12,7 +12,6 @@ bias (pypeft.layer.PypeftLayer.stands_for_base).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -21,7 +20,7 @@ from pypeft.layer import PypeftLayer
 from pypeft.methods.bitfit.config import WHERE, BitFitConfig
 from pypeft.methods.bitfit.layer import BitFitLayer, bias_slot, missing_bias_shape
 from pypeft.models import is_linear_like, output_head_names
-from pypeft.targets import name_matches, user_modules
+from pypeft.targets import selected_names, user_modules
 
 
 @dataclass(frozen=True)
@@ -58,17 +57,6 @@ def _describe(modules: dict[str, nn.Module], names) -> str:
     return ", ".join(kinds[:30]) if kinds else "(none)"
 
 
-def _selected(names, spec, argument: str) -> set[str]:
-    if isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as e:
-            raise ValueError(f"{WHERE}: argument '{argument}': {spec!r} is not a valid regular expression "
-                             f"({e})") from None
-        return {n for n in names if pattern.fullmatch(n)}
-    return {n for n in names if any(name_matches(n, k) for k in spec)}
-
-
 def find_bias_targets(model: nn.Module, config: BitFitConfig, trained_in_full: list[str]) -> list[BiasTarget]:
     inside_full = tuple(n + "." for n in trained_in_full)
     modules = {n: _wrapped_module(m) for n, m in user_modules(model)
@@ -85,7 +73,7 @@ def find_bias_targets(model: nn.Module, config: BitFitConfig, trained_in_full: l
         keys = [spec] if isinstance(spec, str) else list(spec)  # a regex, or names
         chosen = set()
         for key in keys:
-            hits = _selected(modules, key if isinstance(spec, str) else [key], "target_modules")
+            hits = selected_names(modules, key if isinstance(spec, str) else [key], WHERE, "target_modules")
             usable = (hits & with_bias) | (hits & bias_less if config.add_missing_biases else set())
             if hits and not usable:
                 first = sorted(hits)[0]
@@ -98,7 +86,7 @@ def find_bias_targets(model: nn.Module, config: BitFitConfig, trained_in_full: l
                                  f"bias (e.g. {first!r}, a {type(modules[first]).__name__}); BitFit trains biases")
             chosen |= usable
     if config.exclude_modules is not None:
-        chosen -= _selected(chosen, config.exclude_modules, "exclude_modules")
+        chosen -= selected_names(chosen, config.exclude_modules, WHERE, "exclude_modules")
     if not chosen:
         raise ValueError(
             f"{WHERE}: argument 'target_modules': {spec!r} selected no module with a bias in "
