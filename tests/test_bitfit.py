@@ -164,6 +164,16 @@ def test_merge_folds_and_unmerge_restores_exactly(family, dtype):
     assert_same_state(model, base)  # added biases are gone again, the others bit-for-bit
 
 
+def test_a_copy_of_a_patched_model_computes_the_same_and_unpatches_alone():
+    base, model = patched("gpt2")
+    batch = T.inputs("gpt2")
+    twin = copy.deepcopy(model)
+    assert torch.equal(T.output(twin, batch), T.output(model, batch))
+    pypeft.unpatch(twin)
+    assert_same_state(twin, base)
+    assert not torch.equal(T.output(model, batch), T.output(twin, batch))
+
+
 # --- several adapters ----------------------------------------------------------------------
 
 def test_set_adapter_and_delete_adapter():

@@ -135,7 +135,10 @@ class BitFitLayer(PypeftLayer):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_modules"]["base_layer"], name)
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:  # half-built (copy, unpickling): nothing to defer to
+                raise
+            return getattr(base, name)
 
     # --- merging --------------------------------------------------------------------
     @torch.no_grad()
