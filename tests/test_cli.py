@@ -431,7 +431,7 @@ SHORT_RUN_METHOD = {
     "vera": ["--epochs", "1", "--lr", "1e-1"],
     "tokentune": ["--epochs", "1", "--lr", "5e-4", "--option", "k=4"],
     "read": ["--epochs", "3", "--lr", "3e-2"],
-    "bitfit": ["--epochs", "1", "--lr", "5e-2"],
+    "bitfit": ["--epochs", "2", "--lr", "1e-2"],
     "full": ["--epochs", "1", "--lr", "5e-4"],
 }
 # Test accuracy must rise by this much over the untrained start (5 classes, so
