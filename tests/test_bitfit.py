@@ -260,6 +260,27 @@ def test_composes_with_lora_inside_its_layers(order):
     assert_same_state(model, base)
 
 
+def test_composes_with_vera():
+    base = T.make("gpt2")  # Conv1D layers under VeRA's
+    model = pypeft.patch(copy.deepcopy(base), method="vera", r=8, adapter_name="vera")
+    randomize(model, seed=1)
+    batch = T.inputs("gpt2", batch=2)
+    vera = T.output(model, batch)
+    pypeft.patch(model, method="bitfit", adapter_name="bitfit")
+    randomize(model, seed=2)
+    assert type(model.transformer.h[0].attn.c_attn.base_layer).__name__ == "BitFitLayer"
+    bitfit = T.output(model, batch)
+    torch.testing.assert_close(bitfit, T.output(with_biases(base, model, "bitfit"), batch), rtol=0, atol=0)
+    pypeft.set_adapter(model, "vera")
+    torch.testing.assert_close(T.output(model, batch), vera, rtol=0, atol=0)
+    with pypeft.mixed_batch(model, ["bitfit", "vera"]):
+        mixed = T.output(model, batch)
+    torch.testing.assert_close(mixed[0], bitfit[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], vera[1], rtol=1e-5, atol=1e-6)
+    pypeft.unpatch(model)
+    assert_same_state(model, base)
+
+
 @pytest.mark.parametrize("order", ["tokentune first", "bitfit first"])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_composes_with_tokentune(family, order):
