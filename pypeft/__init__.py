@@ -17,7 +17,7 @@ subclasses, and call pypeft.register_method(YourMethod()).
 from pypeft import ops
 from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
-from pypeft.methods.bitfit import BitFitConfig
+from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -39,6 +39,7 @@ from pypeft.state import state_of
 __all__ = [
     "AdapterFormatError",
     "BitFitConfig",
+    "BitFitLayer",
     "LoraConfig",
     "LoraLinear",
     "Method",
