@@ -7,6 +7,7 @@
     pypeft.patch(model, method="read", rnn="gru", hidden=256)        # or pypeft.ReadConfig(...)
     pypeft.patch(model, method="bottleneck", preset="pfeiffer")     # or pypeft.BottleneckConfig(...)
     pypeft.patch(model, method="fusion", adapters=["a", "b"])      # AdapterFusion of bottleneck adapters
+    pypeft.patch(model, method="bitfit")                             # biases only; or pypeft.BitFitConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -20,6 +21,7 @@ from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
 from pypeft.methods.bottleneck import BottleneckConfig
 from pypeft.methods.fusion import FusionConfig
+from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -42,6 +44,8 @@ __all__ = [
     "AdapterFormatError",
     "BottleneckConfig",
     "FusionConfig",
+    "BitFitConfig",
+    "BitFitLayer",
     "LoraConfig",
     "LoraLinear",
     "Method",

@@ -114,8 +114,8 @@ def _add_finetune(commands) -> None:
                     "and after, trainable/total parameters, training time, peak memory and where the adapter was "
                     "saved, then a JSON summary.")
     p.add_argument("--method", default=d.method,
-                   help=f"PEFT method, as pypeft.patch takes it (lora, vera, tokentune, read), or 'full' for full "
-                        f"fine-tuning (default: {d.method})")
+                   help=f"PEFT method, as pypeft.patch takes it (lora, vera, tokentune, read, bitfit), or 'full' "
+                        f"for full fine-tuning (default: {d.method})")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="local model directory (save_pretrained layout); default: the bundled all-MiniLM-L6-v2")
     p.add_argument("--data", default=d.data, metavar="bbc|FILE",

@@ -17,7 +17,7 @@ computes. torch.compile traces reads of it (and guards on them).
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 from torch import nn
 
@@ -50,7 +50,16 @@ class PypeftLayer(nn.Module):
     """Base class of the modules pypeft puts into a model.
 
     Subclasses implement adapter_names(), activate(), delete_adapter(); a
-    layer whose adapters fold into base weights overrides merge()/unmerge()."""
+    layer whose adapters fold into base weights overrides merge()/unmerge().
+
+    A layer that `stands_for_base` computes what its `base_layer` computes
+    with some of that module's parameters replaced (BitFit's biases): code
+    that asks what kind of module sits somewhere (is it linear? its weight?
+    its bias?) reads it as its base (pypeft.layer.underlying), so another
+    method can wrap it as it would wrap the base itself. Its `bias` and
+    `weight` are the ones its forward uses."""
+
+    stands_for_base: ClassVar[bool] = False
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
@@ -70,6 +79,12 @@ class PypeftLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the base weights merge() changed, exactly."""
+
+    def row_bias_deltas(self, row_names: list[str]):
+        """In a mixed batch, a stand-in layer whose bias depends on the row's
+        adapter: [rows, out], each row's bias minus the base's (None: the same
+        for every row). An adapter layer wrapping it adds these to its output."""
+        return None
 
     # --- what a forward reads ------------------------------------------------------
     @property
@@ -94,6 +109,14 @@ class PypeftLayer(nn.Module):
     def bind(self, context: ForwardContext) -> None:
         """Join a patched model (patch() does this for every layer it adds)."""
         self.__dict__[CONTEXT_ATTR] = context
+
+
+def underlying(module: nn.Module) -> nn.Module:
+    """The model's own module a chain of stand-in layers wraps (the module
+    itself when it is none)."""
+    while isinstance(module, PypeftLayer) and module.stands_for_base:
+        module = module.base_layer
+    return module
 
 
 def pypeft_layers(model: nn.Module) -> Iterator[PypeftLayer]:

@@ -158,7 +158,9 @@ def unpatch(model: nn.Module) -> nn.Module:
             layer.unmerge()
         for name in reversed(list(state.method_states)):
             method_named(name).detach(model, state)
-        for name, original in state.replaced.items():
+        # Newest first: a layer put inside another method's layer (BitFit's, in
+        # a LoRA layer's base_layer slot) goes before the outer one is undone.
+        for name, original in reversed(state.replaced.items()):
             model.set_submodule(name, original)
         for name, p in model.named_parameters():
             if name in state.requires_grad:

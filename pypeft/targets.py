@@ -64,7 +64,8 @@ def _describe_linear_layers(model: nn.Module) -> str:
     return ", ".join(suffixes) if suffixes else "(none)"
 
 
-def _selected(names, spec, owner: str, argument: str) -> set[str]:
+def selected_names(names, spec, owner: str, argument: str) -> set[str]:
+    """The names a target_modules / exclude_modules value selects (peft's rules)."""
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -98,9 +99,9 @@ def find_targets(model: nn.Module, target_modules, method: str, trained_in_full:
                 if wrong and not any(name_matches(n, key) for n in eligible):
                     raise ValueError(f"{owner}: argument 'target_modules': {key!r} names {wrong[0]!r}, a "
                                      f"{type(modules[wrong[0]]).__name__}; {method} adapts linear layers only")
-        chosen = _selected(eligible, target_modules, owner, "target_modules")
+        chosen = selected_names(eligible, target_modules, owner, "target_modules")
     if exclude_modules is not None:
-        chosen -= _selected(chosen, exclude_modules, owner, "exclude_modules")
+        chosen -= selected_names(chosen, exclude_modules, owner, "exclude_modules")
     if not chosen:
         raise ValueError(
             f"{owner}: argument 'target_modules': {target_modules!r} matched no linear layer of "

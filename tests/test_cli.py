@@ -431,6 +431,7 @@ SHORT_RUN_METHOD = {
     "vera": ["--epochs", "1", "--lr", "1e-1"],
     "tokentune": ["--epochs", "1", "--lr", "5e-4", "--option", "k=4"],
     "read": ["--epochs", "3", "--lr", "3e-2"],
+    "bitfit": ["--epochs", "2", "--lr", "1e-2"],
     "full": ["--epochs", "1", "--lr", "5e-4"],
 }
 # Test accuracy must rise by this much over the untrained start (5 classes, so
@@ -466,6 +467,12 @@ def _weights_left_at_start(method: str, output: Path) -> list[str]:
         names = [n for n in trained if n.startswith("bert.encoder.layer.") and n.endswith(".weight")]
         assert names
         return [n for n in names if torch.equal(trained[n], base[n.removeprefix("bert.")])]
+    if method == "bitfit":  # the trained biases start as copies of the pretrained ones
+        base = load_file(default_model_dir() / "model.safetensors")
+        adapter = load_file(output / "adapter_model.safetensors")
+        names = [n for n in adapter if n.startswith("bitfit.bert.encoder.layer.")]
+        assert names
+        return [n for n in names if torch.equal(adapter[n], base[n.removeprefix("bitfit.bert.")])]
     marker = {"lora": "lora_B", "vera": "vera_lambda_b", "read": "joiner.weight"}[method]
     adapter = load_file(output / "adapter_model.safetensors")
     names = [n for n in adapter if marker in n]

@@ -150,7 +150,14 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
         if not present:
             return self.base_layer(x)
         index = {n: i for i, n in enumerate(present)}
-        return self._mixed_forward(x, present, [index.get(n, -1) for n in row_names])
+        out = self._mixed_forward(x, present, [index.get(n, -1) for n in row_names])
+        # A base that stands in for the linear layer (BitFit's) runs with the
+        # base bias here; rows of its adapters get their bias difference added.
+        inner = self.base_layer
+        deltas = inner.row_bias_deltas(row_names) if isinstance(inner, PypeftLayer) else None
+        if deltas is not None:
+            out = out + deltas.view(deltas.shape[0], *[1] * (out.dim() - 2), deltas.shape[-1]).to(out.dtype)
+        return out
 
     @abc.abstractmethod
     def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:

@@ -25,6 +25,10 @@ from typing import Callable
 METADATA = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                       "revision", "inference_mode"})
 
+# pypeft's own formats (methods peft has none for: READ, BitFit) name their
+# method in adapter_config.json under this key instead of peft_type.
+METHOD_KEY = "pypeft_method"
+
 Neutral = dict[str, tuple[Callable[[object], bool], str]]  # field -> (is neutral?, what is expected)
 
 

@@ -9,6 +9,8 @@ from typing import Union
 import torch
 from torch import nn
 
+from pypeft.layer import underlying
+
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -18,12 +20,13 @@ LinearLike = Union[nn.Linear, "Conv1D"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    module = underlying(module)
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
 def is_transposed(module: nn.Module) -> bool:
     """Whether the layer stores its weight as [in, out] (Conv1D)."""
-    return bool(Conv1D) and isinstance(module, Conv1D)
+    return bool(Conv1D) and isinstance(underlying(module), Conv1D)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pypeft.methods.peft_fields import METHOD_KEY
 from pypeft.methods.read.config import RNN_TYPES, ReadConfig
 from pypeft.models import task_type
 from pypeft.targets import modules_to_save_keys
 
-METHOD_KEY = "pypeft_method"
 NETWORK_PREFIX = "read."
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pypeft.layer import TOKENS_ATTR
+from pypeft.layer import TOKENS_ATTR, PypeftLayer, underlying
 from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.config_checks import check_runs_natively
 from pypeft.methods.tokentune import attention
@@ -48,10 +48,16 @@ def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn
     # Layers of other methods that run their own token-subset forms: tagged, their insides left alone.
     own = {name: m for name, m in model.named_modules() if _runs_token_subsets(m)}
     own_inside = tuple(name + "." for name in own)
+    # A layer standing for its base (BitFit's) runs as that module: it is
+    # swapped itself (reading as its base), and what it holds is not visited.
+    inside_stand_ins = tuple(name + "." for name, m in model.named_modules()
+                             if isinstance(m, PypeftLayer) and m.stands_for_base)
     embedding = model.get_input_embeddings()
     swaps, tagged, unknown = [], list(own.values()), []
     for name, module in model.named_modules():
         if name in adapter_layers or name in own or name.startswith(own_inside):
+            continue
+        if name.startswith(inside_stand_ins) and not name.startswith(inside):
             continue
         if name.startswith(inside):
             if name.endswith(".base_layer"):
@@ -65,6 +71,8 @@ def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn
             swaps.append((module, mixin))
         elif type(module).__name__.endswith("Attention"):
             tagged.append(module)
+        elif isinstance(module, PypeftLayer) and module.stands_for_base:
+            unknown.append(f"{name} ({type(underlying(module)).__name__} in a {type(module).__name__})")
         elif not isinstance(module, nn.Embedding) and any(True for _ in module.parameters(recurse=False)):
             unknown.append(f"{name} ({type(module).__name__})")
     if unknown:

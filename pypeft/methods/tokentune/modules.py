@@ -22,7 +22,7 @@ from torch import nn
 
 from pypeft import ops
 from pypeft.models.linear import is_linear_like, weight_out_in
-from pypeft.layer import TOKENS_ATTR
+from pypeft.layer import TOKENS_ATTR, underlying
 from pypeft.models.families import GATED_MLPS, LLAMA_RMS_NORMS
 
 
@@ -117,7 +117,7 @@ def mixin_for(module: nn.Module) -> type | None:
         return None  # only the input embedding is gated (see swap_input_embedding)
     if is_linear_like(module):
         return TokenSubsetLinear
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(underlying(module), nn.LayerNorm):  # a stand-in (BitFit's) runs as its base
         return TokenSubsetLayerNorm
     name = type(module).__name__
     if name in LLAMA_RMS_NORMS:
