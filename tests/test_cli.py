@@ -432,6 +432,7 @@ SHORT_RUN_METHOD = {
     "tokentune": ["--epochs", "1", "--lr", "5e-4", "--option", "k=4"],
     "read": ["--epochs", "3", "--lr", "3e-2"],
     "bitfit": ["--epochs", "2", "--lr", "1e-2"],
+    "bottleneck": ["--epochs", "2", "--lr", "1e-2"],
     "full": ["--epochs", "1", "--lr", "5e-4"],
 }
 # Test accuracy must rise by this much over the untrained start (5 classes, so
@@ -473,6 +474,11 @@ def _weights_left_at_start(method: str, output: Path) -> list[str]:
         names = [n for n in adapter if n.startswith("bitfit.bert.encoder.layer.")]
         assert names
         return [n for n in names if torch.equal(adapter[n], base[n.removeprefix("bitfit.bert.")])]
+    if method == "bottleneck":  # the adapters library's format; up-projection biases start at zero
+        adapter = load_file(output / "adapter.safetensors")
+        names = [n for n in adapter if n.endswith("adapter_up.bias")]
+        assert names
+        return [n for n in names if not adapter[n].any()]
     marker = {"lora": "lora_B", "vera": "vera_lambda_b", "read": "joiner.weight"}[method]
     adapter = load_file(output / "adapter_model.safetensors")
     names = [n for n in adapter if marker in n]
