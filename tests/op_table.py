@@ -1382,6 +1382,9 @@ BOTTLENECK_BACKWARD_BAD = [
     Bad("grad_p shape", lambda a: dict(grad_p=like(a["z"], 3, 4, 2)), ValueError, "grad_p", "[3, 4, 2]"),
     Bad("w_up m", lambda a: dict(w_up=like(a["z"], 8, 4)), ValueError, "w_up", "m, from w_down"),
     Bad("unknown activation", lambda a: dict(activation="swish"), ValueError, "activation", "'identity'"),
+]
+
+
 # --- AdapterFusion: adapter_fusion -------------------------------------------------------------
 
 FUSION_GRAD = ("z", "query", "residual", "w_down", "b_down", "w_up", "b_up", "w_query", "b_query", "w_key", "b_key",
