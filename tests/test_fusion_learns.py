@@ -24,7 +24,8 @@ pytestmark = [
 TASK_A, TASK_B = (0, 1), (2, 3, 4)  # BBC's five classes, split into two tasks
 MAX_LENGTH, TRAIN, TEST = 32, 400, 200
 # Stage 2 (one budget for the fusion and for each single adapter's head): at 5e-3 the fusion's
-# d x d query/key/value moved too far in 50 steps (union accuracy 0.665 against 0.785).
+# d x d query/key/value moved too far in 50 steps (union accuracy 0.665 against 0.785). At 1e-3 for
+# 3 epochs (2026-12-01, seed 0): fusion 0.875, the single adapters 0.455 (task A's) and 0.615 (B's).
 STAGE2_LR, STAGE2_EPOCHS = 1e-3, 3
 
 
