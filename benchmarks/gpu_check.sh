@@ -312,6 +312,7 @@ if [[ "$mode" == gpu ]]; then
   bench vera 75 "${dev[@]}" --rounds 15
   bench mixed_batch 75 "${dev[@]}" --rounds 15
   bench read 75 "${dev[@]}"
+  bench bottleneck 90 "${dev[@]}" --rounds 15
   bench tokentune 90 "${dev[@]}" --plot "$out/tokentune_fraction_$device.png"
 else  # tiny: the same code paths, seconds each
   small=(--seq 16 --batch 2 --rounds 1)
@@ -321,6 +322,7 @@ else  # tiny: the same code paths, seconds each
   bench vera 180 "${dev[@]}" "${small[@]}" --r 16
   bench mixed_batch 180 "${dev[@]}" --rows 4 --adapters 2 --tokens 4 --rounds 1
   bench read 180 "${dev[@]}" "${small[@]}"
+  bench bottleneck 300 "${dev[@]}" "${small[@]}" --infer-tokens 8 --infer-rounds 2
   bench tokentune 300 "${dev[@]}" --seq 16 --batch 2 --k 4 --rounds 1 --sweep-rounds 1 --no-rss \
     --plot "$out/tokentune_fraction_$device.png"
 fi
