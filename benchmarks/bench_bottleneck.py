@@ -291,7 +291,7 @@ def main(argv=None):
                         "attention_probs_dropout_prob)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--infer-tokens", type=int, default=128)
-    p.add_argument("--infer-rounds", type=int, default=30)
+    p.add_argument("--infer-rounds", type=int, default=50)
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="leave the frozen-network floor out of the train groups")
     p.add_argument("--adapters-library", nargs="?", const="oracle", default=None, metavar="PYTHON",

@@ -67,6 +67,8 @@ class EagerFusion(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, query, ups, residual):  # ups: [batch, tokens, adapters, hidden]
+        # ups is stacked contiguous; the library stacks [adapters, batch, tokens, hidden] and permutes, so its
+        # key and value Linears each copy it (at MiniLM's size, seq 256, batch 8: 9 MiB more saved per layer).
         q = self.query(query)
         k = self.key(ups)
         v = self.value(ups)
