@@ -322,7 +322,7 @@ else  # tiny: the same code paths, seconds each
   bench vera 180 "${dev[@]}" "${small[@]}" --r 16
   bench mixed_batch 180 "${dev[@]}" --rows 4 --adapters 2 --tokens 4 --rounds 1
   bench read 180 "${dev[@]}" "${small[@]}"
-  bench bottleneck 300 "${dev[@]}" "${small[@]}" --infer-tokens 8 --infer-rounds 2
+  bench bottleneck 420 "${dev[@]}" "${small[@]}" --infer-tokens 8 --infer-rounds 2
   bench tokentune 300 "${dev[@]}" --seq 16 --batch 2 --k 4 --rounds 1 --sweep-rounds 1 --no-rss \
     --plot "$out/tokentune_fraction_$device.png"
 fi
