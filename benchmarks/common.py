@@ -106,18 +106,39 @@ def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: s
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in forward()."""
+    return saved_activation_bytes_split(forward, params, [])[0]
+
+
+def saved_activation_bytes_split(forward: Callable[[], torch.Tensor], params: list[torch.Tensor],
+                                 modules: list[torch.nn.Module]) -> tuple[int, int]:
+    """(all, modules') bytes of the distinct non-parameter storages autograd
+    saves in forward(). A storage counts for `modules` when it was first saved
+    while one of them ran: what they add to what the rest keeps anyway (a
+    tensor the backbone saved before, saved again inside, is not theirs)."""
     param_storages = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
+    first_saved: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, first saved inside `modules`)
+    depth = [0]
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
 
     def pack(t: torch.Tensor):
         s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in param_storages and s.data_ptr() not in first_saved:
+            first_saved[s.data_ptr()] = (s.nbytes(), depth[0] > 0)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(storages.values())
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(n for n, _ in first_saved.values()), sum(n for n, inside in first_saved.values() if inside)
 
 
 def machine_description(device: torch.device) -> str:

@@ -312,6 +312,7 @@ if [[ "$mode" == gpu ]]; then
   bench vera 75 "${dev[@]}" --rounds 15
   bench mixed_batch 75 "${dev[@]}" --rounds 15
   bench read 75 "${dev[@]}"
+  bench bottleneck 90 "${dev[@]}" --rounds 15
   bench tokentune 90 "${dev[@]}" --plot "$out/tokentune_fraction_$device.png"
   bench bottleneck_op 60 "${dev[@]}" --rounds 30
   bench adapter_fusion_op 60 "${dev[@]}" --rounds 30
@@ -323,6 +324,7 @@ else  # tiny: the same code paths, seconds each
   bench vera 180 "${dev[@]}" "${small[@]}" --r 16
   bench mixed_batch 180 "${dev[@]}" --rows 4 --adapters 2 --tokens 4 --rounds 1
   bench read 180 "${dev[@]}" "${small[@]}"
+  bench bottleneck 420 "${dev[@]}" "${small[@]}" --infer-tokens 8 --infer-rounds 2
   bench tokentune 300 "${dev[@]}" --seq 16 --batch 2 --k 4 --rounds 1 --sweep-rounds 1 --no-rss \
     --plot "$out/tokentune_fraction_$device.png"
   bench bottleneck_op 120 "${dev[@]}" --tokens 16 --d 32 --m 4 --rounds 1
