@@ -331,3 +331,14 @@ def test_composes_with_tokentune_only_selected_tokens_train_the_adapter(order):
     assert got.keys() == want.keys()
     assert all(g.abs().sum() > 0 for g in got.values())
     assert any(not torch.allclose(got[n], want[n], atol=1e-6) for n in want)  # fewer tokens: other gradients
+
+
+def test_load_refuses_an_adapter_saved_for_another_kind_of_model(tmp_path):
+    model = pypeft.patch(T.make("bert"), method="bottleneck")
+    pypeft.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    fields["model_type"] = "roberta"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(pypeft.AdapterFormatError, match="saved for a 'roberta' model, but this model is 'bert'"):
+        pypeft.load_adapter(T.make("bert"), tmp_path)

@@ -54,7 +54,6 @@ def is_library_bottleneck(fields: dict) -> bool:
 
 
 def config_json(model: nn.Module, config: BottleneckConfig, name: str, heads: list[str]) -> dict:
-    model_config = getattr(model, "config", None)
     library = {k: getattr(config, k) for k in RUN}
     library.update(INERT)
     library.update(leave_out=list(config.leave_out), init_weights=config.init_weights, init_weights_seed=None,
@@ -62,13 +61,36 @@ def config_json(model: nn.Module, config: BottleneckConfig, name: str, heads: li
     return {
         "config": library,
         "name": name,
-        "model_type": getattr(model_config, "model_type", None),
-        "hidden_size": getattr(model_config, "hidden_size", None),
-        "model_class": type(model).__name__,
-        "model_name": getattr(model_config, "_name_or_path", None) or None,
-        "version": VERSION,
+        **model_fields(model),
         HEADS_KEY: heads,
     }
+
+
+def model_fields(model: nn.Module) -> dict:
+    """What the library records about the model beside an adapter or fusion."""
+    model_config = getattr(model, "config", None)
+    return {"model_type": getattr(model_config, "model_type", None),
+            "hidden_size": getattr(model_config, "hidden_size", None),
+            "model_class": type(model).__name__,
+            "model_name": getattr(model_config, "_name_or_path", None) or None,
+            "version": VERSION}
+
+
+def check_model(fields: dict, model: nn.Module, hidden: int):
+    """Refuse files saved for another kind of model (the library itself does
+    not check), and return the file's key for a key of this model: with or
+    without the base-model prefix, as the file has them (see the module doc)."""
+    if fields.get("hidden_size") not in (None, hidden):
+        raise ValueError(f"saved for hidden_size {fields['hidden_size']}, but this model's is {hidden}")
+    here = getattr(getattr(model, "config", None), "model_type", None)
+    if fields.get("model_type") not in (None, here):
+        raise ValueError(f"saved for a {fields['model_type']!r} model, but this model is {here!r}")
+    return lambda key, tensors: key if _with_prefix(model, tensors) else strip_base_prefix(model, key)
+
+
+def _with_prefix(model: nn.Module, tensors) -> bool:
+    prefix = getattr(model, "base_model_prefix", "")
+    return not prefix or any(k.startswith(prefix + ".") for k in tensors)
 
 
 def config_from_json(fields: dict, adapter_name: str) -> BottleneckConfig:

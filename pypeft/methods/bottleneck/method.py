@@ -196,17 +196,13 @@ class BottleneckMethod(Method):
         saved_name = fields.get("name")
         if not isinstance(saved_name, str) or not saved_name:
             raise ValueError("field 'name' (the adapter's name, part of every weight key) is missing")
-        if fields.get("hidden_size") not in (None, placement.hidden):
-            raise ValueError(f"saved for hidden_size {fields['hidden_size']}, but this model's is {placement.hidden}")
-        prefix = getattr(model, "base_model_prefix", "")
-        with_prefix = not prefix or any(k.startswith(prefix + ".") for k in tensors)
+        file_key = lib.check_model(fields, model, placement.hidden)
         shapes = {}
         for exit in placement.exits:
             m, d = placement.sizes[site_name(exit)], placement.hidden
             for ours, shape in (("down_weight", (m, d)), ("down_bias", (m,)), ("up_weight", (d, m)),
                                 ("up_bias", (d,))):
-                key = lib.key_prefix(exit, saved_name) + lib.PARAMS[ours]
-                key = key if with_prefix else lib.strip_base_prefix(model, key)
+                key = file_key(lib.key_prefix(exit, saved_name) + lib.PARAMS[ours], tensors)
                 placement.file_keys[(site_name(exit), ours)] = key
                 shapes[key] = shape
         return shapes

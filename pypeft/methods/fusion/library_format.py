@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pypeft.methods.bottleneck.library_format import HEADS_KEY, VERSION
+from pypeft.methods.bottleneck.library_format import HEADS_KEY, model_fields
 from pypeft.methods.fusion.config import FusionConfig
 from pypeft.models.sublayers import SublayerExit
 
@@ -40,7 +40,6 @@ def library_name(config: FusionConfig) -> str:
 
 
 def config_json(model: nn.Module, config: FusionConfig, heads: list[str]) -> dict:
-    model_config = getattr(model, "config", None)
     return {
         "config": {"key": True, "query": True, "value": config.value, "query_before_ln": config.query_before_ln,
                    "regularization": config.regularization, "residual_before": False,
@@ -48,11 +47,7 @@ def config_json(model: nn.Module, config: FusionConfig, heads: list[str]) -> dic
                    "value_initialized": config.value_initialized, "dropout_prob": config.dropout_prob},
         "name": library_name(config),
         "adapter_names": list(config.adapters),  # what the library's loader reads the fused adapters from
-        "model_type": getattr(model_config, "model_type", None),
-        "hidden_size": getattr(model_config, "hidden_size", None),
-        "model_class": type(model).__name__,
-        "model_name": getattr(model_config, "_name_or_path", None) or None,
-        "version": VERSION,
+        **model_fields(model),
         HEADS_KEY: heads,
     }
 

@@ -133,18 +133,14 @@ class FusionMethod(Method):
     def expected_tensors(self, model: nn.Module, state: PatchState | None, plan: Plan, fields: dict,
                          tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
         placement: Placement = plan.extra
-        if fields.get("hidden_size") not in (None, placement.hidden):
-            raise ValueError(f"saved for hidden_size {fields['hidden_size']}, but this model's is {placement.hidden}")
-        prefix = getattr(model, "base_model_prefix", "")
-        with_prefix = not prefix or any(k.startswith(prefix + ".") for k in tensors)
+        file_key = bottleneck_lib.check_model(fields, model, placement.hidden)
         fusion, d = lib.library_name(plan.config), placement.hidden
         shapes = {}
         for exit in placement.exits:
             for ours, theirs in lib.PARAMS.items():
                 if ours == "value_weight" and not plan.config.value:
                     continue
-                key = lib.key_prefix(exit, fusion) + theirs
-                key = key if with_prefix else bottleneck_lib.strip_base_prefix(model, key)
+                key = file_key(lib.key_prefix(exit, fusion) + theirs, tensors)
                 placement.file_keys[(site_name(exit), ours)] = key
                 shapes[key] = (d, d) if ours.endswith("weight") else (d,)
         return shapes
