@@ -18,6 +18,7 @@ base_model_name_or_path) may differ, so a config edited by hand still loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -124,8 +125,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     def write_weights(path):
         save_file(tensors, path, metadata=metadata)
 
+    heads = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    extra = method.extra_files(model, state, name, heads)
     # Weights first, config last: the config is what marks a directory as an adapter.
-    _write_atomically(directory, {method.weights_names[0]: write_weights, method.config_name: write_config})
+    _write_atomically(directory, {**extra, method.weights_names[0]: write_weights, method.config_name: write_config})
     return directory
 
 
@@ -256,6 +259,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise AdapterFormatError(f"pypeft.load_adapter: {config_path}: {e}") from None
     path, tensors, metadata = _read_weights(directory, method)
     _check_saved_together(method, path, config_path, fields, metadata)
+    try:
+        heads = method.heads_from_disk(directory, fields, model)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise AdapterFormatError(f"pypeft.load_adapter: {directory}: its head files are unreadable ({e})") from None
+    if heads:  # the format's own head files: trained in full beside the adapter, as modules_to_save
+        config = dataclasses.replace(config, modules_to_save=sorted({k.split(".")[0] for k in heads}))
+        tensors = {**tensors, **{HEAD_PREFIX + k: v for k, v in heads.items()}}
     state = state_of(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "

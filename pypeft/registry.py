@@ -98,6 +98,19 @@ class Method:
         """What recognises() looks for in a config file, for the error when nothing does."""
         return f"{self.format_name()}"
 
+    def extra_files(self, model: nn.Module, state: PatchState, name: str,
+                    heads: dict[str, torch.Tensor]) -> dict:
+        """Files the format keeps beside its config and weights: name ->
+        writer(path), written atomically with the two. `heads`: the tensors of
+        the modules trained beside adapter `name`, by their keys in the model
+        (e.g. "classifier.weight")."""
+        return {}
+
+    def heads_from_disk(self, directory, fields: dict, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Heads a format stores in files of its own (by their keys in the
+        model), for a config that does not name its modules_to_save; None: none."""
+        return None
+
     def comparable(self, fields: dict) -> dict:
         """The part of a config file that must be the same in the copy the
         weights record and the config file beside them (fields that only

@@ -37,6 +37,7 @@ TO_LIBRARY = [(f, p, {}) for f in ("bert", "gpt2", "llama") for p in ("pfeiffer"
     ("distilbert", "houlsby", {"non_linearity": "gelu_new", "reduction_factor": 8}),
     ("roberta", "pfeiffer", {"leave_out": [1], "scaling": 3.0}),
 ]
+HEADS = ["bert", "roberta", "distilbert"]  # classifiers whose trained head crosses in the library's head files
 FUSIONS = [("bert", "seq_bn", "dynamic"), ("bert", "double_seq_bn", "static"), ("llama", "seq_bn", "dynamic")]
 RANDOM = {"std": 0.2}
 
@@ -76,6 +77,25 @@ def oracle(tmp_path_factory):
         cid = _id("to", fam, preset, i)
         model = pypeft.patch(T.make(fam), method="bottleneck", preset=preset, adapter_name="mine", **options)
         randomize(model, seed=100 + i)
+        pypeft.save_adapter(model, tmp / cid)
+        made[cid] = T.output(model, T.inputs(fam))
+        cases.append({"id": cid, **common(fam), "load_adapters": [{"dir": str(tmp / cid)}], "active": "mine",
+                      "output": str(tmp / f"{cid}.safetensors")})
+
+    for i, fam in enumerate(HEADS):
+        cid = _id("head-from", fam)
+        cases.append({"id": cid, **common(fam), "active": "a", "output": str(tmp / f"{cid}.safetensors"),
+                      "add_adapters": [{"name": "a", "config": "seq_bn", "random": {**RANDOM, "seed": 600 + i}}],
+                      "random_head": {**RANDOM, "seed": 700 + i},
+                      "save_adapters": [{"name": "a", "dir": str(tmp / cid), "use_safetensors": True}]})
+        cid = _id("head-to", fam)
+        model = pypeft.patch(T.make(fam), method="bottleneck", preset="houlsby", adapter_name="mine")
+        randomize(model, seed=800 + i)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(900 + i)
+            for name, p in model.named_parameters():
+                if ".copies.mine." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         pypeft.save_adapter(model, tmp / cid)
         made[cid] = T.output(model, T.inputs(fam))
         cases.append({"id": cid, **common(fam), "load_adapters": [{"dir": str(tmp / cid)}], "active": "mine",
@@ -166,3 +186,25 @@ def test_pypeft_fusion_loads_into_the_library_with_equal_outputs(oracle, case):
     for loaded in res["cases"][cid]["loaded"]:
         _landed(loaded)
     torch.testing.assert_close(read_output(tmp / f"{cid}.safetensors"), made[cid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fam", HEADS)
+def test_a_trained_head_crosses_in_the_librarys_head_files(oracle, fam):
+    tmp, res, made = oracle
+    cid = _id("head-from", fam)
+    assert "head_config.json" in res["cases"][cid]["saved"][0]["files"]
+    model = pypeft.load_adapter(T.make(fam), tmp / cid)
+    assert pypeft.state_of(model).adapters["default"].modules_to_save  # the head came along
+    expected = read_output(tmp / f"{cid}.safetensors")
+    torch.testing.assert_close(T.output(model, T.inputs(fam)), expected, atol=2e-5, rtol=1e-4)
+    cid = _id("head-to", fam)
+    _landed(res["cases"][cid]["loaded"][0])
+    torch.testing.assert_close(read_output(tmp / f"{cid}.safetensors"), made[cid], atol=2e-5, rtol=1e-4)
+    import shutil  # not vacuous: the same adapter without the library's head files gives other logits
+
+    headless = tmp / f"{cid}-headless"
+    shutil.copytree(tmp / _id("head-from", fam), headless)
+    for name in ("head_config.json", "model_head.safetensors"):
+        (headless / name).unlink()
+    model = pypeft.load_adapter(T.make(fam), headless)
+    assert not torch.allclose(T.output(model, T.inputs(fam)), expected, atol=1e-3)

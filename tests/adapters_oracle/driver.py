@@ -194,6 +194,8 @@ def run_case(case: dict) -> dict:
         model.add_adapter(entry["name"], config=config)
         if entry.get("random"):
             randomize(model, f"adapters.{entry['name']}.", entry["random"])
+    if case.get("random_head"):  # a trained head, as a task adapter's would be
+        randomize(model, "classifier", case["random_head"])
     for entry in case.get("add_fusions", []):
         config = AdapterFusionConfig.load(entry.get("config", "dynamic"), **entry.get("overrides", {}))
         model.add_adapter_fusion(Fuse(*entry["adapters"]), config=config)

@@ -22,6 +22,9 @@ top-level "peft_type".
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -135,3 +138,50 @@ def tensors_of(sites: dict[str, tuple[SublayerExit, nn.Module]], name: str) -> d
         for ours, theirs in PARAMS.items():
             out[key_prefix(exit, name) + theirs] = getattr(weights, ours)
     return out
+
+
+# --- heads: the library keeps a model's head in files of its own -------------------------
+HEAD_CONFIG = "head_config.json"
+HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
+
+
+def head_files(model: nn.Module, heads: dict[str, torch.Tensor]) -> dict:
+    """head_config.json and model_head.safetensors as the library writes them
+    for a model with a static head (loaded there when model_class matches)."""
+    if not heads:
+        return {}
+    from safetensors.torch import save_file
+
+    model_config = getattr(model, "config", None)
+    config = {"config": None, "name": None, "num_labels": getattr(model_config, "num_labels", None),
+              "label2id": getattr(model_config, "label2id", None), **model_fields(model)}
+
+    def write_config(path):
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    return {HEAD_CONFIG: write_config, HEAD_WEIGHTS[0]: lambda path: save_file(heads, path)}
+
+
+def read_heads(directory: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The classifier head the library saved beside an adapter, by its keys in
+    `model`, when it was saved from this model class (the library's own rule);
+    None otherwise. A causal LM's lm_head is left out: the library saves it
+    with every adapter, untrained, and pypeft does not train it."""
+    from pypeft.models import classifier_head_names
+
+    config_path = directory / HEAD_CONFIG
+    weights = next((directory / n for n in HEAD_WEIGHTS if (directory / n).is_file()), None)
+    if not config_path.is_file() or weights is None:
+        return None
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict) or config.get("model_class") != type(model).__name__:
+        return None
+    if weights.suffix == ".bin":
+        tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(weights)
+    heads = classifier_head_names(model)  # peft's plain-suffix rule: "classifier" takes pre_classifier too
+    return {k: v for k, v in tensors.items() if k.split(".")[0].endswith(tuple(heads))} or None

@@ -184,6 +184,14 @@ class BottleneckMethod(Method):
         heads = modules_to_save_keys(model, record.config.modules_to_save) if record.modules_to_save else []
         return lib.config_json(model, record.config, name, heads), lib.tensors_of(sites, name)
 
+    def extra_files(self, model: nn.Module, state: PatchState, name: str, heads: dict) -> dict:
+        return lib.head_files(model, heads)
+
+    def heads_from_disk(self, directory, fields: dict, model: nn.Module):
+        if lib.HEADS_KEY in fields:  # saved by pypeft: its heads are in the weights file
+            return None
+        return lib.read_heads(directory, model)
+
     def comparable(self, fields: dict) -> dict:
         return {"name": fields.get("name"), **lib.config_from_json(fields, "x").math_fields()}
 

@@ -109,6 +109,14 @@ class FusionMethod(Method):
     def format_hint(self) -> str:
         return "the adapters library's AdapterFusion (a 'config' object with key, query, value)"
 
+    def extra_files(self, model: nn.Module, state: PatchState, name: str, heads: dict) -> dict:
+        return bottleneck_lib.head_files(model, heads)
+
+    def heads_from_disk(self, directory, fields: dict, model: nn.Module):
+        if bottleneck_lib.HEADS_KEY in fields:  # saved by pypeft: its heads are in the weights file
+            return None
+        return bottleneck_lib.read_heads(directory, model)
+
     def comparable(self, fields: dict) -> dict:
         return {"name": fields.get("name"), **lib.config_from_json(fields, "x").math_fields()}
 
