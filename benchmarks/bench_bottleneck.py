@@ -43,6 +43,7 @@ import argparse
 import copy
 import datetime
 import functools
+import importlib
 import json
 import os
 import statistics
@@ -59,7 +60,6 @@ from common import (DTYPES, add_device_options, alternate_samples, classificatio
                     saved_activation_bytes_split, synchronize, train_step)
 
 import pypeft  # noqa: E402
-from pypeft.ops import adapter_fusion as fusion_op  # noqa: E402
 
 GROUPS = ("houlsby", "pfeiffer", "fusion", "inference")
 FUSED = ("a", "b", "c")
@@ -215,7 +215,8 @@ def train_group(group: str, base, batch, device, args) -> dict:
 
 
 def fusion_kind() -> str:
-    if hasattr(fusion_op, "_op"):
+    # By module path: pypeft.ops re-exports the function under the module's name.
+    if hasattr(importlib.import_module("pypeft.ops.adapter_fusion"), "_op"):
         return "native pypeft::adapter_fusion"
     return "eager stand-in (pypeft/ops/adapter_fusion.py)"
 
