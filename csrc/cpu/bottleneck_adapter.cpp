@@ -84,6 +84,9 @@ RowPtr<T> mutable_rows_of(const Tensor& t) {
 }
 
 // --- one row each: branch-free loops that the compiler vectorises -----------------
+// (Checked with -fopt-info-vec: the d-wide output and gradient rows, mask hash
+// included, vectorise, 8-wide in the float32 AVX2 clones. The activation rows
+// have no clones: they run over [N, m] only, a small part of the work.)
 
 template <AdapterActivation A, typename scalar_t>
 void activation_row(const scalar_t* p, scalar_t* a, int64_t m) {
