@@ -93,6 +93,9 @@ class Method:
     # written; loading reads the first one present (a ".bin" only through torch.load(weights_only=True)).
     config_name: ClassVar[str] = "adapter_config.json"
     weights_names: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)
+    # Where the modules trained beside an adapter sit in the weights file: "<head_prefix><module>.<key>".
+    # peft's tuner methods wrap the model once more than its prompt-learning methods do.
+    head_prefix: ClassVar[str] = "base_model.model."
 
     def format_hint(self) -> str:
         """What recognises() looks for in a config file, for the error when nothing does."""
