@@ -409,3 +409,27 @@ def test_distilbert_equals_plain_attention_over_prefix_and_shifted_positions():
     base.set_attn_implementation("sdpa")
     # The prefix's head copy starts as the base head, so the logits compare directly.
     torch.testing.assert_close(T.output(model, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_is_independent_and_unpatches_on_its_own():
+    model = prefix(T.make("llama"), num_virtual_tokens=3)
+    batch = T.inputs("llama")
+    base = T.output(T.make("llama"), batch)
+    out = T.output(model, batch)
+    twin = copy.deepcopy(model)
+    assert torch.equal(T.output(twin, batch), out)
+    with torch.no_grad():
+        getattr(twin, ENCODERS_ATTR).encoders["default"].embedding.weight.add_(1.0)
+    assert torch.equal(T.output(model, batch), out) and not torch.equal(T.output(twin, batch), out)
+    pypeft.unpatch(twin)
+    assert torch.equal(T.output(twin, batch), base) and torch.equal(T.output(model, batch), out)
+
+
+def test_a_bfloat16_model_trains_a_float32_prefix_as_peft_does():
+    model = prefix(T.make("llama").to(torch.bfloat16), num_virtual_tokens=3).train()
+    weight = getattr(model, ENCODERS_ATTR).encoders["default"].embedding.weight
+    assert weight.dtype == torch.float32
+    out = model(**T.labels_for("llama", T.inputs("llama")))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

@@ -97,9 +97,6 @@ class PrefixTuningMethod(Method):
         if record is None:
             previous = model.config._attn_implementation
             encoders = PrefixEncoders(geo)
-            ref = next(model.parameters(), None)
-            if ref is not None:
-                encoders.to(device=ref.device)
             encoders.train(model.training)
             encoders.bind(state.context)
             model.add_module(ENCODERS_ATTR, encoders)
@@ -117,9 +114,11 @@ class PrefixTuningMethod(Method):
         c = plan.config
         record.encoders.add_adapter(c.adapter_name, c.num_virtual_tokens, c.prefix_projection,
                                     c.encoder_hidden_size or geo.token_dim)
-        ref = next(model.parameters(), None)
-        if ref is not None and ref.is_floating_point():
-            record.encoders.encoders[c.adapter_name].to(dtype=ref.dtype)
+        # On the model's device, in float32 whatever the model's dtype, as peft keeps its prompt encoder; the
+        # prefix is cast to the keys' dtype where it is used.
+        ref = next((p for n, p in model.named_parameters() if not n.startswith(ENCODERS_ATTR + ".")), None)
+        if ref is not None:
+            record.encoders.encoders[c.adapter_name].to(device=ref.device)
 
     def adapter_deleted(self, model: nn.Module, state: PatchState, name: str) -> None:
         record: PrefixRecord | None = state.method_states.get(self.name)
