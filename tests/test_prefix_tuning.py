@@ -273,15 +273,23 @@ def test_eager_models_delegate_to_eager_and_get_it_back(family):
 
 # --- composition -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("order", ["prefix first", "prefix last"])
 @pytest.mark.parametrize("other, options", [("lora", {"r": 2}), ("vera", {"r": 8}),
-                                            ("bottleneck", {"preset": "pfeiffer"})])
-def test_composes_with_adapter_methods(other, options):
+                                            ("bottleneck", {"preset": "pfeiffer"}),
+                                            ("bitfit", {"add_missing_biases": True})])
+def test_composes_with_adapter_methods(other, options, order):
     """Each adapter computes what it computes alone, whichever is active."""
     base = T.make("llama")
     batch = T.inputs("llama")
-    model = prefix(copy.deepcopy(base), num_virtual_tokens=3, adapter_name="p")
+    model = copy.deepcopy(base)
+    if order == "prefix last":
+        pypeft.patch(model, method=other, adapter_name="o", **options)
+    torch.manual_seed(0)
+    prefix(model, num_virtual_tokens=3, adapter_name="p")
     out_p = T.output(model, batch)
-    pypeft.patch(model, method=other, adapter_name="o", **options)
+    if order == "prefix first":
+        pypeft.patch(model, method=other, adapter_name="o", **options)
+    pypeft.set_adapter(model, "o")
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -294,8 +302,11 @@ def test_composes_with_adapter_methods(other, options):
         for name, p in alone.named_parameters():
             p.copy_(params[name])
     torch.testing.assert_close(out_o, T.output(alone, batch), rtol=1e-6, atol=1e-6)
+    torch.manual_seed(0)
+    prefix_alone = prefix(copy.deepcopy(base), num_virtual_tokens=3, adapter_name="p")
     pypeft.set_adapter(model, "p")
     assert torch.equal(T.output(model, batch), out_p)
+    torch.testing.assert_close(out_p, T.output(prefix_alone, batch), rtol=1e-6, atol=1e-6)
     pypeft.unpatch(model)
     assert torch.equal(T.output(model, batch), T.output(base, batch))
 
