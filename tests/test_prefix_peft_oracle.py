@@ -15,10 +15,12 @@ What the installed peft does, and how the reference is taken:
   own prefix (PeftModel.get_prompt, a DynamicCache of length n) through the
   base model as its _prefix_tuning_forward does: attention mask with n ones in
   front, the prefix as the cache.
-- generate: peft 0.21.2's generate on transformers 5.24 drops the prefix
-  (its output equals the base model's; it hands the prefix over under the old
-  cache name). The reference for generate is a greedy loop over peft's
-  forward, with position_ids from the attention mask (peft adds n to them).
+- generate: peft 0.21.2's generate on transformers 5.24 does not decode with
+  the prefix (it injects it as past_key_values while generate passes its own
+  cache as `cache`; Llama's and T5's greedy outputs equal the base model's,
+  GPT-2's and OPT's neither that nor peft's forward decoding). The reference
+  for generate is a greedy loop over peft's forward, with position_ids from
+  the attention mask as generate makes them (peft adds n to them).
 - T5: peft prefixes the decoder's self-attention only (not the encoder, not
   cross-attention), decoder layer j reading block (2j mod num_layers) of the
   prompt; pypeft matches it (pypeft/methods/prefix/sites.py).
