@@ -85,7 +85,8 @@ def test_patch_freezes_the_base_and_every_family_changes_and_unpatches_exactly(f
     prefix(model, num_virtual_tokens=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     heads = {n for n in trainable if not n.startswith(ENCODERS_ATTR)}
-    assert {n for n in trainable if n.startswith(ENCODERS_ATTR)} == {f"{ENCODERS_ATTR}.encoders.default.embedding.weight"}
+    prefix_params = {n for n in trainable if n.startswith(ENCODERS_ATTR)}
+    assert prefix_params == {f"{ENCODERS_ATTR}.encoders.default.embedding.weight"}
     assert all(".copies.default." in n for n in heads)  # only a classifier's head copy besides the prefix
     assert bool(heads) == (family in ("bert", "roberta", "distilbert"))
     assert model.config._attn_implementation == "pypeft_prefix_sdpa"
