@@ -445,3 +445,17 @@ def test_a_bfloat16_model_trains_a_float32_prefix_as_peft_does():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_changing_the_attention_implementation_after_patching_is_refused_not_silent(family):
+    model = prefix(T.make(family))
+    batch = T.inputs(family)
+    out = T.output(model, batch)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attention implementation is 'eager'.*pypeft_prefix_sdpa"):
+        T.output(model, batch)
+    with pypeft.disabled(model):
+        T.output(model, batch)  # the base model runs
+    model.set_attn_implementation("pypeft_prefix_sdpa")
+    assert torch.equal(T.output(model, batch), out)

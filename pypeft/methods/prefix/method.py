@@ -51,7 +51,7 @@ class PrefixRecord:
     geo: Geometry
     encoders: PrefixEncoders
     tagged: list[nn.Module]
-    hook: object
+    hook: object  # the forward pre-hook's handle
     attn_implementation: str
 
 
@@ -104,11 +104,11 @@ class PrefixTuningMethod(Method):
             for module, block in sites:
                 module.__dict__[SITE_ATTR] = PrefixSite(block, encoders, previous, bias_source)
                 tagged.append(module)
-            hook = None
-            if geo.num_transformer_submodules == 1 and accepts_position_ids(model):
-                hook = model.register_forward_pre_hook(PositionHook(encoders, position_start(model)),
-                                                       with_kwargs=True)
-            model.set_attn_implementation(attention.register(previous))
+            implementation = attention.register(previous)
+            shifts = geo.num_transformer_submodules == 1 and accepts_position_ids(model)
+            hook = model.register_forward_pre_hook(
+                PositionHook(encoders, position_start(model), shifts, implementation), with_kwargs=True)
+            model.set_attn_implementation(implementation)
             record = PrefixRecord(geo, encoders, tagged, hook, previous)
             state.method_states[self.name] = record
         c = plan.config
@@ -127,8 +127,7 @@ class PrefixTuningMethod(Method):
 
     def detach(self, model: nn.Module, state: PatchState) -> None:
         record: PrefixRecord = state.method_states.pop(self.name)
-        if record.hook is not None:
-            record.hook.remove()
+        record.hook.remove()
         for module in record.tagged:
             module.__dict__.pop(SITE_ATTR, None)
         if getattr(model, ENCODERS_ATTR, None) is record.encoders:
