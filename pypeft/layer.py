@@ -57,9 +57,14 @@ class PypeftLayer(nn.Module):
     that asks what kind of module sits somewhere (is it linear? its weight?
     its bias?) reads it as its base (pypeft.layer.underlying), so another
     method can wrap it as it would wrap the base itself. Its `bias` and
-    `weight` are the ones its forward uses."""
+    `weight` are the ones its forward uses.
+
+    A layer `outside_sequence` computes nothing per token of the input
+    (prefix tuning's encoders, whose output is keys and values of their own):
+    TokenTune leaves it, and the modules it holds, as they are."""
 
     stands_for_base: ClassVar[bool] = False
+    outside_sequence: ClassVar[bool] = False
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError

@@ -11,7 +11,9 @@ patch.py and io.py then work through the protocol and name no method:
                 delete_adapter, merge/unmerge); Method says whether adapters
                 merge (can_merge), what the method composes with
                 (composes_with), and how to undo what attach() did beyond
-                swapping modules (detach; adapter_deleted).
+                swapping modules (detach; adapter_deleted); methods that own
+                the attention implementation in turn hear of each other
+                (model_changed; attn_implementation_replaced).
     disk        recognises() / to_disk() / config_from_disk() /
                 expected_tensors() / load_tensors(): the method's format.
                 io.py reads and writes the two files, checks keys, shapes and
@@ -76,6 +78,12 @@ class Method:
 
     def model_changed(self, model: nn.Module, state: PatchState) -> None:
         """Another patch() changed the model (e.g. TokenTune tags new layers)."""
+
+    def attn_implementation_replaced(self, model: nn.Module, state: PatchState, old: str, new: str) -> None:
+        """Attention implementation `old`, set by a method now detached
+        (prefix tuning's, when its last adapter is deleted), wrapped `new`: a
+        method that recorded `old` as the implementation to restore on detach
+        restores `new` instead (unpatch must give back the original)."""
 
     def check_delete(self, model: nn.Module, state: PatchState, name: str) -> None:
         """Raise if adapter `name` (of any method) must not be deleted because

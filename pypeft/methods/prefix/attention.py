@@ -9,7 +9,15 @@ mask gets allowed columns in front; a missing mask of a causal attention
 becomes an explicit one in which every query sees every prefix slot and the
 real keys causally), adds T5's relative-position-bias columns for the prefix
 keys as peft's cache of length n gives them, and hands everything to the
-implementation the model used before patching (sdpa or eager).
+implementation it wraps: the one the model used before patching (sdpa or
+eager), or TokenTune's token-subset attention, whichever was patched first.
+
+With a prefix, is_causal is always passed as False: SDPA's (and the
+token-subset op's) is_causal is a top-left causal mask, wrong once prefix keys
+stand in front; a causal attention gets the explicit mask instead. Under
+TokenTune the prefix slots are keys and values, not tokens of the sequence:
+every query, selected or not, sees them, and their parameters get gradients
+through the selected queries only ("virtual tokens are always selected").
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from pypeft.methods.prefix.sites import SITE_ATTR
+from pypeft.methods.tokentune.attention import IMPLEMENTATION as TOKEN_SUBSET
 
 PREFIX = "pypeft_prefix_"  # + the delegate: one registered name per mask format
 
@@ -97,6 +106,7 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             front = _t5_bias_columns(site.bias_source, bias, q, k, m) if site.bias_source is not None else \
                 bias.new_zeros(*bias.shape[:-1], m)
             kwargs["position_bias"] = torch.cat([front, bias], dim=-1)
+        kwargs["is_causal"] = False  # causality, if any, is in the explicit mask
         key = torch.cat([pk.to(key.device), key], dim=2)
         value = torch.cat([pv.to(value.device), value], dim=2)
     if delegate is None:
@@ -114,7 +124,14 @@ def _eager(module: torch.nn.Module):
     return fn
 
 
-SUPPORTED = ("sdpa", "eager")
+# What the prefix can wrap: transformers' two that every family has, and
+# TokenTune's (which takes sdpa's masks and runs sdpa when no token selection is active).
+SUPPORTED = ("sdpa", "eager", TOKEN_SUBSET)
+
+
+def inner(name: str) -> str | None:
+    """The implementation a prefix implementation name wraps (None: not one)."""
+    return name[len(PREFIX):] if isinstance(name, str) and name.startswith(PREFIX) else None
 
 
 def implementation(previous: str) -> str:
@@ -123,8 +140,8 @@ def implementation(previous: str) -> str:
 
 def register(previous: str) -> str:
     """Register the attention function under a name per delegate, with the
-    delegate's mask builder (sdpa: bool masks or None; eager: additive), and
-    return the name (idempotent)."""
+    delegate's mask builder (sdpa and TokenTune's: bool masks or None; eager:
+    additive), and return the name (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 

@@ -55,7 +55,11 @@ class PrefixEncoder(nn.Module):
 
 class PrefixEncoders(PypeftLayer):
     """Every prefix-tuning adapter of a model; the attention function asks it
-    for the prefix of the active adapter (or of each row's, in a mixed batch)."""
+    for the prefix of the active adapter (or of each row's, in a mixed batch).
+    Not per token: TokenTune leaves it alone (the prefix is keys and values
+    every query sees, trained through the selected queries)."""
+
+    outside_sequence = True
 
     def __init__(self, geo: Geometry):
         super().__init__()

@@ -3,7 +3,15 @@ the top-level model (attribute ENCODERS_ATTR), tags every attention module
 with its PrefixSite, routes attention through the prefix attention function
 (which delegates to the implementation the model had), and hooks the model's
 forward to shift positions past the prefix. detach() undoes exactly that,
-also when the last prefix adapter is deleted. On disk: peft's PREFIX_TUNING
+also when the last prefix adapter is deleted.
+
+With TokenTune (either order) the prefix stays the outer wrapper: patched
+after it, the prefix delegates to TokenTune's implementation; patched before
+it, model_changed re-wraps whatever implementation TokenTune set. detach()
+restores the implementation the prefix wraps while the wrapped method stays
+(deleting the last prefix adapter), else the one it found, and tells the
+other methods that its names are gone (attn_implementation_replaced), so
+that one that recorded a prefix name to restore restores what it wrapped. On disk: peft's PREFIX_TUNING
 format (prompt_embeddings = the encoder's output); loading is peft's
 inference-mode loading (the adapter holds the prefix itself, no MLP)."""
 
@@ -23,7 +31,7 @@ from pypeft.methods.prefix.geometry import Geometry, geometry
 from pypeft.methods.prefix.positions import PositionHook, accepts_position_ids, position_start
 from pypeft.methods.prefix.sites import SITE_ATTR, PrefixSite, find_sites
 from pypeft.models import task_type
-from pypeft.registry import Method, Plan
+from pypeft.registry import Method, Plan, method_named
 from pypeft.state import PatchState
 from pypeft.targets import find_modules_to_save, modules_to_save_keys
 
@@ -37,7 +45,6 @@ _REFUSED = {
                      "per model, as in peft",
     "p_tuning": "both change what the model attends to before the real tokens; one prompt-learning method per "
                 "model, as in peft",
-    "tokentune": "not supported yet: both methods own the model's attention implementation",
 }
 _USED = {"num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
          "prefix_projection", "encoder_hidden_size", "modules_to_save"}
@@ -52,7 +59,10 @@ class PrefixRecord:
     encoders: PrefixEncoders
     tagged: list[nn.Module]
     hook: object  # the forward pre-hook's handle
-    attn_implementation: str
+    attn_implementation: str  # what the model had before patching (unpatch restores it)
+    positions: PositionHook   # knows the implementation the prefix enters through
+    delegate: str             # the implementation the prefix wraps now
+    names: list[str]          # every prefix implementation name set on the model, oldest first
 
 
 class PrefixTuningMethod(Method):
@@ -106,10 +116,10 @@ class PrefixTuningMethod(Method):
                 tagged.append(module)
             implementation = attention.register(previous)
             shifts = geo.num_transformer_submodules == 1 and accepts_position_ids(model)
-            hook = model.register_forward_pre_hook(
-                PositionHook(encoders, position_start(model), shifts, implementation), with_kwargs=True)
+            positions = PositionHook(encoders, position_start(model), shifts, implementation)
+            hook = model.register_forward_pre_hook(positions, with_kwargs=True)
             model.set_attn_implementation(implementation)
-            record = PrefixRecord(geo, encoders, tagged, hook, previous)
+            record = PrefixRecord(geo, encoders, tagged, hook, previous, positions, previous, [implementation])
             state.method_states[self.name] = record
         c = plan.config
         record.encoders.add_adapter(c.adapter_name, c.num_virtual_tokens, c.prefix_projection,
@@ -119,6 +129,21 @@ class PrefixTuningMethod(Method):
         ref = next((p for n, p in model.named_parameters() if not n.startswith(ENCODERS_ATTR + ".")), None)
         if ref is not None:
             record.encoders.encoders[c.adapter_name].to(device=ref.device)
+
+    def model_changed(self, model: nn.Module, state: PatchState) -> None:
+        """A method patched after the prefix set its own attention
+        implementation (TokenTune): wrap that one, so that the prefix stays in."""
+        record: PrefixRecord = state.method_states[self.name]
+        current = model.config._attn_implementation
+        if current == record.positions.implementation or current not in attention.SUPPORTED:
+            return  # unchanged, or something the prefix cannot wrap (its hook refuses to run then)
+        implementation = attention.register(current)
+        for module in record.tagged:
+            module.__dict__[SITE_ATTR].delegate = current
+        record.positions.implementation = implementation
+        record.delegate = current
+        record.names.append(implementation)
+        model.set_attn_implementation(implementation)
 
     def adapter_deleted(self, model: nn.Module, state: PatchState, name: str) -> None:
         record: PrefixRecord | None = state.method_states.get(self.name)
@@ -132,7 +157,14 @@ class PrefixTuningMethod(Method):
             module.__dict__.pop(SITE_ATTR, None)
         if getattr(model, ENCODERS_ATTR, None) is record.encoders:
             delattr(model, ENCODERS_ATTR)
-        model.set_attn_implementation(record.attn_implementation)
+        # Still the outer wrapper: the wrapped implementation stays (its method
+        # may stay too); else (unpatch detached the newer method first, or the
+        # user changed it) what the prefix found.
+        wrapping = model.config._attn_implementation == record.positions.implementation
+        model.set_attn_implementation(record.delegate if wrapping else record.attn_implementation)
+        for other in sorted(state.methods()):
+            for name in record.names:
+                method_named(other).attn_implementation_replaced(model, state, name, attention.inner(name))
 
     # --- disk ----------------------------------------------------------------------
     def recognises(self, fields: dict) -> bool:

@@ -6,7 +6,11 @@ modules.py), routes attention through transformers' AttentionInterface
 undoes exactly. It composes with the adapter methods that run inside the
 backbone: their layers (AdaptedLinear, and any pypeft layer whose class sets
 `runs_token_subsets`, e.g. bottleneck sites) are tagged with the selection,
-also when they are patched after TokenTune (model_changed)."""
+also when they are patched after TokenTune (model_changed). Layers
+`outside_sequence` (prefix tuning's encoders) are left alone; prefix tuning
+wraps TokenTune's attention implementation in either order (its
+model_changed), and when it leaves first it tells TokenTune what to restore
+instead of its name (attn_implementation_replaced)."""
 
 from __future__ import annotations
 
@@ -52,10 +56,15 @@ def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn
     # swapped itself (reading as its base), and what it holds is not visited.
     inside_stand_ins = tuple(name + "." for name, m in model.named_modules()
                              if isinstance(m, PypeftLayer) and m.stands_for_base)
+    # Layers computing nothing per token (prefix tuning's encoders): neither swapped nor tagged.
+    outside = tuple(name for name, m in model.named_modules() if isinstance(m, PypeftLayer) and m.outside_sequence)
+    outside_inside = tuple(name + "." for name in outside)
     embedding = model.get_input_embeddings()
     swaps, tagged, unknown = [], list(own.values()), []
     for name, module in model.named_modules():
         if name in adapter_layers or name in own or name.startswith(own_inside):
+            continue
+        if name in outside or name.startswith(outside_inside):
             continue
         if name.startswith(inside_stand_ins) and not name.startswith(inside):
             continue
@@ -136,6 +145,11 @@ class TokenTuneMethod(Method):
                 if not tsm.is_swapped(base):
                     tsm.swap(base, tsm.TokenSubsetLinear, record.selection)
                     record.swapped.append(base)
+
+    def attn_implementation_replaced(self, model: nn.Module, state: PatchState, old: str, new: str) -> None:
+        record: TokenTuneRecord | None = state.method_states.get(self.name)
+        if record is not None and record.attn_implementation == old:
+            record.attn_implementation = new
 
     def detach(self, model: nn.Module, state: PatchState) -> None:
         record: TokenTuneRecord = state.method_states.pop(self.name)
