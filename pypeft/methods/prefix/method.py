@@ -11,9 +11,11 @@ it, model_changed re-wraps whatever implementation TokenTune set. detach()
 restores the implementation the prefix wraps while the wrapped method stays
 (deleting the last prefix adapter), else the one it found, and tells the
 other methods that its names are gone (attn_implementation_replaced), so
-that one that recorded a prefix name to restore restores what it wrapped. On disk: peft's PREFIX_TUNING
-format (prompt_embeddings = the encoder's output); loading is peft's
-inference-mode loading (the adapter holds the prefix itself, no MLP)."""
+that one that recorded a prefix name to restore restores what it wrapped.
+
+On disk: peft's PREFIX_TUNING format (prompt_embeddings = the encoder's
+output); loading is peft's inference-mode loading (the adapter holds the
+prefix itself, no MLP)."""
 
 from __future__ import annotations
 
@@ -132,7 +134,9 @@ class PrefixTuningMethod(Method):
 
     def model_changed(self, model: nn.Module, state: PatchState) -> None:
         """A method patched after the prefix set its own attention
-        implementation (TokenTune): wrap that one, so that the prefix stays in."""
+        implementation (TokenTune): wrap that one, so that the prefix stays in.
+        (An implementation the user set by hand since patching is wrapped
+        too, at the next patch, if the prefix can wrap it.)"""
         record: PrefixRecord = state.method_states[self.name]
         current = model.config._attn_implementation
         if current == record.positions.implementation or current not in attention.SUPPORTED:
