@@ -271,24 +271,27 @@ def test_composes_with_adapter_methods(other):
     base = T.make(family)
     model = pypeft.patch(copy.deepcopy(base), method=other, adapter_name="o", **COMPOSE[other])
     randomize(model, 1)
-    pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=N, adapter_name="p")
-    randomize(model, 2)
     batch = batch_for(family, padding="left")
+    other_alone = T.output(model, batch)
+    pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=N, adapter_name="p")
+    randomize(model, 2)  # the active adapter's: the prompts
     alone_p = pypeft.patch(copy.deepcopy(base), method="prompt_tuning", num_virtual_tokens=N)
     alone_p.get_submodule(ATTR).encoders["default"].load_state_dict(model.get_submodule(ATTR).encoders["p"].state_dict())
     torch.testing.assert_close(T.output(model, batch), T.output(alone_p, batch), rtol=0, atol=0)
     pypeft.set_adapter(model, "o")
-    out_o = T.output(model, batch)
-    assert out_o.shape[1] == batch["input_ids"].shape[1]  # no prompts while another method's adapter runs
+    torch.testing.assert_close(T.output(model, batch), other_alone, rtol=0, atol=0)  # no prompts there
+    trained = {}
     for name in ("p", "o"):
         pypeft.set_adapter(model, name)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         model.train()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         train_step(model, family, batch_for(family))
         model.eval()
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        assert changed and all((f".{name}" in n or f".{name}." in n or n.endswith(f".{name}")) for n in changed), \
-            changed
+        trained[name] = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert trained[name] == trainable, name
+    assert trained["p"] == {f"{ATTR}.encoders.p.embedding.weight"}
+    assert trained["o"] and not trained["o"] & trained["p"]
     pypeft.unpatch(model)
     assert_same_state(model, base)
 
