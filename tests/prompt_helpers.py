@@ -4,6 +4,7 @@ either method, one training step, inputs without and with padding."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -37,6 +38,12 @@ def peft_config(peft, model, variant: str, n: int):
                                     encoder_num_layers=options.get("encoder_num_layers", 2))
 
 
+@functools.lru_cache(maxsize=None)
+def pad_id(family: str) -> int:
+    pad = getattr(T.make(family).config, "pad_token_id", None)
+    return 0 if pad is None else pad
+
+
 def batch_for(family: str, batch: int = 2, length: int = 7, padding: str | None = None, seed: int = 1) -> dict:
     """Inputs with no padding, or with the first row padded on the right / left."""
     b = T.inputs(family, batch=batch, length=length, seed=seed)
@@ -47,6 +54,8 @@ def batch_for(family: str, batch: int = 2, length: int = 7, padding: str | None 
         else:
             mask[0, :3] = 0
     b["attention_mask"] = mask
+    # pads carry the pad id, as a tokenizer writes them (the base last-token heads look for it)
+    b["input_ids"] = b["input_ids"].masked_fill(mask == 0, pad_id(family))
     return b
 
 

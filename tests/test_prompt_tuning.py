@@ -316,11 +316,88 @@ def test_refuses_prefix_tuning():
         assert not methods()[name].composes_with("prefix_tuning")
 
 
-def test_mixed_batches_of_prompt_adapters_are_refused_clearly():
-    model = patched("llama")
-    with pytest.raises(ValueError, match="not supported in mixed batches yet"):
-        with pypeft.mixed_batch(model, ["default", "base"]):
-            model(**batch_for("llama"))
+# --- mixed batches ----------------------------------------------------------------------------
+
+def two_prompt_adapters(family, with_lora=False):
+    """Adapters with different numbers of virtual tokens: "a" (prompt tuning, 2) and "b" (P-tuning, 4)."""
+    model = fresh(family)
+    if with_lora:
+        pypeft.patch(model, method="lora", r=2, adapter_name="lo")
+        randomize(model, 3)
+    pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=2, adapter_name="a")
+    randomize(model, 1)
+    pypeft.patch(model, method="p_tuning", num_virtual_tokens=4, adapter_name="b", encoder="lstm",
+                 encoder_hidden_size=8)
+    randomize(model, 2)
+    return model
+
+
+def each_alone(model, batch, names):
+    """Row i of the batch run with adapter names[i] active (or disabled for "base")."""
+    out = {}
+    for name in set(names):
+        if name == "base":
+            with pypeft.disabled(model):
+                out[name] = T.output(model, batch)
+        else:
+            pypeft.set_adapter(model, name)
+            out[name] = T.output(model, batch)
+    return [out[name][i] for i, name in enumerate(names)]
+
+
+MIXED = ["bert", "roberta", "distilbert", "llama", "gpt2", "opt", "llama-cls", "gpt2-cls", "t5"]
+
+
+@pytest.mark.parametrize("family", MIXED)
+def test_mixed_batch_rows_equal_each_row_run_with_its_adapter(family):
+    model = two_prompt_adapters(family)
+    names = ["a", "b", "base", "a"]
+    batch = batch_for(family, batch=4, padding="left" if family in CAUSAL or family.endswith("-cls") else "right")
+    with pypeft.mixed_batch(model, names):
+        mixed = T.output(model, batch)
+    length = batch["input_ids"].shape[1]
+    for i, want in enumerate(each_alone(model, batch, names)):
+        got = mixed[i]
+        if family in CAUSAL:  # the tokens' logits are the last ones (pad slots go in front)
+            got, want = got[-length:], want[-length:]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"row {i} ({names[i]}): {m}")
+
+
+def test_mixed_batch_with_lora_rows():
+    model = two_prompt_adapters("llama-cls", with_lora=True)
+    names = ["lo", "b", "a", "base"]
+    batch = batch_for("llama-cls", batch=4, padding="right")
+    with pypeft.mixed_batch(model, names):
+        mixed = T.output(model, batch)
+    for i, want in enumerate(each_alone(model, batch, names)):
+        torch.testing.assert_close(mixed[i], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_mixed_batch_generate_rows_equal_each_row_alone(family):
+    model = two_prompt_adapters(family)
+    names = ["a", "b", "base"]
+    batch = batch_for(family, batch=3, padding="left" if family == "llama" else "right")
+    batch.pop("decoder_input_ids", None)
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with pypeft.mixed_batch(model, names):
+        mixed = model.generate(**batch, **kw)
+    for i, name in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in batch.items()}
+        if name == "base":
+            with pypeft.disabled(model):
+                alone = model.generate(**row, **kw)
+        else:
+            pypeft.set_adapter(model, name)
+            alone = model.generate(**row, **kw)
+        assert torch.equal(mixed[i, -5:], alone[0, -5:]), name
+
+
+def test_mixed_batch_names_must_match_the_batch():
+    model = two_prompt_adapters("bert")
+    with pytest.raises(ValueError, match="one name per batch row"):
+        with pypeft.mixed_batch(model, ["a", "b", "a"]):
+            model(**batch_for("bert"))
 
 
 # --- initialisation and bad input -------------------------------------------------------------
