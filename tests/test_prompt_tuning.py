@@ -462,3 +462,83 @@ def test_the_prompt_module_is_a_pypeft_layer_of_the_model():
     assert isinstance(model.get_submodule(ATTR), PromptAdapters)
     assert any(p is prompts for p in [model.get_submodule(ATTR).encoders["default"].embedding.weight]
                for prompts in model.parameters())
+
+
+# --- prompt ensembles -------------------------------------------------------------------------
+
+def three_prompts(family):
+    model = fresh(family)
+    for i, name in enumerate(["p1", "p2", "p3"]):
+        pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=2 + i, adapter_name=name)
+        randomize(model, 10 + i)
+    return model
+
+
+def per_adapter(model, family, batch, names, labels=True):
+    out = []
+    for name in names:
+        pypeft.set_adapter(model, name)
+        out.append(model(**(T.labels_for(family, batch) if labels else batch)))
+    return out
+
+
+@pytest.mark.parametrize("reduce", ["mean", "vote"])
+@pytest.mark.parametrize("family", ["bert", "llama-cls"])
+def test_prompt_ensemble_combines_each_adapter_s_prediction(family, reduce):
+    model = three_prompts(family)
+    names = ["p1", "p2", "p3"]
+    batch = batch_for(family, batch=4, padding="right")
+    with torch.no_grad():
+        alone = torch.stack([o.logits for o in per_adapter(model, family, batch, names, labels=False)], 1)  # [batch, K, classes]
+        with pypeft.prompt_ensemble(model, names, reduce=reduce):
+            got = model(**batch).logits
+    if reduce == "mean":
+        want = alone.softmax(-1).mean(1).log()
+    else:
+        want = nn.functional.one_hot(alone.argmax(-1), alone.shape[-1]).sum(1) / 3
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    assert model.pypeft.active == "p3"  # set_adapter above; the block changed nothing
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-cls", "llama"])
+def test_prompt_ensemble_trains_every_adapter_as_separate_runs_would(family):
+    model = three_prompts(family)
+    names = ["p1", "p3"]
+    batch = batch_for(family, batch=2, padding="left" if family.startswith("llama") else "right")
+    # (eval: no dropout, so the runs compare; gradients flow all the same)
+    params = {n: dict(model.named_parameters()) for n in names}
+    trained = {name: [p for key, p in params[name].items() if f".{name}." in key or key.endswith(f".{name}")]
+               for name in names}
+    want_loss = sum(out.loss for out in per_adapter(model, family, batch, names)) / len(names)
+    want_grads = {}
+    for name in names:  # each adapter's own loss, alone
+        pypeft.set_adapter(model, name)
+        loss = model(**T.labels_for(family, batch)).loss / len(names)
+        want_grads[name] = torch.autograd.grad(loss, trained[name])
+    pypeft.set_adapter(model, "p2")
+    with pypeft.prompt_ensemble(model, names):
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+            {n for name in names for n, p in model.named_parameters() if any(p is q for q in trained[name])}
+        loss = model(**T.labels_for(family, batch)).loss
+        grads = torch.autograd.grad(loss, [p for name in names for p in trained[name]])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    flat = [g for name in names for g in want_grads[name]]
+    for got, want in zip(grads, flat):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n in dict(model.named_parameters()) if ".p2." in n or n.endswith(".p2")}
+
+
+def test_prompt_ensemble_bad_input():
+    model = three_prompts("bert")
+    with pytest.raises(ValueError, match="argument 'names'.*'zz'"):
+        with pypeft.prompt_ensemble(model, ["p1", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="argument 'reduce'"):
+        with pypeft.prompt_ensemble(model, ["p1"], reduce="max"):
+            pass
+    gen = three_prompts("llama")
+    with pytest.raises(ValueError, match="generate"):
+        with pypeft.prompt_ensemble(gen, ["p1", "p2"]):
+            gen.generate(**batch_for("llama"), max_new_tokens=2, do_sample=False)
+    assert gen.pypeft.method_states["prompt_tuning"].rewriter.calls.ensemble is None

@@ -35,6 +35,19 @@ peft's PeftModelFor*.forward does, and better where peft drops things:
   prompts in front there, and the decoding steps' attention_mask (the
   cross-attention's) gets its ones when the encoder output is longer by
   num_virtual_tokens.
+
+Every row may have its own adapter (pypeft.mixed_batch; rows of other
+methods' adapters and "base" rows have none), with its own number of
+virtual tokens: each call gets M = the largest count of virtual slots, and a
+row with fewer fills the rest with masked pad slots (zeros); positions come
+from the mask, so each row computes what it computes alone. Where the pad
+slots go depends on what the model reads: in front of the row's prompts for
+causal LMs and last-token classifiers (generate and the head read the end;
+the row is then left-padded), after the row's tokens for bidirectional
+encoders and T5's encoder (BERT's pooler, RoBERTa's and DistilBERT's heads
+read position 0, the first prompt as in peft; T5's positions are relative).
+pypeft.prompt_ensemble (ensemble.py) replicates each input once per adapter
+through the same per-row machinery.
 """
 
 from __future__ import annotations
@@ -45,16 +58,26 @@ import torch
 from torch import nn
 
 from pypeft.layer import PerThread
+from pypeft.methods.prompt import ensemble
 from pypeft.methods.prompt.layer import PromptAdapters
 from pypeft.models import task_type
 
 
-class _Calls(PerThread):
-    """Per thread: one frame per top-level call in flight (the rows' last real
-    token positions for the backbone hook, or None)."""
+class _Frame:
+    """One top-level call in flight."""
 
     def __init__(self):
-        self.frames: list = []
+        self.last = None      # the rows' last real token positions, for the backbone hook (None: nothing to do)
+        self.ensemble = None  # (names, reduce, batch, mixed rows before) while a prompt ensemble runs
+
+
+class _Calls(PerThread):
+    """Per thread: a frame per top-level call in flight, and the prompt
+    ensemble (names, reduce) the calls run, if any (pypeft.prompt_ensemble)."""
+
+    def __init__(self):
+        self.frames: list[_Frame] = []
+        self.ensemble: tuple[list[str], str] | None = None
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict:
@@ -151,29 +174,32 @@ class CallRewriter:
 
     # --- the hooks ----------------------------------------------------------------------------
     def before(self, module, args, kwargs):
-        frames = self.calls.frames
-        frames.append(None)  # popped by after() (always called), whatever happens below
+        frame = _Frame()
+        self.calls.frames.append(frame)  # popped by after() (always called), whatever happens below
         call = _bind(self.signature, args, kwargs)
+        if self.calls.ensemble is not None and not self.adapters.is_disabled():
+            call = ensemble.replicate(self, call, frame)
         names = self._rows(call)
         if names is None:
             return None
         if self.encoder_decoder:
             call = self._seq2seq(call, names)
         else:
-            call, frames[-1] = self._decoder(call, names)
+            call, frame.last = self._decoder(call, names)
         return (), call
 
     def after(self, module, args, output):
-        if self.calls.frames:
-            self.calls.frames.pop()
+        frame = self.calls.frames.pop() if self.calls.frames else None
+        if frame is not None and frame.ensemble is not None:
+            return ensemble.combine(self, frame, output)
         return None
 
     def backbone_output(self, module, args, output):
         frames = self.calls.frames
-        last = frames[-1] if frames else None
+        last = frames[-1].last if frames else None
         if last is None:
             return None
-        frames[-1] = None  # once per call
+        frames[-1].last = None  # once per call
         hidden = _hidden_of(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         picked = hidden[rows, last.to(hidden.device)].unsqueeze(1)
