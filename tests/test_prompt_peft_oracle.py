@@ -155,3 +155,26 @@ def test_encoder_equals_peft_s_prompt_encoder(variant):
 
 def test_encoders_oracle_covers_every_family():
     assert set(ENCODERS) | set(CAUSAL) <= set(ALL)
+
+
+def test_a_loaded_adapter_joins_a_patched_model_under_its_name(tmp_path):
+    theirs = peft_trained("llama", "p-lstm", tmp_path)
+    ours = pypeft.patch(fresh("llama"), method="prompt_tuning", num_virtual_tokens=5)
+    pypeft.load_adapter(ours, tmp_path / "peft", adapter_name="loaded")
+    assert ours.pypeft.active == "default"  # as peft's load_adapter
+    pypeft.set_adapter(ours, "loaded")
+    assert_same_logits("llama", ours, theirs, "right")
+
+
+@pytest.mark.parametrize("edit, named", [({"token_dim": 32}, "token_dim"),
+                                         ({"num_transformer_submodules": 2}, "num_transformer_submodules"),
+                                         ({"some_new_option": 3}, "some_new_option"),
+                                         ({"prompt_tuning_init": "WORDS"}, "prompt_tuning_init")])
+def test_files_for_another_model_or_unknown_options_are_refused_by_name(tmp_path, edit, named):
+    peft_trained("llama", "prompt", tmp_path)
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    model = fresh("llama")
+    with pytest.raises(pypeft.AdapterFormatError, match=named):
+        pypeft.load_adapter(model, tmp_path / "peft")
+    assert pypeft.state_of(model) is None and not hasattr(model, "pypeft_prompts")
