@@ -52,6 +52,15 @@ class PromptAdapters(PypeftLayer):
             self.active_adapter = None
 
     # --- what a forward reads ---------------------------------------------------------------
+    def may_run(self) -> bool:
+        """Whether some row of this thread's calls may get prompts (cheap: no batch needed)."""
+        if self.is_disabled():
+            return False
+        rows = self.mixed_rows()
+        if rows is not None:
+            return any(r in self.encoders for r in rows)
+        return self.active_adapter in self.encoders
+
     def row_adapters(self, batch: int) -> list[str | None] | None:
         """Per batch row, the prompt adapter whose virtual tokens go in front
         (None: none for that row), in this thread; None: no row has any. A

@@ -176,6 +176,8 @@ class CallRewriter:
     def before(self, module, args, kwargs):
         frame = _Frame()
         self.calls.frames.append(frame)  # popped by after() (always called), whatever happens below
+        if self.calls.ensemble is None and not self.adapters.may_run():
+            return None  # the call as it came (another method's adapter, the base)
         call = _bind(self.signature, args, kwargs)
         if self.calls.ensemble is not None and not self.adapters.is_disabled():
             call = ensemble.replicate(self, call, frame)
@@ -206,7 +208,7 @@ class CallRewriter:
         return _with_hidden(output, torch.cat((hidden[:, :-1], picked), dim=1))
 
     def before_encoder(self, module, args, kwargs):
-        if self.calls.frames:  # inside the model's own call: before() put the prompts in already
+        if self.calls.frames or not self.adapters.may_run():  # inside the model's own call: done in before()
             return None
         call = _bind(self.encoder_signature, args, kwargs)
         names = self._rows(call)
