@@ -9,6 +9,8 @@
     pypeft.patch(model, method="fusion", adapters=["a", "b"])      # AdapterFusion of bottleneck adapters
     pypeft.patch(model, method="bitfit")                             # biases only; or pypeft.BitFitConfig(...)
     pypeft.patch(model, method="prefix_tuning", num_virtual_tokens=20)  # or pypeft.PrefixTuningConfig(...)
+    pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=20)  # or pypeft.PromptTuningConfig(...)
+    pypeft.patch(model, method="p_tuning", encoder="lstm")           # or pypeft.PTuningConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -25,6 +27,7 @@ from pypeft.methods.fusion import FusionConfig
 from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.prefix import PrefixTuningConfig
+from pypeft.methods.prompt import PromptTuningConfig, PTuningConfig, prompt_ensemble
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
@@ -53,6 +56,8 @@ __all__ = [
     "Method",
     "Plan",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "PTuningConfig",
     "PypeftLayer",
     "ReadConfig",
     "TokenTuneConfig",
@@ -65,6 +70,7 @@ __all__ = [
     "mixed_batch",
     "ops",
     "patch",
+    "prompt_ensemble",
     "register_method",
     "save_adapter",
     "set_adapter",

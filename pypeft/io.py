@@ -4,8 +4,8 @@ between pypeft and `peft` both ways; pypeft's own beside them otherwise).
 This module reads, checks (keys, shapes, floating dtypes) and writes the two
 files for every method alike; the method (pypeft/registry.py) says what goes
 into them. The modules trained in full beside an adapter are stored under
-PEFT's keys, "base_model.model.<module>.<key>" (a method's head_prefix: peft's
-prompt-learning methods wrap no tuner model, so theirs is "base_model.").
+PEFT's keys, "<method.head_prefix><module>.<key>" ("base_model.model." for
+most methods; peft's prompt-learning methods write "base_model.").
 
 Saving is atomic per file (written and synced under a temporary name, then
 renamed over the old one). The two files cannot be renamed as one, so the
@@ -129,7 +129,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     def write_weights(path):
         save_file(tensors, path, metadata=metadata)
 
-    heads = {k[len(method.head_prefix):]: v for k, v in tensors.items() if k.startswith(method.head_prefix)}
+    head_keys = {f"{method.head_prefix}{n}." for n in state.adapters[name].modules_to_save}
+    heads = {k[len(method.head_prefix):]: v for k, v in tensors.items() if k.startswith(tuple(head_keys))}
     extra = method.extra_files(model, state, name, heads)
     # Weights first, config last: the config is what marks a directory as an adapter.
     _write_atomically(directory, {**extra, method.weights_names[0]: write_weights, method.config_name: write_config})

@@ -44,10 +44,10 @@ import tiny_models as T
 peft = pytest.importorskip("peft")
 
 N = 3
-TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama_seq_cls": "SEQ_CLS", "gpt2_seq_cls": "SEQ_CLS",
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama-cls": "SEQ_CLS", "gpt2-cls": "SEQ_CLS",
         "t5": "SEQ_2_SEQ_LM"}
-FAMILIES = ["bert", "roberta", "gpt2", "llama", "llama_mqa", "mistral", "qwen2", "opt", "t5", "llama_seq_cls",
-            "gpt2_seq_cls"]
+FAMILIES = ["bert", "roberta", "gpt2", "llama", "llama_mqa", "mistral", "qwen2", "opt", "t5", "llama-cls",
+            "gpt2-cls"]
 CAUSAL = ["gpt2", "llama", "llama_mqa", "qwen2", "opt"]
 
 
@@ -57,7 +57,7 @@ def task(family: str) -> str:
 
 def batch_for(family: str) -> dict:
     batch = T.inputs(family)
-    if family.endswith("_seq_cls"):  # decoder classifiers pool the last token that is not the pad id
+    if family.endswith("-cls"):  # decoder classifiers pool the last token that is not the pad id
         batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
     return batch
 

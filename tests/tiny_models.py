@@ -83,28 +83,26 @@ def llama_mqa():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def llama_seq_cls():
-    cfg = transformers.LlamaConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=96,
-                                             max_position_embeddings=64, pad_token_id=0, num_labels=3))
-    return transformers.LlamaForSequenceClassification(cfg)
-
-
-def gpt2_seq_cls():
-    cfg = transformers.GPT2Config(**_common(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                                            eos_token_id=0, pad_token_id=0, num_labels=3))
-    return transformers.GPT2ForSequenceClassification(cfg)
+def _seq_cls(family: str):
+    """The family's *ForSequenceClassification on the same tiny config (3
+    labels; a pad token, which the last-token heads need for batches)."""
+    config = {**FAMILIES, **MORE_FAMILIES}[family]().config
+    config.num_labels = 3
+    if config.pad_token_id is None:
+        config.pad_token_id = 1
+    return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
 FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
 # Llama-likes a few tests add (the families above are what most tests sweep).
-MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt, "llama_mqa": llama_mqa,
-                 "llama_seq_cls": llama_seq_cls, "gpt2_seq_cls": gpt2_seq_cls}
+MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt, "llama_mqa": llama_mqa}
+# Sequence classifiers of the decoder families ("llama-cls", ...): heads that pool the last non-pad token.
+SEQ_CLS_FAMILIES = {f"{f}-cls": (lambda f=f: _seq_cls(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "opt")}
 
 
 def make(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return {**FAMILIES, **MORE_FAMILIES}[family]().eval()
+    return {**FAMILIES, **MORE_FAMILIES, **SEQ_CLS_FAMILIES}[family]().eval()
 
 
 def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
@@ -129,7 +127,7 @@ def output(model, batch) -> torch.Tensor:
 def labels_for(family: str, batch: dict) -> dict:
     """Inputs plus labels, so the model returns a loss."""
     out = dict(batch)
-    if family in ("bert", "roberta", "distilbert") or family.endswith("_seq_cls"):
+    if family in ("bert", "roberta", "distilbert") or family.endswith("-cls"):
         out["labels"] = torch.tensor([0, 2])[: batch["input_ids"].shape[0]]
     elif family == "t5":
         out["labels"] = batch["decoder_input_ids"]
