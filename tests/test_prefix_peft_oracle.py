@@ -58,7 +58,8 @@ def task(family: str) -> str:
 def batch_for(family: str) -> dict:
     batch = T.inputs(family)
     if family.endswith("-cls"):  # decoder classifiers pool the last token that is not the pad id
-        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
+        pad = T.make(family).config.pad_token_id
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, pad)
     return batch
 
 
