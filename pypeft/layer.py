@@ -17,8 +17,10 @@ computes. torch.compile traces reads of it (and guards on them).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
+import torch
 from torch import nn
 
 BASE = "base"  # the row name, in a mixed batch, of rows that run without an adapter
@@ -28,6 +30,15 @@ CONTEXT_ATTR = "_pypeft_context"
 # positions of x (None: run the module as usual). The seam between such a
 # method and the layers that run token-subset ops themselves.
 TOKENS_ATTR = "_pypeft_tokens"
+# Where a method that puts virtual tokens into the model's call (prompt
+# tuning, P-tuning: its forward pre-hook rewrites input_ids into
+# inputs_embeds with the prompts in front) puts, on the top-level model, an
+# object whose virtual_slots() gives the call in flight in this thread a
+# VirtualSlots (None: the call has none). A token-restricting method
+# (TokenTune) reads it to select those slots always: the prompts are what
+# trains. The rewriting pre-hook runs before every other pre-hook on the
+# model (registered with prepend=True), so those see the rewritten call.
+VIRTUAL_TOKENS_ATTR = "_pypeft_virtual_tokens"
 
 
 class PerThread(threading.local):
@@ -36,6 +47,19 @@ class PerThread(threading.local):
 
     def __reduce__(self):
         return (type(self), ())
+
+
+@dataclass(frozen=True)
+class VirtualSlots:
+    """The slots a call rewriting put into the sequence (VIRTUAL_TOKENS_ATTR)."""
+
+    # [batch, length] bool, True on the slots that are no token of the call:
+    # each row's virtual tokens and, where rows have fewer than others (mixed
+    # batches), the masked pad slots that line them up; as many per row.
+    slots: torch.Tensor
+    # [batch, length - slots per row]: the call's own token ids, in order
+    # (None: it gave inputs_embeds).
+    input_ids: torch.Tensor | None
 
 
 class ForwardContext(PerThread):
@@ -60,7 +84,9 @@ class PypeftLayer(nn.Module):
     `weight` are the ones its forward uses.
 
     A layer `outside_sequence` computes nothing per token of the input
-    (prefix tuning's encoders, whose output is keys and values of their own):
+    (prefix tuning's encoders, whose output is keys and values of their own;
+    prompt tuning's prompt embeddings and P-tuning's encoders, whose output
+    the call rewriting puts in front of the tokens):
     TokenTune leaves it, and the modules it holds, as they are."""
 
     stands_for_base: ClassVar[bool] = False

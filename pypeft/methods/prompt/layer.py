@@ -25,6 +25,11 @@ class PromptSpec:
 
 
 class PromptAdapters(PypeftLayer):
+    # Its encoders compute the prompts, no per-token computation of the
+    # sequence: TokenTune leaves them as they are (and their parameters train
+    # in full, through the prompt slots, which it always selects).
+    outside_sequence = True
+
     def __init__(self):
         super().__init__()
         self.encoders = nn.ModuleDict()

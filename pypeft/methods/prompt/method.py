@@ -26,9 +26,10 @@ from pypeft.targets import find_modules_to_save
 PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 # Methods a prompt adapter cannot sit beside, and why (one message for all:
 # patch() shows the composition_note of either method).
-REFUSED = {"read", "prefix_tuning", "tokentune"}
+# (TokenTune composes: it always selects the virtual slots, see pypeft/methods/tokentune/selection.py.)
+REFUSED = {"read", "prefix_tuning"}
 NOTE = ("prompt and P-tuning compose with neither READ (it runs the backbone without autograd) nor prefix tuning "
-        "(one kind of virtual tokens per model); TokenTune with virtual tokens is not supported yet")
+        "(one kind of virtual tokens per model)")
 
 
 @dataclass

@@ -57,7 +57,7 @@ import inspect
 import torch
 from torch import nn
 
-from pypeft.layer import PerThread
+from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.prompt import ensemble
 from pypeft.methods.prompt.layer import PromptAdapters
 from pypeft.models import task_type
@@ -69,6 +69,7 @@ class _Frame:
     def __init__(self):
         self.last = None      # the rows' last real token positions, for the backbone hook (None: nothing to do)
         self.ensemble = None  # (names, reduce, batch, mixed rows before) while a prompt ensemble runs
+        self.slots: VirtualSlots | None = None  # where the rewritten call's virtual slots are (TokenTune reads it)
 
 
 class _Calls(PerThread):
@@ -148,8 +149,11 @@ class CallRewriter:
         self.accepts_position_ids = "position_ids" in self.signature.parameters
         self.position_offset = _position_offset(model)
         self.calls = _Calls()
-        self.handles = [model.register_forward_pre_hook(self.before, with_kwargs=True),
+        # First of the model's pre-hooks, whatever was patched before: the others (TokenTune's token
+        # selection) see the call as the model runs it, prompts included.
+        self.handles = [model.register_forward_pre_hook(self.before, with_kwargs=True, prepend=True),
                         model.register_forward_hook(self.after, always_call=True)]
+        model.__dict__[VIRTUAL_TOKENS_ATTR] = self
         self.last_token_head = (self.task == "SEQ_CLS" and not self.encoder_decoder
                                 and isinstance(getattr(model, "score", None), nn.Module))
         # Where a row's pad slots go when rows have fewer virtual tokens than others (mixed batches):
@@ -171,6 +175,13 @@ class CallRewriter:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.model.__dict__.get(VIRTUAL_TOKENS_ATTR) is self:
+            del self.model.__dict__[VIRTUAL_TOKENS_ATTR]
+
+    def virtual_slots(self) -> VirtualSlots | None:
+        """The virtual slots of this thread's innermost call in flight (pypeft.layer.VIRTUAL_TOKENS_ATTR)."""
+        frames = self.calls.frames
+        return frames[-1].slots if frames else None
 
     # --- the hooks ----------------------------------------------------------------------------
     def before(self, module, args, kwargs):
@@ -285,6 +296,8 @@ class CallRewriter:
         order = self._pads_last(counts, width, length, x.device)
         call["inputs_embeds"] = self._reorder(torch.cat((self._slot_embeds(names, counts, width, False, x), x), 1),
                                               order)
+        slots = torch.arange(width + length, device=x.device).expand(batch, -1) < width
+        self._mark(self._reorder(slots, order), call.get("input_ids"))
         call["input_ids"] = None
         mask = call.get("attention_mask")
         if mask is not None or order is not None:
@@ -322,6 +335,7 @@ class CallRewriter:
             x = self._embeds(call)
             batch, length = x.shape[:2]
             call["inputs_embeds"] = torch.cat((self._slot_embeds(names, counts, width, True, x), x), dim=1)
+            self._mark(torch.arange(width + length, device=x.device).expand(batch, -1) < width, ids)
             if "input_ids" in call or "input_ids" in self.signature.parameters:
                 call["input_ids"] = None
             if mask is None and not full:
@@ -352,6 +366,12 @@ class CallRewriter:
             call["cache_position"] = call["cache_position"] + width
         self._positions(call, width, current.shape[1], prefill=False)
         return call, None
+
+    def _mark(self, slots: torch.Tensor, ids) -> None:
+        """Tell the call in flight where its virtual slots are (none on a call
+        of the encoder alone: generate's, never a training step)."""
+        if self.calls.frames:
+            self.calls.frames[-1].slots = VirtualSlots(slots, ids)
 
     def _positions(self, call: dict, n: int, length: int, prefill: bool) -> None:
         if not self.accepts_position_ids:

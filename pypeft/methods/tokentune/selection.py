@@ -4,6 +4,18 @@ shared by every token-subset module; a forward pre-hook on the model draws
 the positions (training mode with grad enabled only) and a forward hook
 clears them. The positions are per thread (a PerThread), so two threads
 running one model do not read each other's selection.
+
+Virtual tokens (prompt tuning, P-tuning): their method rewrites the call in a
+pre-hook that runs before this one, and says where the slots are it put into
+the sequence (pypeft.layer.VIRTUAL_TOKENS_ATTR). Those slots are always
+selected, in addition to the k tokens chosen among the call's own tokens as
+TokenTune alone would choose them (k, fraction, keep and a selector count
+those tokens only): the prompts are what trains, and a slot left out would
+send them no gradient. So a row carries W + k selected positions (W: the
+slots per row, in a mixed batch including masked pad slots, which send none).
+The input embedding ran inside that pre-hook, before any selection was drawn:
+the rewritten inputs_embeds get the gate the embedding would have applied, so
+unselected tokens' embeddings stay constants.
 """
 
 from __future__ import annotations
@@ -14,7 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pypeft.layer import PerThread
+from pypeft import ops
+from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.tokentune.config import TokenTuneConfig
 
 def is_decoder(model: nn.Module) -> bool:
@@ -127,17 +140,43 @@ class TokenSelection:
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, tokens):
             attention_mask = None  # a 4-D mask the model builds on: select among all tokens
         self.tokens = tokens
-        self.positions = self.choose(input_ids, attention_mask, batch, tokens, shaped.device)
+        virtual = model.__dict__.get(VIRTUAL_TOKENS_ATTR)
+        slots = virtual.virtual_slots() if virtual is not None else None
+        changed = False
+        if slots is not None and tuple(slots.slots.shape) == (batch, tokens):
+            self.positions = self._with_slots(slots, attention_mask, shaped.device)
+            if embeds is not None:  # the prompted embeddings: gated as the input embedding gates its output
+                args, kwargs = self._with(args, kwargs, "inputs_embeds",
+                                          ops.token_subset_dropout(embeds, 0.0, None, self.positions))
+                changed = True
+        else:
+            self.positions = self.choose(input_ids, attention_mask, batch, tokens, shaped.device)
         labels = bound.get("labels")
         if self.config.loss_on_selected and isinstance(labels, torch.Tensor) and tuple(labels.shape) == (batch, tokens):
-            return self._with_labels(args, kwargs, self._selected_labels(labels))
-        return None
+            args, kwargs = self._with(args, kwargs, "labels", self._selected_labels(labels))
+            changed = True
+        return (args, kwargs) if changed else None
 
-    def _with_labels(self, args, kwargs, labels):
-        if "labels" in kwargs:
-            return args, {**kwargs, "labels": labels}
-        index = list(self._signature.parameters).index("labels")
-        return (*args[:index], labels, *args[index + 1:]), kwargs
+    def _with_slots(self, virtual: VirtualSlots, attention_mask, device) -> torch.Tensor:
+        """[B, W + k]: every slot, and k of each row's own tokens chosen as
+        without the slots (from the tokens' ids and mask)."""
+        slots = virtual.slots
+        batch, length = slots.shape
+        index = torch.arange(length, device=slots.device).expand(batch, -1)
+        width = int(slots[0].sum())
+        slot_index = index[slots].view(batch, width)
+        token_index = index[~slots].view(batch, length - width)  # each row's own tokens, in order
+        mask = None if attention_mask is None else attention_mask.gather(1, token_index.to(attention_mask.device))
+        chosen = self.choose(virtual.input_ids, mask, batch, length - width, slots.device)
+        return torch.cat((slot_index, token_index.gather(1, chosen)), 1).sort(1).values.to(device)
+
+    def _with(self, args, kwargs, name: str, value):
+        """The call with argument `name` replaced (by keyword, or where it came positionally)."""
+        parameters = list(self._signature.parameters)
+        index = parameters.index(name) if name in parameters else len(args)
+        if index >= len(args):
+            return args, {**kwargs, name: value}
+        return (*args[:index], value, *args[index + 1:]), kwargs
 
     def after_forward(self, *unused):
         self.positions = None
