@@ -60,6 +60,11 @@ class VirtualSlots:
     # [batch, length - slots per row]: the call's own token ids, in order
     # (None: it gave inputs_embeds).
     input_ids: torch.Tensor | None
+    # Whether a head reads the sequence's last position (last-token
+    # classifiers: the rewriting puts each row's last real token's hidden
+    # state there, a pad's position under right padding): it is then always
+    # selected too.
+    end: bool = False
 
 
 class ForwardContext(PerThread):

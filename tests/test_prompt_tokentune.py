@@ -24,7 +24,7 @@ import pypeft
 import reference as R
 import test_tokentune_patch as TT
 import tiny_models as tm
-from prompt_helpers import VARIANTS
+from prompt_helpers import VARIANTS, batch_for
 from pypeft.layer import TOKENS_ATTR, VIRTUAL_TOKENS_ATTR
 from pypeft.methods.prompt.layer import ATTR
 from test_prefix_tuning import assert_unpatched_like
@@ -210,3 +210,26 @@ def test_a_prompt_ensemble_selects_each_row_s_own_slots_and_chosen_tokens(family
     prompts = getattr(model, ATTR).encoders
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for name in ("default", "two")
                for p in prompts[name].parameters())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("family", ["gpt2-cls", "llama-cls"])
+def test_a_last_token_classifier_s_read_position_is_selected_under_right_padding(family, order):
+    """The head reads the sequence's end, where the rewriting puts each row's
+    last real token's hidden state (a pad's position in the right-padded first
+    row): that position is always selected, beside the prompts and the
+    selector's tokens (chosen among the tokens before it), so the row's loss
+    reaches the prompts as the definition says."""
+    base = TT.make(family)
+    batch = tm.labels_for(family, batch_for(family, length=TT.T, padding="right"))
+    positions = torch.tensor([[1, 3], [0, 5]])  # the first row's last real token is 3
+    model = both(copy.deepcopy(base), order, "prompt", positions, k=2)
+    reference = with_prompts(copy.deepcopy(base))
+    B, T = batch["input_ids"].shape
+    want = reference_gradients(reference, batch, torch.cat((positions, torch.full((B, 1), T - 1)), 1))
+    got = grads(model, batch)
+    TT.assert_same_grads(got, want, float32_norms=family.startswith("llama"))
+    # The right-padded row alone sends the prompts gradient.
+    prompts = getattr(model, ATTR).encoders["default"].embedding.weight
+    first = torch.nn.functional.cross_entropy(model(**batch).logits[:1], batch["labels"][:1])
+    assert torch.autograd.grad(first, prompts)[0].abs().sum() > 0

@@ -335,7 +335,8 @@ class CallRewriter:
             x = self._embeds(call)
             batch, length = x.shape[:2]
             call["inputs_embeds"] = torch.cat((self._slot_embeds(names, counts, width, True, x), x), dim=1)
-            self._mark(torch.arange(width + length, device=x.device).expand(batch, -1) < width, ids)
+            self._mark(torch.arange(width + length, device=x.device).expand(batch, -1) < width, ids,
+                       end=self.last_token_head)
             if "input_ids" in call or "input_ids" in self.signature.parameters:
                 call["input_ids"] = None
             if mask is None and not full:
@@ -367,11 +368,11 @@ class CallRewriter:
         self._positions(call, width, current.shape[1], prefill=False)
         return call, None
 
-    def _mark(self, slots: torch.Tensor, ids) -> None:
+    def _mark(self, slots: torch.Tensor, ids, end: bool = False) -> None:
         """Tell the call in flight where its virtual slots are (none on a call
         of the encoder alone: generate's, never a training step)."""
         if self.calls.frames:
-            self.calls.frames[-1].slots = VirtualSlots(slots, ids)
+            self.calls.frames[-1].slots = VirtualSlots(slots, ids, end)
 
     def _positions(self, call: dict, n: int, length: int, prefill: bool) -> None:
         if not self.accepts_position_ids:

@@ -13,6 +13,10 @@ TokenTune alone would choose them (k, fraction, keep and a selector count
 those tokens only): the prompts are what trains, and a slot left out would
 send them no gradient. So a row carries W + k selected positions (W: the
 slots per row, in a mixed batch including masked pad slots, which send none).
+A last-token classifier reads the sequence's end, where the rewriting puts
+each row's last real token's hidden state (a pad's position under right
+padding): that position is selected too (W + 1 + k; k and the selector then
+count the tokens before it).
 The input embedding ran inside that pre-hook, before any selection was drawn:
 the rewritten inputs_embeds get the gate the embedding would have applied, so
 unselected tokens' embeddings stay constants.
@@ -166,8 +170,12 @@ class TokenSelection:
         width = int(slots[0].sum())
         slot_index = index[slots].view(batch, width)
         token_index = index[~slots].view(batch, length - width)  # each row's own tokens, in order
+        ids = virtual.input_ids
+        if virtual.end:  # the last position is always selected; the others are chosen
+            slot_index = torch.cat((slot_index, token_index[:, -1:]), 1)
+            token_index, ids = token_index[:, :-1], None if ids is None else ids[:, :-1]
         mask = None if attention_mask is None else attention_mask.gather(1, token_index.to(attention_mask.device))
-        chosen = self.choose(virtual.input_ids, mask, batch, length - width, slots.device)
+        chosen = self.choose(ids, mask, batch, token_index.shape[1], slots.device)
         return torch.cat((slot_index, token_index.gather(1, chosen)), 1).sort(1).values.to(device)
 
     def _with(self, args, kwargs, name: str, value):
