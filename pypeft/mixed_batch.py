@@ -4,7 +4,11 @@
         logits = model(**batch).logits
 
 Each adapted layer runs its rows in one native op call (pypeft::lora_linear_mixed,
-pypeft::vera_linear_mixed), not a Python loop over adapters. Inference only, as
+pypeft::vera_linear_mixed), not a Python loop over adapters. Soft-prompt
+methods read the same assignment: prompt / P-tuning rows get their own virtual
+tokens in front (pypeft/methods/prompt/rewrite.py), prefix-tuning rows their
+own prefix keys and values (pypeft/methods/prefix/attention.py); rows with
+fewer virtual slots get masked ones. Inference only, as
 peft's `adapter_names=`: the model must be in eval mode. The row assignment is
 per thread (the model's ForwardContext): serving threads sharing one model
 each run their own batch.
