@@ -233,3 +233,24 @@ def test_a_last_token_classifier_s_read_position_is_selected_under_right_padding
     prompts = getattr(model, ATTR).encoders["default"].embedding.weight
     first = torch.nn.functional.cross_entropy(model(**batch).logits[:1], batch["labels"][:1])
     assert torch.autograd.grad(first, prompts)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_loss_on_selected_counts_the_terms_predicted_at_selected_positions(order):
+    """GPT-2 with loss_on_selected: a term counts where it is predicted at a
+    selected position; the last virtual token (always selected) predicts the
+    first real token. Equal to the prompt method alone given the labels with
+    every other term set to -100."""
+    base = TT.make("gpt2")
+    batch = TT.batch_for("gpt2")
+    positions = TT.positions_for(2)
+    model = both(copy.deepcopy(base), order, "prompt", positions, k=2, loss_on_selected=True)
+    alone = with_prompts(copy.deepcopy(base))
+    labels = batch["labels"]
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, 0] = True  # predicted at the last virtual token
+    counted[:, 1:] = R.token_mask(positions, labels.shape[1])[:, :-1]  # predicted at selected token j - 1
+    want = alone(**{**batch, "labels": torch.where(counted, labels, torch.full_like(labels, -100))}).loss
+    got = model(**batch).loss
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, alone(**batch).loss)

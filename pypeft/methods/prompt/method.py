@@ -5,6 +5,10 @@ each method's name that has adapters): the PromptAdapters layer, a child
 of the top-level model holding every prompt / P-tuning adapter, and the
 CallRewriter's hooks. The last adapter's deletion or unpatch() removes both,
 leaving the model exactly as it was. Neither merges into the base weights.
+With TokenTune (either order) the CallRewriter's pre-hook runs first and
+tells TokenTune's selection where the virtual slots are (pypeft.layer.
+VIRTUAL_TOKENS_ATTR), which it always selects; the PromptAdapters layer is
+`outside_sequence`, so TokenTune leaves the prompt encoders as they are.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ undoes exactly. It composes with the adapter methods that run inside the
 backbone: their layers (AdaptedLinear, and any pypeft layer whose class sets
 `runs_token_subsets`, e.g. bottleneck sites) are tagged with the selection,
 also when they are patched after TokenTune (model_changed). Layers
-`outside_sequence` (prefix tuning's encoders) are left alone; prefix tuning
+`outside_sequence` (prefix tuning's encoders, the prompt encoders) are left
+alone. Prompt tuning / P-tuning rewrite the call before the selection is
+drawn and tell it their virtual slots, which it always selects (see
+selection.py); nothing here depends on the patch order. Prefix tuning
 wraps TokenTune's attention implementation in either order (its
 model_changed), and when it leaves first it tells TokenTune what to restore
 instead of its name (attn_implementation_replaced)."""
