@@ -17,9 +17,11 @@ A last-token classifier reads the sequence's end, where the rewriting puts
 each row's last real token's hidden state (a pad's position under right
 padding): that position is selected too (W + 1 + k; k and the selector then
 count the tokens before it).
-The input embedding ran inside that pre-hook, before any selection was drawn:
-the rewritten inputs_embeds get the gate the embedding would have applied, so
-unselected tokens' embeddings stay constants.
+The input embedding ran inside that pre-hook, before any selection was drawn,
+so its output is not gated; gradients are the same (every path from a token's
+embedding to the loss passes a token-subset module, a norm or a linear layer,
+constant at an unselected token), as tests/test_prompt_tokentune.py checks
+with the embedding trainable.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pypeft import ops
 from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.tokentune.config import TokenTuneConfig
 
@@ -146,20 +147,14 @@ class TokenSelection:
         self.tokens = tokens
         virtual = model.__dict__.get(VIRTUAL_TOKENS_ATTR)
         slots = virtual.virtual_slots() if virtual is not None else None
-        changed = False
         if slots is not None and tuple(slots.slots.shape) == (batch, tokens):
             self.positions = self._with_slots(slots, attention_mask, shaped.device)
-            if embeds is not None:  # the prompted embeddings: gated as the input embedding gates its output
-                args, kwargs = self._with(args, kwargs, "inputs_embeds",
-                                          ops.token_subset_dropout(embeds, 0.0, None, self.positions))
-                changed = True
         else:
             self.positions = self.choose(input_ids, attention_mask, batch, tokens, shaped.device)
         labels = bound.get("labels")
         if self.config.loss_on_selected and isinstance(labels, torch.Tensor) and tuple(labels.shape) == (batch, tokens):
-            args, kwargs = self._with(args, kwargs, "labels", self._selected_labels(labels))
-            changed = True
-        return (args, kwargs) if changed else None
+            return self._with_labels(args, kwargs, self._selected_labels(labels))
+        return None
 
     def _with_slots(self, virtual: VirtualSlots, attention_mask, device) -> torch.Tensor:
         """[B, W + k]: every slot, and k of each row's own tokens chosen as
@@ -167,7 +162,7 @@ class TokenSelection:
         slots = virtual.slots
         batch, length = slots.shape
         index = torch.arange(length, device=slots.device).expand(batch, -1)
-        width = int(slots[0].sum())
+        width = int(slots.sum()) // batch if batch else 0  # as many per row
         slot_index = index[slots].view(batch, width)
         token_index = index[~slots].view(batch, length - width)  # each row's own tokens, in order
         ids = virtual.input_ids
@@ -178,13 +173,11 @@ class TokenSelection:
         chosen = self.choose(ids, mask, batch, token_index.shape[1], slots.device)
         return torch.cat((slot_index, token_index.gather(1, chosen)), 1).sort(1).values.to(device)
 
-    def _with(self, args, kwargs, name: str, value):
-        """The call with argument `name` replaced (by keyword, or where it came positionally)."""
-        parameters = list(self._signature.parameters)
-        index = parameters.index(name) if name in parameters else len(args)
-        if index >= len(args):
-            return args, {**kwargs, name: value}
-        return (*args[:index], value, *args[index + 1:]), kwargs
+    def _with_labels(self, args, kwargs, labels):
+        if "labels" in kwargs:
+            return args, {**kwargs, "labels": labels}
+        index = list(self._signature.parameters).index("labels")
+        return (*args[:index], labels, *args[index + 1:]), kwargs
 
     def after_forward(self, *unused):
         self.positions = None
