@@ -30,7 +30,8 @@ from pypeft.methods.prefix import attention
 from pypeft.methods.prefix.config import PrefixTuningConfig
 from pypeft.methods.prefix.encoder import PrefixEncoders
 from pypeft.methods.prefix.geometry import Geometry, geometry
-from pypeft.methods.prefix.positions import PositionHook, accepts_position_ids, position_start
+from pypeft.methods.prefix.positions import PositionHook
+from pypeft.models.positions import accepts_position_ids, position_padding_idx
 from pypeft.methods.prefix.sites import SITE_ATTR, PrefixSite, find_sites
 from pypeft.models import task_type
 from pypeft.registry import Method, Plan, method_named
@@ -118,7 +119,7 @@ class PrefixTuningMethod(Method):
                 tagged.append(module)
             implementation = attention.register(previous)
             shifts = geo.num_transformer_submodules == 1 and accepts_position_ids(model)
-            positions = PositionHook(encoders, position_start(model), shifts, implementation)
+            positions = PositionHook(encoders, position_padding_idx(model), shifts, implementation)
             hook = model.register_forward_pre_hook(positions, with_kwargs=True)
             model.set_attn_implementation(implementation)
             record = PrefixRecord(geo, encoders, tagged, hook, previous, positions, previous, [implementation])

@@ -17,35 +17,14 @@ position_ids: its attention function adds the prefix keys' bias instead.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-
-def accepts_position_ids(model: nn.Module) -> bool:
-    try:
-        return "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def position_start(model: nn.Module) -> int | None:
-    """padding_idx of a learned position embedding that reserves it
-    (RoBERTa-likes count positions from padding_idx + 1), else None."""
-    for name, module in model.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and \
-                module.padding_idx is not None:
-            return module.padding_idx
-    return None
+from pypeft.models.positions import cache_length
 
 
 def _cache_length(kwargs: dict) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    return int(get()) if callable(get) else 0
+    return cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
 
 
 class PositionHook:

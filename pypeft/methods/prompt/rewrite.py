@@ -61,6 +61,7 @@ from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.prompt import ensemble
 from pypeft.methods.prompt.layer import PromptAdapters
 from pypeft.models import task_type
+from pypeft.models.positions import accepts_position_ids, cache_length, first_position
 
 
 class _Frame:
@@ -97,25 +98,6 @@ def _bind(signature: inspect.Signature, args, kwargs) -> dict:
     return out
 
 
-def _cached_length(cache) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-        return int(cache[0][0].shape[-2])
-    return 0
-
-
-def _position_offset(model: nn.Module) -> int:
-    """Where the family's positions start: RoBERTa-like embeddings count from
-    padding_idx + 1 (transformers' create_position_ids_from_inputs_embeds)."""
-    for module in model.modules():
-        if hasattr(type(module), "create_position_ids_from_inputs_embeds") and hasattr(module, "padding_idx"):
-            return int(module.padding_idx) + 1
-    return 0
-
-
 def _hidden_of(output):
     if isinstance(output, torch.Tensor):
         return output
@@ -146,8 +128,8 @@ class CallRewriter:
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self.task = task_type(model)
         self.signature = inspect.signature(model.forward)
-        self.accepts_position_ids = "position_ids" in self.signature.parameters
-        self.position_offset = _position_offset(model)
+        self.accepts_position_ids = accepts_position_ids(model)
+        self.position_offset = first_position(model)
         self.calls = _Calls()
         # First of the model's pre-hooks, whatever was patched before: the others (TokenTune's token
         # selection) see the call as the model runs it, prompts included.
@@ -329,7 +311,7 @@ class CallRewriter:
         full = all(c == width for c in counts)
         cache = call.get("cache", call.get("past_key_values"))
         mask = call.get("attention_mask")
-        past = _cached_length(cache)
+        past = cache_length(cache)
         if past == 0:
             ids = call.get("input_ids")
             x = self._embeds(call)
