@@ -8,6 +8,8 @@
     pypeft.patch(model, method="bottleneck", preset="pfeiffer")     # or pypeft.BottleneckConfig(...)
     pypeft.patch(model, method="fusion", adapters=["a", "b"])      # AdapterFusion of bottleneck adapters
     pypeft.patch(model, method="bitfit")                             # biases only; or pypeft.BitFitConfig(...)
+    pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=20)  # or pypeft.PromptTuningConfig(...)
+    pypeft.patch(model, method="p_tuning", encoder="lstm")           # or pypeft.PTuningConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -23,6 +25,7 @@ from pypeft.methods.bottleneck import BottleneckConfig
 from pypeft.methods.fusion import FusionConfig
 from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
+from pypeft.methods.prompt import PromptTuningConfig, PTuningConfig
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
@@ -50,6 +53,8 @@ __all__ = [
     "LoraLinear",
     "Method",
     "Plan",
+    "PromptTuningConfig",
+    "PTuningConfig",
     "PypeftLayer",
     "ReadConfig",
     "TokenTuneConfig",

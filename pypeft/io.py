@@ -4,7 +4,8 @@ between pypeft and `peft` both ways; pypeft's own beside them otherwise).
 This module reads, checks (keys, shapes, floating dtypes) and writes the two
 files for every method alike; the method (pypeft/registry.py) says what goes
 into them. The modules trained in full beside an adapter are stored under
-PEFT's keys, "base_model.model.<module>.<key>", whatever the method.
+PEFT's keys, "<method.head_prefix><module>.<key>" ("base_model.model." for
+most methods; peft's prompt-learning methods write "base_model.").
 
 Saving is atomic per file (written and synced under a temporary name, then
 renamed over the old one). The two files cannot be renamed as one, so the
@@ -48,12 +49,13 @@ class AdapterFormatError(ValueError):
 
 # --- saving ---------------------------------------------------------------------
 
-def _head_tensors(model: nn.Module, to_save: list[str], adapter_name: str) -> dict[str, torch.Tensor]:
+def _head_tensors(model: nn.Module, to_save: list[str], adapter_name: str,
+                  prefix: str = HEAD_PREFIX) -> dict[str, torch.Tensor]:
     tensors = {}
     for name in to_save:
         copy = model.get_submodule(name).copies[adapter_name]
         for key, value in copy.state_dict().items():
-            tensors[f"{HEAD_PREFIX}{name}.{key}"] = value
+            tensors[f"{prefix}{name}.{key}"] = value
     return tensors
 
 
@@ -64,8 +66,10 @@ def _method_of_adapter(state, name: str) -> Method:
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under the keys its format stores them with."""
     state = require_state(model, "save_adapter")
-    _, tensors = _method_of_adapter(state, adapter_name).to_disk(model, state, adapter_name)
-    tensors.update(_head_tensors(model, state.adapters[adapter_name].modules_to_save, adapter_name))
+    method = _method_of_adapter(state, adapter_name)
+    _, tensors = method.to_disk(model, state, adapter_name)
+    tensors.update(_head_tensors(model, state.adapters[adapter_name].modules_to_save, adapter_name,
+                                 method.head_prefix))
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -125,7 +129,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     def write_weights(path):
         save_file(tensors, path, metadata=metadata)
 
-    heads = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    head_keys = {f"{method.head_prefix}{n}." for n in state.adapters[name].modules_to_save}
+    heads = {k[len(method.head_prefix):]: v for k, v in tensors.items() if k.startswith(tuple(head_keys))}
     extra = method.extra_files(model, state, name, heads)
     # Weights first, config last: the config is what marks a directory as an adapter.
     _write_atomically(directory, {**extra, method.weights_names[0]: write_weights, method.config_name: write_config})
@@ -210,13 +215,13 @@ def _check_saved_together(method: Method, path: Path, config_path: Path, fields:
                 "interrupted between them?); save the adapter again")
 
 
-def _head_shapes(model: nn.Module, to_save: list[str]) -> dict[str, tuple]:
+def _head_shapes(model: nn.Module, to_save: list[str], prefix: str = HEAD_PREFIX) -> dict[str, tuple]:
     shapes = {}
     for name in to_save:
         module = model.get_submodule(name)
         source = module.original_module if isinstance(module, TrainableCopies) else module
         for key, value in source.state_dict().items():
-            shapes[f"{HEAD_PREFIX}{name}.{key}"] = tuple(value.shape)
+            shapes[f"{prefix}{name}.{key}"] = tuple(value.shape)
     return shapes
 
 
@@ -265,7 +270,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise AdapterFormatError(f"pypeft.load_adapter: {directory}: its head files are unreadable ({e})") from None
     if heads:  # the format's own head files: trained in full beside the adapter, as modules_to_save
         config = dataclasses.replace(config, modules_to_save=sorted({k.split(".")[0] for k in heads}))
-        tensors = {**tensors, **{HEAD_PREFIX + k: v for k, v in heads.items()}}
+        tensors = {**tensors, **{method.head_prefix + k: v for k, v in heads.items()}}
     state = state_of(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"pypeft.load_adapter: argument 'adapter_name': adapter {adapter_name!r} exists "
@@ -275,7 +280,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         shapes = method.expected_tensors(model, state, plan, fields, tensors)
     except ValueError as e:
         raise AdapterFormatError(f"pypeft.load_adapter: {path}: {e}") from None
-    _check_tensors(path, tensors, {**shapes, **_head_shapes(model, plan.modules_to_save)})
+    _check_tensors(path, tensors, {**shapes, **_head_shapes(model, plan.modules_to_save, method.head_prefix)})
     previous = state.active if state is not None else None
     attach(model, plan)
     state = state_of(model)
@@ -283,7 +288,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         method.load_tensors(model, state, plan, tensors)
         for name in plan.modules_to_save:
             copy = model.get_submodule(name).copies[adapter_name]
-            prefix = f"{HEAD_PREFIX}{name}."
+            prefix = f"{method.head_prefix}{name}."
             copy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     if previous is not None:
         set_adapter(model, previous)

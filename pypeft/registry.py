@@ -93,6 +93,10 @@ class Method:
     # written; loading reads the first one present (a ".bin" only through torch.load(weights_only=True)).
     config_name: ClassVar[str] = "adapter_config.json"
     weights_names: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)
+    # The key prefix of the modules trained in full beside an adapter (heads):
+    # peft's "base_model.model." (its tuners wrap the model once more), but
+    # "base_model." for its prompt-learning methods, which do not.
+    head_prefix: ClassVar[str] = "base_model.model."
 
     def format_hint(self) -> str:
         """What recognises() looks for in a config file, for the error when nothing does."""

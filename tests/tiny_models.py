@@ -74,14 +74,26 @@ def opt():
     return transformers.OPTForCausalLM(cfg)
 
 
+def _seq_cls(family: str):
+    """The family's *ForSequenceClassification on the same tiny config (3
+    labels; a pad token, which the last-token heads need for batches)."""
+    config = {**FAMILIES, **MORE_FAMILIES}[family]().config
+    config.num_labels = 3
+    if config.pad_token_id is None:
+        config.pad_token_id = 1
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
 FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
 # Llama-likes a few tests add (the families above are what most tests sweep).
 MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt}
+# Sequence classifiers of the decoder families ("llama-cls", ...): heads that pool the last non-pad token.
+SEQ_CLS_FAMILIES = {f"{f}-cls": (lambda f=f: _seq_cls(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "opt")}
 
 
 def make(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return {**FAMILIES, **MORE_FAMILIES}[family]().eval()
+    return {**FAMILIES, **MORE_FAMILIES, **SEQ_CLS_FAMILIES}[family]().eval()
 
 
 def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
@@ -106,7 +118,7 @@ def output(model, batch) -> torch.Tensor:
 def labels_for(family: str, batch: dict) -> dict:
     """Inputs plus labels, so the model returns a loss."""
     out = dict(batch)
-    if family in ("bert", "roberta", "distilbert"):
+    if family in ("bert", "roberta", "distilbert") or family.endswith("-cls"):
         out["labels"] = torch.tensor([0, 2])[: batch["input_ids"].shape[0]]
     elif family == "t5":
         out["labels"] = batch["decoder_input_ids"]
