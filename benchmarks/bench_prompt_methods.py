@@ -12,10 +12,10 @@ Per model and method: step time (forward + backward + AdamW step on the
 trainable parameters) of pypeft and peft, alternated in one process, and the
 median over rounds of the within-round ratio pypeft / peft; saved bytes of one
 forward (distinct storages packed by saved_tensors_hooks, parameters
-excluded) and their ratio. Both start from the same weights: peft's adapter is
-saved and loaded into pypeft (pypeft.load_adapter reads peft's format), and a
-check on a small batch, dropout off, asserts the same loss and the same
-gradient norms of the trained tensors before anything is timed.
+excluded) and their ratio. Both start from the same weights (peft's trained
+tensors copied into pypeft's, matched by name), and a check on a small batch,
+dropout off, asserts the same loss and the same gradient norms of the trained
+tensors before anything is timed.
 
 peft 0.21 cannot prefix-tune BERT under transformers 5 (the classifier takes
 no past_key_values: "Model does not support past key values"); there pypeft
@@ -43,7 +43,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -141,16 +140,29 @@ def build_pair(base, model_kind: str, method: str, args) -> tuple[dict, dict]:
     if not pypeft_has(method):
         missing["pypeft"] = f"pypeft has no method {method!r} in this checkout"
         return models, missing
+    models["pypeft"] = pypeft.patch(copy.deepcopy(base), method=method, **pypeft_options(method, args))
     if "peft" in models:
-        with tempfile.TemporaryDirectory() as tmp:
-            models["peft"].save_pretrained(tmp)
-            models["pypeft"] = pypeft.load_adapter(copy.deepcopy(base), tmp)
-        n_ours, n_peft = (sum(p.numel() for p in trained(m)) for m in (models["pypeft"], models["peft"]))
-        if n_ours != n_peft:  # e.g. a loaded adapter left frozen: the comparison would be unfair
-            raise AssertionError(f"{model_kind}/{method}: pypeft trains {n_ours} values, peft {n_peft}")
-    else:
-        models["pypeft"] = pypeft.patch(copy.deepcopy(base), method=method, **pypeft_options(method, args))
+        copy_trained(models["peft"], models["pypeft"], f"{model_kind}/{method}")
     return models, missing
+
+
+def copy_trained(source, dest, what: str) -> None:
+    """dest's trained tensors := source's, matched by their names after the
+    adapter's name ("prompt_encoder.default.mlp_head.0.weight" in peft and
+    "pypeft_prompts.encoders.default.mlp_head.0.weight" in pypeft; a head's
+    "weight" and "bias"). A peft p-tuning adapter on disk holds the encoder's
+    output only (peft's format), so loading a saved one would not train the
+    same tensors: the values are copied instead."""
+    def by_key(model):
+        return {n.split(".default.")[-1]: p for n, p in model.named_parameters() if p.requires_grad}
+    src, dst = by_key(source), by_key(dest)
+    if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
+        raise AssertionError(f"{what}: pypeft and peft train different tensors: "
+                             f"{ {k: tuple(v.shape) for k, v in dst.items()} } vs "
+                             f"{ {k: tuple(v.shape) for k, v in src.items()} }")
+    with torch.no_grad():
+        for k, p in dst.items():
+            p.copy_(src[k])
 
 
 def check_equal_math(models: dict, model_kind: str, base) -> dict:
