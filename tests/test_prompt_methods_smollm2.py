@@ -3,8 +3,12 @@
 BUILD-NOTES.md), loaded once for the module.
 
 - For prompt tuning, P-tuning and prefix tuning: an adapter made and saved by
-  `peft`, loaded into pypeft, gives peft's logits and peft's greedy `generate`
-  output on a left-padded batch of two chat-template prompts.
+  `peft` (one training step), loaded into pypeft, gives peft's logits on each
+  chat-template prompt, and pypeft's greedy `generate` gives the tokens of
+  greedy decoding by peft's forward; on a left-padded batch of the two prompts
+  generate gives each row what that prompt gives alone. (peft's own generate
+  is no reference: see _peft_greedy; nor is its forward on left-padded rows
+  for prompt tuning, whose positions it shifts by the padding.)
 - A short prompt-tuning run with pypeft lowers the loss on a small
   question -> answer set (labels -100 on the prompt part) well below where
   it started.
@@ -75,34 +79,58 @@ PEFT_CONFIGS = {
 }
 
 
+def _peft_greedy(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by peft's forward on the whole sequence at every step
+    (no cache): the reference for generate. peft 0.21's own generate is not
+    one under transformers 5 for prompt tuning / P-tuning (its
+    prepare_inputs_for_generation looks for `past_key_values`, transformers
+    now passes the cache otherwise, and the prompts go in again at every step)."""
+    ids = input_ids
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+QUESTIONS = ["What is the capital of France?", "Name a colour."]
+NEW_TOKENS = 8
+
+
 @pytest.mark.parametrize("method", list(PEFT_CONFIGS))
 def test_peft_adapter_gives_the_same_logits_and_generation(smollm2, tmp_path, method):
     tokenizer, base = smollm2
-    # Two prompts of different lengths: the shorter one is left-padded.
-    batch = _chat_batch(tokenizer, ["What is the capital of France?", "Name a colour."])
+    # Two prompts of different lengths: left-padded for generation.
+    batch = _chat_batch(tokenizer, QUESTIONS)
     assert not batch["attention_mask"].all()
     torch.manual_seed(0)
     theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[method]())
     # One training step, so that the saved adapter holds trained (not initial) values.
-    params = [p for p in theirs.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
     theirs(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
     optimizer.step()
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     ours = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
     ours.eval()
+    singles = [_chat_batch(tokenizer, [q]) for q in QUESTIONS]
     with torch.no_grad():
-        want_logits = theirs(**batch).logits
-        got_logits = ours(**batch).logits
-        want = theirs.generate(**batch, max_new_tokens=8, do_sample=False)
-        got = ours.generate(**batch, max_new_tokens=8, do_sample=False)
-    assert got_logits.shape == want_logits.shape
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
-    assert got.tolist() == want.tolist(), (tokenizer.batch_decode(got), tokenizer.batch_decode(want))
-    # The adapter changed the model: the base model alone answers otherwise.
-    with torch.no_grad():
-        plain = base(**batch).logits
+        for one in singles:  # unpadded: peft's forward is the reference, logits and greedy tokens
+            want_logits = theirs(**one).logits
+            got_logits = ours(**one).logits
+            assert got_logits.shape == want_logits.shape
+            torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+            want = _peft_greedy(theirs, one["input_ids"], NEW_TOKENS)
+            got = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+            assert got.tolist() == want.tolist(), (tokenizer.batch_decode(got), tokenizer.batch_decode(want))
+        # The left-padded batch generates what each prompt generates alone.
+        got = ours.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+        width = batch["input_ids"].shape[1]
+        for row, one in enumerate(singles):
+            alone = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+            assert got[row, width:].tolist() == alone[0, one["input_ids"].shape[1]:].tolist(), \
+                (tokenizer.decode(got[row]), tokenizer.decode(alone[0]))
+        # The adapter changed the model: the base model alone answers otherwise.
+        plain = base(**singles[-1]).logits  # got_logits is the last prompt's
     assert not torch.allclose(plain[:, -1], got_logits[:, -1], atol=1e-3)
 
 
