@@ -10,6 +10,7 @@
     pypeft.patch(model, method="bitfit")                             # biases only; or pypeft.BitFitConfig(...)
     pypeft.patch(model, method="prompt_tuning", num_virtual_tokens=20)  # or pypeft.PromptTuningConfig(...)
     pypeft.patch(model, method="p_tuning", encoder="lstm")           # or pypeft.PTuningConfig(...)
+    pypeft.patch(model, method="prefix_tuning", num_virtual_tokens=20)  # or pypeft.PrefixTuningConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
@@ -26,6 +27,7 @@ from pypeft.methods.fusion import FusionConfig
 from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
 from pypeft.methods.prompt import PromptTuningConfig, PTuningConfig
+from pypeft.methods.prefix import PrefixTuningConfig
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
@@ -55,6 +57,7 @@ __all__ = [
     "Plan",
     "PromptTuningConfig",
     "PTuningConfig",
+    "PrefixTuningConfig",
     "PypeftLayer",
     "ReadConfig",
     "TokenTuneConfig",

@@ -84,9 +84,32 @@ def _seq_cls(family: str):
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
+def llama_mqa():
+    """Multi-query attention: one key/value head for all four query heads."""
+    cfg = transformers.LlamaConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=1, intermediate_size=96,
+                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=0))
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def llama_seq_cls():
+    cfg = transformers.LlamaConfig(**_common(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=96,
+                                             max_position_embeddings=64, pad_token_id=0, num_labels=3))
+    return transformers.LlamaForSequenceClassification(cfg)
+
+
+def gpt2_seq_cls():
+    cfg = transformers.GPT2Config(**_common(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                            eos_token_id=0, pad_token_id=0, num_labels=3))
+    return transformers.GPT2ForSequenceClassification(cfg)
+
+
 FAMILIES = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "t5": t5}
 # Llama-likes a few tests add (the families above are what most tests sweep).
-MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt}
+MORE_FAMILIES = {"mistral": mistral, "qwen2": qwen2, "distilbert": distilbert, "opt": opt, "llama_mqa": llama_mqa,
+                 "llama_seq_cls": llama_seq_cls, "gpt2_seq_cls": gpt2_seq_cls}
 # Sequence classifiers of the decoder families ("llama-cls", ...): heads that pool the last non-pad token.
 SEQ_CLS_FAMILIES = {f"{f}-cls": (lambda f=f: _seq_cls(f)) for f in ("gpt2", "llama", "mistral", "qwen2", "opt")}
 
@@ -118,7 +141,7 @@ def output(model, batch) -> torch.Tensor:
 def labels_for(family: str, batch: dict) -> dict:
     """Inputs plus labels, so the model returns a loss."""
     out = dict(batch)
-    if family in ("bert", "roberta", "distilbert") or family.endswith("-cls"):
+    if family in ("bert", "roberta", "distilbert") or family.endswith(("-cls", "_seq_cls")):
         out["labels"] = torch.tensor([0, 2])[: batch["input_ids"].shape[0]]
     elif family == "t5":
         out["labels"] = batch["decoder_input_ids"]

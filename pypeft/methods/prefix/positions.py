@@ -1,0 +1,88 @@
+"""Real tokens' positions under a prefix, as peft's: peft passes the prefix
+as a KV cache of length n, so the model places the real tokens at n..n+L-1
+(rotary and learned absolute positions alike). A forward pre-hook on the
+top-level model passes position_ids where its forward takes them:
+
+- given position_ids (generate passes them, from the attention mask): + n,
+  as peft's _adjust_prompt_learning_kwargs does;
+- else from the 2D attention mask (cumsum - 1, so left padding is right
+  too), over the cached tokens and the new ones, the new ones' part, + n;
+  without a mask: the cache length + 0..L-1, + n.
+
+Models whose positions start above 0 (RoBERTa-likes: padding_idx + 1) get
+that start added, and padding their padding position. In a mixed batch each
+row is offset by its own prefix length. T5 (relative bias) takes no
+position_ids: its attention function adds the prefix keys' bias instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def accepts_position_ids(model: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_start(model: nn.Module) -> int | None:
+    """padding_idx of a learned position embedding that reserves it
+    (RoBERTa-likes count positions from padding_idx + 1), else None."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and \
+                module.padding_idx is not None:
+            return module.padding_idx
+    return None
+
+
+def _cache_length(kwargs: dict) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    return int(get()) if callable(get) else 0
+
+
+class PositionHook:
+    def __init__(self, owner, padding_idx: int | None):
+        self.owner = owner
+        self.padding_idx = padding_idx
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        given = kwargs.get("position_ids")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        source = ids if ids is not None else embeds
+        if source is None:
+            return None
+        batch, length = source.shape[0], source.shape[1]
+        offsets = self.owner.lengths(batch)
+        if offsets is None:
+            return None
+        if len(args) > 1:
+            raise ValueError("pypeft prefix tuning: pass the model's inputs by keyword (input_ids=..., "
+                             "attention_mask=...), so that it can shift position_ids past the prefix")
+        offsets = offsets.to(source.device)[:, None]
+        if given is not None:
+            kwargs["position_ids"] = given + (offsets if given.dim() == 2 else offsets[None])
+            return args, kwargs
+        past = _cache_length(kwargs)
+        mask = kwargs.get("attention_mask")
+        real = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + length:
+            real = mask[:, -length:].bool()
+            positions = (mask.long().cumsum(-1) - 1)[:, -length:].clamp(min=0)
+        else:
+            positions = (torch.arange(length, device=source.device) + past)[None].expand(batch, length)
+        positions = positions + offsets
+        if self.padding_idx is not None:
+            positions = positions + self.padding_idx + 1
+            if real is not None:
+                positions = positions.masked_fill(~real, self.padding_idx)
+        kwargs["position_ids"] = positions
+        return args, kwargs
