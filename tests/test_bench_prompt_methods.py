@@ -1,5 +1,5 @@
 """benchmarks/bench_prompt_methods.py --quick runs end to end (tiny shapes, one
-round, ~10 s) and prints one JSON object of the documented shape: for every
+round) and prints one JSON object of the documented shape: for every
 model and method both candidates' step time and saved bytes, the check that
 they compute the same loss, and the ratios; where peft cannot run a method
 (prefix tuning on BERT), pypeft alone and the reason. The figures themselves
@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
 
+# Slow: ~22 s of CPU (two models, three methods, both libraries, imports), 100 s on a busy 2-core machine.
+@pytest.mark.slow
 def test_quick_run_prints_the_report():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_prompt_methods.py"), "--quick"],
