@@ -43,12 +43,13 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (DTYPES, add_device_options, alternate_samples, classification_batch,  # noqa: E402
-                    machine_description, minilm_shaped, paired_ratio, saved_activation_bytes, synchronize)
+from common import (DTYPES, add_device_options, classification_batch, machine_description,  # noqa: E402
+                    minilm_shaped, paired_ratio, saved_activation_bytes, synchronize)
 
 import pypeft  # noqa: E402
 
@@ -197,6 +198,26 @@ def train_step(model, batch: dict):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return run
+
+
+def alternate_samples(candidates: dict, device, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """common.alternate_samples, but the order of the candidates reverses every
+    round: on a CPU the one that runs right after the other pays for the
+    memory the other just freed (page faults: half the CPU time was system
+    time on the shared 2-core machine), which a fixed order books to one side."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            candidates[name]()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return samples
 
 
 def saved_bytes(model, batch: dict) -> int:
