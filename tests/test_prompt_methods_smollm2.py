@@ -79,7 +79,7 @@ PEFT_CONFIGS = {
 }
 
 
-def _peft_greedy(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+def _peft_greedy(model, input_ids: torch.Tensor, steps: int, eos: set) -> torch.Tensor:
     """Greedy decoding by peft's forward on the whole sequence at every step
     (no cache): the reference for generate. peft 0.21's own generate is not
     one under transformers 5 for prompt tuning / P-tuning (its
@@ -89,7 +89,14 @@ def _peft_greedy(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if ids[0, -1].item() in eos:  # generate stops there too
+            break
     return ids
+
+
+def _eos(model) -> set:
+    ids = model.generation_config.eos_token_id
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
 
 QUESTIONS = ["What is the capital of France?", "Name a colour."]
@@ -119,16 +126,18 @@ def test_peft_adapter_gives_the_same_logits_and_generation(smollm2, tmp_path, me
             got_logits = ours(**one).logits
             assert got_logits.shape == want_logits.shape
             torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
-            want = _peft_greedy(theirs, one["input_ids"], NEW_TOKENS)
-            got = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+            want = _peft_greedy(theirs, one["input_ids"], NEW_TOKENS, _eos(base))
+            got = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False)
             assert got.tolist() == want.tolist(), (tokenizer.batch_decode(got), tokenizer.batch_decode(want))
         # The left-padded batch generates what each prompt generates alone.
-        got = ours.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+        got = ours.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
         width = batch["input_ids"].shape[1]
         for row, one in enumerate(singles):
-            alone = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-            assert got[row, width:].tolist() == alone[0, one["input_ids"].shape[1]:].tolist(), \
-                (tokenizer.decode(got[row]), tokenizer.decode(alone[0]))
+            alone = ours.generate(**one, max_new_tokens=NEW_TOKENS, do_sample=False)[0, one["input_ids"].shape[1]:]
+            new = got[row, width:]
+            # A row that ends first is filled with the pad token while the other goes on.
+            assert new[:len(alone)].tolist() == alone.tolist(), (tokenizer.decode(new), tokenizer.decode(alone))
+            assert (new[len(alone):] == base.generation_config.pad_token_id).all()
         # The adapter changed the model: the base model alone answers otherwise.
         plain = base(**singles[-1]).logits  # got_logits is the last prompt's
     assert not torch.allclose(plain[:, -1], got_logits[:, -1], atol=1e-3)
