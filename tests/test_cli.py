@@ -447,7 +447,9 @@ SHORT_RUN_METHOD = {
     "full": ["--epochs", "1", "--lr", "5e-4"],
     "prompt_tuning": ["--epochs", "2", "--lr", "3e-2"],
     "p_tuning": ["--epochs", "2", "--lr", "1e-2"],
-    "prefix_tuning": ["--epochs", "2", "--lr", "1e-2"],
+    # Prefix tuning's step in 20 steps at its full-run 1e-2 gained only 0.14; 3e-2 over 30 steps gained
+    # 0.49, 0.67 and 0.79 (seeds 0, 1, 2).
+    "prefix_tuning": ["--epochs", "3", "--lr", "3e-2"],
 }
 # Test accuracy must rise by this much over the untrained start (5 classes, so
 # the start, a fresh head, is near 0.2). Measured with seeds 0-5 (before ->
