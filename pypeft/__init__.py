@@ -26,7 +26,7 @@ from pypeft.methods.bottleneck import BottleneckConfig
 from pypeft.methods.fusion import FusionConfig
 from pypeft.methods.bitfit import BitFitConfig, BitFitLayer
 from pypeft.methods.lora import LoraConfig, LoraLinear
-from pypeft.methods.prompt import PromptTuningConfig, PTuningConfig
+from pypeft.methods.prompt import PromptTuningConfig, PTuningConfig, prompt_ensemble
 from pypeft.methods.prefix import PrefixTuningConfig
 from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
@@ -70,6 +70,7 @@ __all__ = [
     "mixed_batch",
     "ops",
     "patch",
+    "prompt_ensemble",
     "register_method",
     "save_adapter",
     "set_adapter",

@@ -35,9 +35,12 @@ def model_dims(model) -> dict:
     config = model.config
     get = lambda *keys: next((getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)),  # noqa
                              None)
-    return {"num_layers": get("num_hidden_layers", "num_layers", "n_layer"),
-            "token_dim": get("hidden_size", "n_embd", "d_model"),
-            "num_attention_heads": get("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+    # peft's keys first; then the ones it does not know (DistilBERT's dim, n_layers, n_heads), where a peft
+    # user has to pass the value by hand, so that the file always loads into peft.
+    return {"num_layers": get("num_hidden_layers", "num_layers", "n_layer", "n_layers"),
+            "token_dim": get("hidden_size", "n_embd", "d_model", "dim"),
+            "num_attention_heads": get("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads",
+                                       "n_heads")}
 
 
 def _tokenizer_name(tokenizer) -> str | None:

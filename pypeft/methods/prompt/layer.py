@@ -52,20 +52,31 @@ class PromptAdapters(PypeftLayer):
             self.active_adapter = None
 
     # --- what a forward reads ---------------------------------------------------------------
-    def running(self) -> str | None:
-        """The adapter whose prompts this call puts in front (None: none), in
-        this thread. Mixed batches of prompt adapters are not supported yet."""
+    def may_run(self) -> bool:
+        """Whether some row of this thread's calls may get prompts (cheap: no batch needed)."""
+        if self.is_disabled():
+            return False
+        rows = self.mixed_rows()
+        if rows is not None:
+            return any(r in self.encoders for r in rows)
+        return self.active_adapter in self.encoders
+
+    def row_adapters(self, batch: int) -> list[str | None] | None:
+        """Per batch row, the prompt adapter whose virtual tokens go in front
+        (None: none for that row), in this thread; None: no row has any. A
+        mixed batch names each row's adapter (rows of other methods' adapters
+        and "base" rows get none); otherwise every row has the active one."""
         if self.is_disabled():
             return None
         rows = self.mixed_rows()
         if rows is not None:
-            ours = sorted({r for r in rows if r in self.encoders})
-            if ours:
-                raise ValueError(f"pypeft.mixed_batch: rows of prompt / P-tuning adapters ({', '.join(ours)}) are "
-                                 "not supported in mixed batches yet; run them in batches of their own")
-            return None
+            if len(rows) != batch:
+                raise ValueError(f"pypeft.mixed_batch: argument 'adapter_names': expected one name per batch row "
+                                 f"({batch}), got {len(rows)}")
+            names = [r if r in self.encoders else None for r in rows]
+            return names if any(n is not None for n in names) else None
         name = self.active_adapter
-        return name if name in self.encoders and name != BASE else None
+        return [name] * batch if name in self.encoders and name != BASE else None
 
     def prompts(self, name: str) -> torch.Tensor:
         """[num_virtual_tokens * submodules, token_dim]: every virtual token's embedding."""

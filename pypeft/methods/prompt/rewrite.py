@@ -35,6 +35,19 @@ peft's PeftModelFor*.forward does, and better where peft drops things:
   prompts in front there, and the decoding steps' attention_mask (the
   cross-attention's) gets its ones when the encoder output is longer by
   num_virtual_tokens.
+
+Every row may have its own adapter (pypeft.mixed_batch; rows of other
+methods' adapters and "base" rows have none), with its own number of
+virtual tokens: each call gets M = the largest count of virtual slots, and a
+row with fewer fills the rest with masked pad slots (zeros); positions come
+from the mask, so each row computes what it computes alone. Where the pad
+slots go depends on what the model reads: in front of the row's prompts for
+causal LMs and last-token classifiers (generate and the head read the end;
+the row is then left-padded), after the row's tokens for bidirectional
+encoders and T5's encoder (BERT's pooler, RoBERTa's and DistilBERT's heads
+read position 0, the first prompt as in peft; T5's positions are relative).
+pypeft.prompt_ensemble (ensemble.py) replicates each input once per adapter
+through the same per-row machinery.
 """
 
 from __future__ import annotations
@@ -45,16 +58,26 @@ import torch
 from torch import nn
 
 from pypeft.layer import PerThread
+from pypeft.methods.prompt import ensemble
 from pypeft.methods.prompt.layer import PromptAdapters
 from pypeft.models import task_type
 
 
-class _Calls(PerThread):
-    """Per thread: one frame per top-level call in flight (the rows' last real
-    token positions for the backbone hook, or None)."""
+class _Frame:
+    """One top-level call in flight."""
 
     def __init__(self):
-        self.frames: list = []
+        self.last = None      # the rows' last real token positions, for the backbone hook (None: nothing to do)
+        self.ensemble = None  # (names, reduce, batch, mixed rows before) while a prompt ensemble runs
+
+
+class _Calls(PerThread):
+    """Per thread: a frame per top-level call in flight, and the prompt
+    ensemble (names, reduce) the calls run, if any (pypeft.prompt_ensemble)."""
+
+    def __init__(self):
+        self.frames: list[_Frame] = []
+        self.ensemble: tuple[list[str], str] | None = None
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict:
@@ -107,12 +130,12 @@ def _with_hidden(output, hidden):
     return output
 
 
-def _ones_in_front(mask: torch.Tensor, n: int) -> torch.Tensor:
+def _in_front(mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"pypeft prompt tuning: argument 'attention_mask': expected a 2D [batch, length] mask, "
                          f"got {shape}")
-    return torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
+    return torch.cat((slots.to(mask.dtype), mask), dim=1)
 
 
 class CallRewriter:
@@ -129,6 +152,10 @@ class CallRewriter:
                         model.register_forward_hook(self.after, always_call=True)]
         self.last_token_head = (self.task == "SEQ_CLS" and not self.encoder_decoder
                                 and isinstance(getattr(model, "score", None), nn.Module))
+        # Where a row's pad slots go when rows have fewer virtual tokens than others (mixed batches):
+        # in front of its prompts where the end is read (causal LMs: generate; last-token heads), after
+        # its tokens where position 0 is (BERT-like heads; T5's encoder, whose positions are relative).
+        self.front = not self.encoder_decoder and (self.task == "CAUSAL_LM" or self.last_token_head)
         if self.last_token_head:
             backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
             if not isinstance(backbone, nn.Module):
@@ -147,108 +174,184 @@ class CallRewriter:
 
     # --- the hooks ----------------------------------------------------------------------------
     def before(self, module, args, kwargs):
-        frames = self.calls.frames
-        frames.append(None)  # popped by after() (always called), whatever happens below
-        name = self.adapters.running()
-        if name is None:
-            return None
+        frame = _Frame()
+        self.calls.frames.append(frame)  # popped by after() (always called), whatever happens below
+        if self.calls.ensemble is None and not self.adapters.may_run():
+            return None  # the call as it came (another method's adapter, the base)
         call = _bind(self.signature, args, kwargs)
+        if self.calls.ensemble is not None and not self.adapters.is_disabled():
+            call = ensemble.replicate(self, call, frame)
+        names = self._rows(call)
+        if names is None:
+            return None
         if self.encoder_decoder:
-            call = self._seq2seq(call, name)
+            call = self._seq2seq(call, names)
         else:
-            call, frames[-1] = self._decoder(call, name)
+            call, frame.last = self._decoder(call, names)
         return (), call
 
     def after(self, module, args, output):
-        if self.calls.frames:
-            self.calls.frames.pop()
+        frame = self.calls.frames.pop() if self.calls.frames else None
+        if frame is not None and frame.ensemble is not None:
+            return ensemble.combine(self, frame, output)
         return None
 
     def backbone_output(self, module, args, output):
         frames = self.calls.frames
-        last = frames[-1] if frames else None
+        last = frames[-1].last if frames else None
         if last is None:
             return None
-        frames[-1] = None  # once per call
+        frames[-1].last = None  # once per call
         hidden = _hidden_of(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         picked = hidden[rows, last.to(hidden.device)].unsqueeze(1)
         return _with_hidden(output, torch.cat((hidden[:, :-1], picked), dim=1))
 
     def before_encoder(self, module, args, kwargs):
-        if self.calls.frames:  # inside the model's own call: before() put the prompts in already
+        if self.calls.frames or not self.adapters.may_run():  # inside the model's own call: done in before()
             return None
-        name = self.adapters.running()
-        if name is None:
+        call = _bind(self.encoder_signature, args, kwargs)
+        names = self._rows(call)
+        if names is None:
             return None
-        return (), self._encoder_inputs(_bind(self.encoder_signature, args, kwargs), name)
+        return (), self._encoder_inputs(call, names)
 
-    # --- rewriting ----------------------------------------------------------------------------
-    def _prompted(self, call: dict, name: str, rows: slice) -> tuple[torch.Tensor, int]:
-        """inputs_embeds with the prompts in front; (embeds, batch)."""
+    # --- the virtual slots ----------------------------------------------------------------------
+    def _rows(self, call: dict) -> list[str | None] | None:
+        for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+            value = call.get(key)
+            if isinstance(value, torch.Tensor):
+                return self.adapters.row_adapters(value.shape[0])
+        if call.get("encoder_outputs") is not None:
+            return self.adapters.row_adapters(_hidden_of(call["encoder_outputs"]).shape[0])
+        return None
+
+    def _counts(self, names: list[str | None]) -> tuple[list[int], int]:
+        counts = [0 if n is None else self.adapters.specs[n].num_virtual_tokens for n in names]
+        return counts, max(counts)
+
+    @staticmethod
+    def _slot_mask(counts: list[int], width: int, front: bool, like: torch.Tensor) -> torch.Tensor:
+        """[batch, width]: 1 on a row's prompt slots, 0 on its pad slots (in front of them or after)."""
+        j = torch.arange(width, device=like.device)
+        n = torch.tensor(counts, device=like.device).unsqueeze(1)
+        slots = j >= width - n if front else j < n
+        return slots.to(like.dtype)
+
+    def _slot_embeds(self, names, counts, width: int, front: bool, like: torch.Tensor) -> torch.Tensor:
+        """[batch, width, dim]: each row's adapter's prompts, zeros on its pad slots."""
+        prompts = {n: self.adapters.prompts(n) for n in dict.fromkeys(names) if n is not None}
+        rows = []
+        for name, n in zip(names, counts):
+            p = prompts[name][:n].to(like.dtype) if name is not None else like.new_zeros(0, like.shape[-1])
+            pad = like.new_zeros(width - n, like.shape[-1])
+            rows.append(torch.cat((pad, p) if front else (p, pad)))
+        if len(prompts) == 1 and all(c == width for c in counts):  # one adapter: one tensor, expanded
+            return rows[0].unsqueeze(0).expand(len(rows), -1, -1)
+        return torch.stack(rows)
+
+    @staticmethod
+    def _pads_last(counts: list[int], width: int, length: int, device) -> torch.Tensor | None:
+        """For the layout with pad slots at the end: per row, the order that moves the pad slots
+        of [prompts, pads, tokens] behind the tokens (None: there are none)."""
+        if all(c == width for c in counts):
+            return None
+        order = [torch.cat((torch.arange(n), torch.arange(width, width + length), torch.arange(n, width)))
+                 for n in counts]
+        return torch.stack(order).to(device)
+
+    @staticmethod
+    def _reorder(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        if order is None:
+            return t
+        index = order.view(*order.shape, *([1] * (t.dim() - 2))).expand_as(t)
+        return t.gather(1, index)
+
+    def _embeds(self, call: dict) -> torch.Tensor:
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
         if embeds is None:
             if ids is None:
                 raise ValueError("pypeft prompt tuning: the model was called with neither input_ids nor inputs_embeds")
             embeds = self.model.get_input_embeddings()(ids)
-        batch = embeds.shape[0]
-        prompts = self.adapters.prompts(name)[rows].to(embeds.dtype)
-        return torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), embeds), dim=1), batch
+        return embeds
 
-    def _encoder_inputs(self, call: dict, name: str) -> dict:
-        n = self.adapters.specs[name].num_virtual_tokens
-        call["inputs_embeds"], _ = self._prompted(call, name, slice(0, n))
+    # --- rewriting ----------------------------------------------------------------------------
+    def _encoder_inputs(self, call: dict, names) -> dict:
+        """Bidirectional encoders (and T5's): [prompts; tokens] with a row's pad slots at the end, so
+        that position 0 (what BERT's pooler and DistilBERT / RoBERTa heads read) is its first prompt."""
+        counts, width = self._counts(names)
+        x = self._embeds(call)
+        batch, length = x.shape[:2]
+        order = self._pads_last(counts, width, length, x.device)
+        call["inputs_embeds"] = self._reorder(torch.cat((self._slot_embeds(names, counts, width, False, x), x), 1),
+                                              order)
         call["input_ids"] = None
-        if call.get("attention_mask") is not None:
-            call["attention_mask"] = _ones_in_front(call["attention_mask"], n)
+        mask = call.get("attention_mask")
+        if mask is not None or order is not None:
+            mask = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=x.device)
+            call["attention_mask"] = self._reorder(_in_front(mask, self._slot_mask(counts, width, False, mask)), order)
+        types = call.get("token_type_ids")
+        if types is not None:
+            call["token_type_ids"] = self._reorder(torch.cat((types.new_zeros(batch, width), types), 1), order)
+        self._positions(call, width, width + length, prefill=True)
         return call
 
-    def _seq2seq(self, call: dict, name: str) -> dict:
-        n = self.adapters.specs[name].num_virtual_tokens
+    def _seq2seq(self, call: dict, names) -> dict:
         encoded = call.get("encoder_outputs")
         if encoded is None:
-            return self._encoder_inputs(call, name)
+            return self._encoder_inputs(call, names)
         # generate(): the encoder ran on its own (before_encoder put the prompts in); its mask follows.
+        counts, width = self._counts(names)
         mask = call.get("attention_mask")
         length = _hidden_of(encoded).shape[1]
-        if mask is not None and mask.dim() == 2 and mask.shape[1] + n == length:
-            call["attention_mask"] = _ones_in_front(mask, n)
+        if mask is not None and mask.dim() == 2 and mask.shape[1] + width == length:
+            order = self._pads_last(counts, width, mask.shape[1], mask.device)
+            call["attention_mask"] = self._reorder(_in_front(mask, self._slot_mask(counts, width, False, mask)), order)
         return call
 
-    def _decoder(self, call: dict, name: str):
-        n = self.adapters.specs[name].num_virtual_tokens
+    def _decoder(self, call: dict, names):
+        if not self.front:
+            return self._encoder_inputs(call, names), None
+        counts, width = self._counts(names)
+        full = all(c == width for c in counts)
         cache = call.get("cache", call.get("past_key_values"))
         mask = call.get("attention_mask")
-        last = None
-        if _cached_length(cache) == 0:
+        past = _cached_length(cache)
+        if past == 0:
             ids = call.get("input_ids")
-            call["inputs_embeds"], batch = self._prompted(call, name, slice(0, n))
+            x = self._embeds(call)
+            batch, length = x.shape[:2]
+            call["inputs_embeds"] = torch.cat((self._slot_embeds(names, counts, width, True, x), x), dim=1)
             if "input_ids" in call or "input_ids" in self.signature.parameters:
                 call["input_ids"] = None
-            length = call["inputs_embeds"].shape[1]
+            if mask is None and not full:
+                mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
             if mask is not None:
-                call["attention_mask"] = _ones_in_front(mask, n)
+                call["attention_mask"] = _in_front(mask, self._slot_mask(counts, width, True, mask))
             labels = call.get("labels")
             if labels is not None and self.task == "CAUSAL_LM" and labels.dim() == 2:
-                call["labels"] = torch.cat((labels.new_full((labels.shape[0], n), -100), labels), dim=1)
+                call["labels"] = torch.cat((labels.new_full((labels.shape[0], width), -100), labels), dim=1)
             types = call.get("token_type_ids")
             if types is not None:
-                call["token_type_ids"] = torch.cat((types.new_zeros(types.shape[0], n), types), dim=1)
+                call["token_type_ids"] = torch.cat((types.new_zeros(types.shape[0], width), types), dim=1)
+            total = width + length
             if call.get("cache_position") is not None:
-                call["cache_position"] = torch.arange(length, device=call["cache_position"].device)
-            self._positions(call, n, length, prefill=True)
-            if self.last_token_head:
-                last = self._last_tokens(call, ids, n, length)
-        else:
-            current = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
-            if current is None:
-                raise ValueError("pypeft prompt tuning: the model was called with neither input_ids nor inputs_embeds")
-            if mask is not None:
-                call["attention_mask"] = _ones_in_front(mask, n)
-            if call.get("cache_position") is not None:
-                call["cache_position"] = call["cache_position"] + n
-            self._positions(call, n, current.shape[1], prefill=False)
-        return call, last
+                call["cache_position"] = torch.arange(total, device=call["cache_position"].device)
+            self._positions(call, width, total, prefill=True)
+            last = self._last_tokens(call, ids, width, total) if self.last_token_head else None
+            return call, last
+        current = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        if current is None:
+            raise ValueError("pypeft prompt tuning: the model was called with neither input_ids nor inputs_embeds")
+        if mask is None and not full:  # the cache holds width slots and past - width tokens
+            mask = torch.ones(current.shape[0], past - width + current.shape[1], dtype=torch.long,
+                              device=current.device)
+        if mask is not None:
+            call["attention_mask"] = _in_front(mask, self._slot_mask(counts, width, True, mask))
+        if call.get("cache_position") is not None:
+            call["cache_position"] = call["cache_position"] + width
+        self._positions(call, width, current.shape[1], prefill=False)
+        return call, None
 
     def _positions(self, call: dict, n: int, length: int, prefill: bool) -> None:
         if not self.accepts_position_ids:
