@@ -204,7 +204,7 @@ def test_config_object_and_rslora():
      r"'target_modules'.*matched no linear layer.*query.*value"),
     (lambda m: pypeft.patch(m, method="lora", target_modules=["LayerNorm"]), ValueError, r"LayerNorm.*linear layers only"),
     (lambda m: pypeft.patch(m, method="lora", target_modules="(unclosed"), ValueError, r"not a valid regular expression"),
-    (lambda m: pypeft.patch(m, method="lorax"), ValueError, r"'method'.*\['bitfit', 'bottleneck', 'fusion', 'lora', 'p_tuning', 'prompt_tuning', 'read', 'tokentune', 'vera'\].*'lorax'"),
+    (lambda m: pypeft.patch(m, method="lorax"), ValueError, r"'method'.*\['bitfit', 'bottleneck', 'fusion', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning', 'read', 'tokentune', 'vera'\].*'lorax'"),
     (lambda m: pypeft.patch(m, method="lora", rank=4), ValueError, r"unknown option 'rank'.*alpha"),
     (lambda m: pypeft.patch(m, method="lora", r=0), ValueError, r"'r'.*>= 1.*0"),
     (lambda m: pypeft.patch(m, method="lora", dropout=1.5), ValueError, r"'dropout'"),

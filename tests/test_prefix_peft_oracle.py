@@ -15,10 +15,12 @@ What the installed peft does, and how the reference is taken:
   own prefix (PeftModel.get_prompt, a DynamicCache of length n) through the
   base model as its _prefix_tuning_forward does: attention mask with n ones in
   front, the prefix as the cache.
-- generate: peft 0.21.2's generate on transformers 5.24 drops the prefix
-  (its output equals the base model's; it hands the prefix over under the old
-  cache name). The reference for generate is a greedy loop over peft's
-  forward, with position_ids from the attention mask (peft adds n to them).
+- generate: peft 0.21.2's generate on transformers 5.24 does not decode with
+  the prefix (it injects it as past_key_values while generate passes its own
+  cache as `cache`; Llama's and T5's greedy outputs equal the base model's,
+  GPT-2's and OPT's neither that nor peft's forward decoding). The reference
+  for generate is a greedy loop over peft's forward, with position_ids from
+  the attention mask as generate makes them (peft adds n to them).
 - T5: peft prefixes the decoder's self-attention only (not the encoder, not
   cross-attention), decoder layer j reading block (2j mod num_layers) of the
   prompt; pypeft matches it (pypeft/methods/prefix/sites.py).
@@ -204,3 +206,28 @@ def test_saved_config_has_peft_fields(tmp_path):
         assert fields[key] == (getattr(expected, key) if key != "num_virtual_tokens" else 4), key
     assert fields["peft_type"] == "PREFIX_TUNING" and fields["task_type"] == "CAUSAL_LM"
     assert fields["encoder_hidden_size"] == 24
+
+
+def test_t5_with_three_layers_reads_peft_s_blocks(tmp_path):
+    """With 3 layers peft's layout gives decoder layers 0, 1, 2 the blocks 0,
+    2, 1 (two layers cannot tell that from "always block 0")."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=T.VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base = transformers.T5ForConditionalGeneration(cfg).eval()
+    pm = peft_model(base, "t5", projection=False).eval()
+    batch = T.inputs("t5")
+    with torch.no_grad():
+        want = pm(**batch).logits
+    pm.save_pretrained(tmp_path)
+    model = pypeft.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(T.output(model, batch), want, rtol=1e-5, atol=1e-5)
+    from pypeft.methods.prefix.sites import SITE_ATTR
+
+    blocks = {name: m.__dict__[SITE_ATTR].block for name, m in model.named_modules() if SITE_ATTR in m.__dict__}
+    assert {n: b for n, b in blocks.items() if b is not None} == {
+        "decoder.block.0.layer.0.SelfAttention": 0, "decoder.block.1.layer.0.SelfAttention": 2,
+        "decoder.block.2.layer.0.SelfAttention": 1}
+    assert len(blocks) == 9  # encoder self-, decoder self- and cross-attention: all delegate, three prefixed

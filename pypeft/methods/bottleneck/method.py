@@ -78,7 +78,8 @@ class BottleneckMethod(Method):
     composition_note = "bottleneck adapters train inside the backbone, which READ runs without autograd"
 
     def composes_with(self, other: str) -> bool:
-        return other in {"bottleneck", "lora", "vera", "fusion", "tokentune", "prompt_tuning", "p_tuning"}
+        return other in {"bottleneck", "lora", "vera", "fusion", "tokentune", "prompt_tuning", "p_tuning",
+                         "prefix_tuning"}
 
     def record(self, state: PatchState | None) -> BottleneckRecord | None:
         return None if state is None else state.method_states.get(self.name)

@@ -65,9 +65,8 @@ class PrefixEncoders(PypeftLayer):
 
     def add_adapter(self, name: str, n: int, projection: bool, hidden: int) -> None:
         encoder = PrefixEncoder(n, self.geo, projection, hidden)
-        ref = next((p for p in self.parameters()), None)
-        self.encoders[name] = encoder if ref is None else encoder.to(ref.device)
         encoder.train(self.training)
+        self.encoders[name] = encoder
 
     def adapter_names(self) -> list[str]:
         return list(self.encoders)

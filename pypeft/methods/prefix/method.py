@@ -51,7 +51,7 @@ class PrefixRecord:
     geo: Geometry
     encoders: PrefixEncoders
     tagged: list[nn.Module]
-    hook: object
+    hook: object  # the forward pre-hook's handle
     attn_implementation: str
 
 
@@ -97,9 +97,6 @@ class PrefixTuningMethod(Method):
         if record is None:
             previous = model.config._attn_implementation
             encoders = PrefixEncoders(geo)
-            ref = next(model.parameters(), None)
-            if ref is not None:
-                encoders.to(device=ref.device)
             encoders.train(model.training)
             encoders.bind(state.context)
             model.add_module(ENCODERS_ATTR, encoders)
@@ -107,19 +104,21 @@ class PrefixTuningMethod(Method):
             for module, block in sites:
                 module.__dict__[SITE_ATTR] = PrefixSite(block, encoders, previous, bias_source)
                 tagged.append(module)
-            hook = None
-            if geo.num_transformer_submodules == 1 and accepts_position_ids(model):
-                hook = model.register_forward_pre_hook(PositionHook(encoders, position_start(model)),
-                                                       with_kwargs=True)
-            model.set_attn_implementation(attention.register(previous))
+            implementation = attention.register(previous)
+            shifts = geo.num_transformer_submodules == 1 and accepts_position_ids(model)
+            hook = model.register_forward_pre_hook(
+                PositionHook(encoders, position_start(model), shifts, implementation), with_kwargs=True)
+            model.set_attn_implementation(implementation)
             record = PrefixRecord(geo, encoders, tagged, hook, previous)
             state.method_states[self.name] = record
         c = plan.config
         record.encoders.add_adapter(c.adapter_name, c.num_virtual_tokens, c.prefix_projection,
                                     c.encoder_hidden_size or geo.token_dim)
-        ref = next(model.parameters(), None)
-        if ref is not None and ref.is_floating_point():
-            record.encoders.encoders[c.adapter_name].to(dtype=ref.dtype)
+        # On the model's device, in float32 whatever the model's dtype, as peft keeps its prompt encoder; the
+        # prefix is cast to the keys' dtype where it is used.
+        ref = next((p for n, p in model.named_parameters() if not n.startswith(ENCODERS_ATTR + ".")), None)
+        if ref is not None:
+            record.encoders.encoders[c.adapter_name].to(device=ref.device)
 
     def adapter_deleted(self, model: nn.Module, state: PatchState, name: str) -> None:
         record: PrefixRecord | None = state.method_states.get(self.name)
@@ -128,8 +127,7 @@ class PrefixTuningMethod(Method):
 
     def detach(self, model: nn.Module, state: PatchState) -> None:
         record: PrefixRecord = state.method_states.pop(self.name)
-        if record.hook is not None:
-            record.hook.remove()
+        record.hook.remove()
         for module in record.tagged:
             module.__dict__.pop(SITE_ATTR, None)
         if getattr(model, ENCODERS_ATTR, None) is record.encoders:

@@ -49,9 +49,15 @@ def _cache_length(kwargs: dict) -> int:
 
 
 class PositionHook:
-    def __init__(self, owner, padding_idx: int | None):
+    """The forward pre-hook. It also refuses to run a prefix adapter when the
+    attention implementation was changed after patching (the prefix would be
+    silently left out)."""
+
+    def __init__(self, owner, padding_idx: int | None, shifts_positions: bool, implementation: str):
         self.owner = owner
         self.padding_idx = padding_idx
+        self.shifts_positions = shifts_positions
+        self.implementation = implementation
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         given = kwargs.get("position_ids")
@@ -63,6 +69,14 @@ class PositionHook:
         batch, length = source.shape[0], source.shape[1]
         offsets = self.owner.lengths(batch)
         if offsets is None:
+            return None
+        current = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if current != self.implementation:
+            raise ValueError(f"pypeft prefix tuning: the model's attention implementation is {current!r}, but the "
+                             f"prefix enters through {self.implementation!r}, set by pypeft.patch; changed after "
+                             f"patching, the prefix would be left out. Call model.set_attn_implementation("
+                             f"{self.implementation!r}) (or unpatch, change it, and patch again)")
+        if not self.shifts_positions:
             return None
         if len(args) > 1:
             raise ValueError("pypeft prefix tuning: pass the model's inputs by keyword (input_ids=..., "
