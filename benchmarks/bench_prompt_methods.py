@@ -107,7 +107,7 @@ def peft_config(method: str, task: str, args):
 
 
 def pypeft_options(method: str, args) -> dict:
-    """The same adapter as peft_config, as pypeft.patch takes it (where peft cannot build one)."""
+    """The same adapter as peft_config, as pypeft.patch takes it."""
     options = {"num_virtual_tokens": args.num_virtual_tokens}
     if method == "p_tuning":
         options.update(encoder="mlp", encoder_hidden_size=args.encoder_hidden_size)
