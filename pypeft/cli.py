@@ -1,7 +1,8 @@
 """The `pypeft` command (also `python -m pypeft`).
 
-    pypeft finetune --method lora [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
-                    [--max-train-samples N] [--max-test-samples N]   (a quick run on part of the data)
+    pypeft finetune --method lora|vera|...|prompt_tuning|p_tuning|prefix_tuning [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
+                    [--num-virtual-tokens N] [--max-train-samples N] [--max-test-samples N]   (a quick run
+                    on part of the data)
 
 Errors in what the user gave print one line, `pypeft finetune: error: ...`, on
 stderr and exit with status 2 (no traceback).
@@ -114,7 +115,8 @@ def _add_finetune(commands) -> None:
                     "and after, trainable/total parameters, training time, peak memory and where the adapter was "
                     "saved, then a JSON summary.")
     p.add_argument("--method", default=d.method,
-                   help=f"PEFT method, as pypeft.patch takes it (lora, vera, tokentune, read, bitfit), or 'full' "
+                   help=f"PEFT method, as pypeft.patch takes it (lora, vera, tokentune, read, bitfit, bottleneck, "
+                        f"prompt_tuning, p_tuning, prefix_tuning), or 'full' "
                         f"for full fine-tuning (default: {d.method})")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="local model directory (save_pretrained layout); default: the bundled all-MiniLM-L6-v2")
@@ -157,6 +159,9 @@ def _add_finetune(commands) -> None:
                    help=f"scaling numerator (LoRA default here: {lora['alpha']})")
     m.add_argument("--dropout", type=_probability, default=None, metavar="P",
                    help=f"adapter dropout (LoRA default here: {lora['dropout']})")
+    m.add_argument("--num-virtual-tokens", type=_int_at_least(1), default=None, metavar="N",
+                   help="virtual tokens of prompt_tuning, p_tuning and prefix_tuning (default here: "
+                        f"{METHOD_DEFAULTS['prompt_tuning']['num_virtual_tokens']})")
     m.add_argument("--option", dest="options", type=_method_option, action="append", default=[],
                    metavar="KEY=VALUE", help="any other option of the method, e.g. --option rslora=True; repeatable")
     p.set_defaults(handler=_finetune, parser=p)
@@ -175,7 +180,7 @@ def _finetune(args) -> int:
     from pypeft.finetune import FinetuneOptions, run
 
     method_options = dict(args.options)
-    for key in ("r", "alpha", "dropout"):
+    for key in ("r", "alpha", "dropout", "num_virtual_tokens"):
         if getattr(args, key) is not None:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(

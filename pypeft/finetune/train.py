@@ -36,7 +36,15 @@ DEFAULT_OUTPUT_ROOT = "pypeft-output"
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
     "tokentune": {"k": 16},  # a quarter of the default 64 tokens
+    # Soft prompts: 20 virtual tokens, as in peft's examples (Lester et al. see
+    # little gain past 20 on a model this size); the head trains beside them.
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "p_tuning": {"num_virtual_tokens": 20},
+    "prefix_tuning": {"num_virtual_tokens": 20},
 }
+# Methods whose virtual tokens join the input sequence (prefix tuning's enter
+# attention only): they use up position embeddings, max_length + num_virtual_tokens.
+INPUT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 # Not a pypeft.patch method: every weight trains, as the baseline TokenTune is
 # measured against.
 FULL_FINETUNING = "full"
@@ -49,9 +57,13 @@ FULL_FINETUNING = "full"
 # 0.92 on the default data in 2 epochs, 1e-3 0.90.
 # BitFit trains only the biases (and the head): 5e-3 reaches 0.948 on the default data in 2 epochs, 1e-2
 # 0.951; in short runs (10-20 steps) 2e-2 or more collapsed to one class, so the default keeps a margin.
+# Soft-prompt methods train a few vectors in front of a frozen network and want
+# a far larger step than LoRA (Lester et al. use 0.3 with Adafactor; peft's
+# examples 3e-2 for prompt tuning, 1e-2 for prefix tuning); see RESULTS.md for
+# the figures on the default data.
 DEFAULT_LR = 1e-3
 METHOD_LR: dict[str, float] = {"vera": 5e-3, FULL_FINETUNING: 1e-4, "tokentune": 1e-4, "read": 3e-3,
-                               "bitfit": 5e-3}
+                               "bitfit": 5e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 
 
 def learning_rate(options: "FinetuneOptions") -> float:
@@ -255,6 +267,19 @@ def load_classifier(model_dir: Path, label_names: list[str], max_length: int | N
     return tokenizer, model
 
 
+def _check_prompt_fits(options: FinetuneOptions, method_options: dict, config) -> None:
+    """Virtual tokens that join the input take position embeddings too: the
+    longest text plus them must fit (else the model indexes past its positions
+    in the first batch, with a traceback)."""
+    positions = _max_positions(config)
+    virtual = method_options.get("num_virtual_tokens")
+    if options.method not in INPUT_PROMPT_METHODS or positions is None or not isinstance(virtual, int):
+        return
+    if options.max_length + virtual > positions:
+        raise UsageError(f"argument --max-length: expected at most {positions - virtual} (the model's {positions} "
+                         f"positions less {virtual} virtual tokens of {options.method}), got {options.max_length}")
+
+
 # --- batches ------------------------------------------------------------------------
 
 class Encoded:
@@ -434,6 +459,7 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
             pypeft.patch(model, method=options.method, **method_options)
     except (ValueError, TypeError) as exc:  # unknown method or option, bad rank, no target layers, ...
         raise UsageError(_first_line(exc)) from None
+    _check_prompt_fits(options, method_options, model.config)
     model.to(device)
     trainable, total = pypeft.trainable_parameters(model)
     output = _output_dir(options)
