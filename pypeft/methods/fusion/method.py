@@ -47,7 +47,8 @@ class FusionMethod(Method):
     composition_note = "AdapterFusion trains inside the backbone, which READ runs without autograd"
 
     def composes_with(self, other: str) -> bool:
-        return other in {"bottleneck", "lora", "vera", "fusion", "tokentune", "prefix_tuning"}
+        return other in {"bottleneck", "lora", "vera", "fusion", "tokentune", "prefix_tuning", "prompt_tuning",
+                         "p_tuning"}
 
     # --- patching ------------------------------------------------------------------
     def plan(self, model: nn.Module, state: PatchState | None, config: FusionConfig) -> Plan:

@@ -60,6 +60,7 @@ class PositionHook:
         if len(args) > 1:
             raise ValueError("pypeft prefix tuning: pass the model's inputs by keyword (input_ids=..., "
                              "attention_mask=...), so that it can shift position_ids past the prefix")
+        uniform = bool((offsets == offsets[0]).all())  # on the CPU: False only in a mixed batch
         offsets = offsets.to(source.device)[:, None]
         if given is not None:
             kwargs["position_ids"] = given + (offsets if given.dim() == 2 else offsets[None])
@@ -71,7 +72,11 @@ class PositionHook:
             real = mask[:, -length:].bool()
             positions = (mask.long().cumsum(-1) - 1)[:, -length:].clamp(min=0)
         else:
-            positions = (torch.arange(length, device=source.device) + past)[None].expand(batch, length)
+            positions = (torch.arange(length, device=source.device) + past)[None]
+            if not uniform:  # rows of different prefix lengths
+                positions = positions.expand(batch, length)
+            else:  # one row of positions for all, as the model makes them itself: rotary tables stay [1, L]
+                offsets = offsets[:1]
         positions = positions + offsets
         if self.padding_idx is not None:
             positions = positions + self.padding_idx + 1
