@@ -105,15 +105,7 @@ def test_selecting_every_token_gives_prefix_tunings_own_gradients(order):
 @pytest.mark.parametrize("order", ORDERS)
 def test_a_training_step_changes_the_prefix_only(order):
     model = both(TT.make("llama"), order, k=2)
-    batch = TT.batch_for("llama")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert trained and all(p is q for p, q in zip(trained, getattr(model, ENCODERS_ATTR).parameters()))
-    optimizer = torch.optim.SGD(trained, lr=0.1)
-    model(**batch).loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.startswith(ENCODERS_ATTR + ".") for n in changed)
+    TT.assert_step_trains_only(model, TT.batch_for("llama"), ENCODERS_ATTR)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -88,6 +88,20 @@ def assert_same_grads(got: dict, want: dict, float32_norms: bool = False) -> Non
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def assert_step_trains_only(model: nn.Module, batch: dict, owner: str) -> None:
+    """One SGD step on the trainable parameters, which must be exactly those
+    of the submodule `owner` (a soft-prompt method's parameters beside
+    TokenTune), changes them and nothing else."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p is q for p, q in zip(trained, model.get_submodule(owner).parameters()))
+    optimizer = torch.optim.SGD(trained, lr=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(owner + ".") for n in changed)
+
+
 def with_lora(model: nn.Module) -> nn.Module:
     pypeft.patch(model, method="lora", r=4, alpha=8, target_modules="all-linear")
     # Non-zero B, so that gradients reach A and the layers below.
