@@ -39,7 +39,6 @@ from pypeft.state import require_state, state_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-HEAD_PREFIX = "base_model.model."  # PEFT's prefix for keys of the wrapped model
 SAVED_CONFIG_KEY = "pypeft.adapter_config"  # in the weights' safetensors metadata: the config they go with
 
 
@@ -49,8 +48,7 @@ class AdapterFormatError(ValueError):
 
 # --- saving ---------------------------------------------------------------------
 
-def _head_tensors(model: nn.Module, to_save: list[str], adapter_name: str,
-                  prefix: str = HEAD_PREFIX) -> dict[str, torch.Tensor]:
+def _head_tensors(model: nn.Module, to_save: list[str], adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for name in to_save:
         copy = model.get_submodule(name).copies[adapter_name]
@@ -215,7 +213,7 @@ def _check_saved_together(method: Method, path: Path, config_path: Path, fields:
                 "interrupted between them?); save the adapter again")
 
 
-def _head_shapes(model: nn.Module, to_save: list[str], prefix: str = HEAD_PREFIX) -> dict[str, tuple]:
+def _head_shapes(model: nn.Module, to_save: list[str], prefix: str) -> dict[str, tuple]:
     shapes = {}
     for name in to_save:
         module = model.get_submodule(name)

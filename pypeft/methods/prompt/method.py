@@ -123,6 +123,7 @@ class PromptMethodBase(Method):
         return Plan(self, config, [], to_save, extra=resolved)
 
     def make_encoder(self, model: nn.Module, config, r: Resolved) -> nn.Module:
+        """The new adapter's prompt encoder (each subclass: its method's)."""
         raise NotImplementedError
 
     def attach(self, model: nn.Module, state: PatchState, plan: Plan) -> None:
