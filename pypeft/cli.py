@@ -1,8 +1,8 @@
 """The `pypeft` command (also `python -m pypeft`).
 
-    pypeft finetune --method lora|vera|...|prompt_tuning|p_tuning|prefix_tuning [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
-                    [--num-virtual-tokens N] [--max-train-samples N] [--max-test-samples N]   (a quick run
-                    on part of the data)
+    pypeft finetune --method lora|vera|...|prompt_tuning|p_tuning|prefix_tuning [--model DIR]
+                    [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR] [--num-virtual-tokens N]
+                    [--max-train-samples N] [--max-test-samples N]   (a quick run on part of the data)
 
 Errors in what the user gave print one line, `pypeft finetune: error: ...`, on
 stderr and exit with status 2 (no traceback).

@@ -271,6 +271,7 @@ def _unwritable_dir() -> str:
     (["--num-virtual-tokens", "4"], "num_virtual_tokens"),  # LoRA, the default method, has none
     (["--method", "prompt_tuning", "--max-length", "50"], "--max-length"),  # 50 + 20 virtual > 64 positions
     (["--method", "p_tuning", "--max-length", "16", "--num-virtual-tokens", "49"], "--max-length"),
+    (["--method", "prefix_tuning", "--max-length", "50"], "--max-length"),  # the text shifted to 20..69
     (["--data", "{tmp}/missing.csv"], "--data: expected 'bbc' or a data file"),
     (["--data", "{tmp}"], "--data: expected 'bbc' or a data file"),
     (["--data", "{tmp}/malformed.jsonl"], "line 2: not valid JSON"),

@@ -42,9 +42,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "p_tuning": {"num_virtual_tokens": 20},
     "prefix_tuning": {"num_virtual_tokens": 20},
 }
-# Methods whose virtual tokens join the input sequence (prefix tuning's enter
-# attention only): they use up position embeddings, max_length + num_virtual_tokens.
-INPUT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
+# Methods whose virtual tokens take positions before the text's (prompt and
+# P-tuning's join the input; prefix tuning's, as peft's, put the real tokens at
+# positions n..): max_length + num_virtual_tokens must fit the model's positions.
+VIRTUAL_POSITION_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 # Not a pypeft.patch method: every weight trains, as the baseline TokenTune is
 # measured against.
 FULL_FINETUNING = "full"
@@ -268,12 +269,12 @@ def load_classifier(model_dir: Path, label_names: list[str], max_length: int | N
 
 
 def _check_prompt_fits(options: FinetuneOptions, method_options: dict, config) -> None:
-    """Virtual tokens that join the input take position embeddings too: the
-    longest text plus them must fit (else the model indexes past its positions
+    """Virtual tokens take position embeddings too (prefix tuning's shift the
+    text past them): the longest text plus them must fit (else the model indexes past its positions
     in the first batch, with a traceback)."""
     positions = _max_positions(config)
     virtual = method_options.get("num_virtual_tokens")
-    if options.method not in INPUT_PROMPT_METHODS or positions is None or not isinstance(virtual, int):
+    if options.method not in VIRTUAL_POSITION_METHODS or positions is None or not isinstance(virtual, int):
         return
     if options.max_length + virtual > positions:
         raise UsageError(f"argument --max-length: expected at most {positions - virtual} (the model's {positions} "
