@@ -14,6 +14,8 @@
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
 
+    pypeft.quantize(model, "nf4")             # QLoRA's NF4 base (bitsandbytes' format); pypeft.quant
+
 A method of your own plugs in the same way (docs/ARCHITECTURE.md): subclass
 pypeft.Method, put its modules in the model as pypeft.PypeftLayer
 subclasses, and call pypeft.register_method(YourMethod()).
@@ -32,6 +34,7 @@ from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
 from pypeft.mixed_batch import mixed_batch
+from pypeft.quant.quantize import quantize
 from pypeft.patch import (
     delete_adapter,
     disabled,
@@ -71,6 +74,7 @@ __all__ = [
     "ops",
     "patch",
     "prompt_ensemble",
+    "quantize",
     "register_method",
     "save_adapter",
     "set_adapter",
