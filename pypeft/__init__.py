@@ -34,7 +34,7 @@ from pypeft.methods.read import ReadConfig
 from pypeft.methods.tokentune import TokenTuneConfig
 from pypeft.methods.vera import VeraConfig, VeraLinear
 from pypeft.mixed_batch import mixed_batch
-from pypeft.quant.quantize import quantize
+from pypeft.quant.quantize_model import quantize
 from pypeft.patch import (
     delete_adapter,
     disabled,

@@ -7,6 +7,9 @@ bitsandbytes and in its checkpoint layout.
 """
 
 from pypeft.quant.bnb_format import FormatError
+from pypeft.quant.hf_config import quantization_config
+from pypeft.quant.loading import from_config, from_pretrained
 from pypeft.quant.nf4_linear import NF4Linear
+from pypeft.quant.quantize_model import quantize
 
-__all__ = ["FormatError", "NF4Linear"]
+__all__ = ["FormatError", "NF4Linear", "from_config", "from_pretrained", "quantization_config", "quantize"]
