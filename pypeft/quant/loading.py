@@ -256,10 +256,15 @@ def _config_dtype(config) -> torch.dtype:
 @torch.no_grad()
 def from_config(model_class, config, *, dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
                 double_quant: bool = True, blocksize: int = 64, skip=None, device="cpu") -> nn.Module:
-    """A model of `config` with random weights, initialised as transformers
-    initialises them (the model's _init_weights, module by module) and its
-    linear layers quantised one at a time (torch.manual_seed first for
-    reproducible weights). Options as pypeft.quantize; dtype default float32."""
+    """A model of `config` with random weights, initialised by the model's own
+    _init_weights and quantised a block at a time: the modules holding linear
+    layers (an attention, an MLP) are made in full precision one by one,
+    initialised children first as transformers' initialize_weights does (so
+    what a parent's init does to its linear layers, such as GPT-2's scaled
+    c_proj, holds), and those layers quantised before the next block is made.
+    torch.manual_seed first for reproducible weights (they are drawn in
+    another order than transformers' own init: the same distributions, not
+    the same numbers). Options as pypeft.quantize; dtype default float32."""
     owner = "pypeft.quant.from_config"
     device = _check_options(owner, dtype, compute_dtype, double_quant, blocksize, skip, device)
     model = _build(model_class, config, dtype or torch.float32)
@@ -268,29 +273,51 @@ def from_config(model_class, config, *, dtype: torch.dtype | None = None, comput
         import warnings
         warnings.warn(f"{owner}: {len(selection.odd)} linear layer(s) with an odd in_features stay in full "
                       f"precision: {', '.join(selection.odd)}", stacklevel=2)
-    _install_shells(model, selection.chosen, blocksize, double_quant, compute_dtype)
     init = getattr(model, "_init_weights", None)
-    for _, module in model.named_modules():
-        if isinstance(module, NF4Linear):
-            full = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                             dtype=module.weight_dtype, device=device)
-            if init is not None:
-                init(full)
-            module.quantize_(full.weight)
-            if full.bias is not None:
-                module.bias = nn.Parameter(full.bias.detach(), requires_grad=False)
-            del full
-            continue
-        meta = False
-        for local, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                module._parameters[local] = nn.Parameter(torch.empty_like(p, device=device),
-                                                         requires_grad=p.requires_grad)
-                meta = True
-        for local, b in list(module._buffers.items()):
-            if b is not None and (b.is_meta or b.device != device):
-                meta = meta or b.is_meta
-                module._buffers[local] = torch.empty_like(b, device=device) if b.is_meta else b.to(device)
-        if meta and init is not None:
+    blocks: dict[str, list] = {}
+    for c in selection.chosen:
+        blocks.setdefault(c.path.rpartition(".")[0], []).append(c)
+    for parent_path, chosen in blocks.items():
+        parent = model.get_submodule(parent_path)
+        # Only the parent's own tensors and its chosen linear layers are made
+        # here (a parent may be the whole model, when its head is quantised).
+        for c in chosen:
+            for module in _children_first(c.module):
+                if _materialize(module, device) and init is not None:
+                    init(module)
+        _materialize(parent, device)
+        if init is not None:
+            init(parent)
+        for c in chosen:
+            model.set_submodule(c.path, NF4Linear.from_linear(c.module, blocksize=blocksize,
+                                                              double_quant=double_quant, compute_dtype=compute_dtype))
+            c.module = None  # the full-precision weights go now
+    for module in _children_first(model):
+        if _materialize(module, device) and init is not None:
             init(module)
     return _finish(model, [c.name for c in selection.chosen], double_quant, compute_dtype)
+
+
+def _children_first(module: nn.Module) -> list[nn.Module]:
+    out = []
+    for child in module.children():
+        out.extend(_children_first(child))
+    out.append(module)
+    return out
+
+
+def _materialize(module: nn.Module, device) -> bool:
+    """Give the module's own meta tensors storage on `device` (uninitialised);
+    whether it had any."""
+    made = False
+    for local, p in list(module._parameters.items()):
+        if p is not None and p.is_meta:
+            module._parameters[local] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            made = True
+    for local, b in list(module._buffers.items()):
+        if b is not None and b.is_meta:
+            module._buffers[local] = torch.empty_like(b, device=device)
+            made = True
+        elif b is not None and b.device != device:
+            module._buffers[local] = b.to(device)
+    return made
