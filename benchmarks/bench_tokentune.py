@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import (DTYPES, add_device_options, alternate_timings, classification_batch,  # noqa: E402
-                    machine_description, minilm_shaped, saved_activation_bytes, train_step)
+                    machine_description, minilm_shaped, peak_resident_bytes, saved_activation_bytes, train_step)
 from two_stream_bert import two_stream_loss  # noqa: E402
 
 import pypeft  # noqa: E402
@@ -112,17 +111,6 @@ def rss_child(args) -> None:
     for _ in range(args.steps):
         step()
     print(peak_resident_bytes())
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries
-    ru_maxrss across exec, so a child started from a big parent reports the
-    parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def check_same_gradients(args) -> float:

@@ -8,6 +8,7 @@ distinct storages saved for backward during one forward, parameters excluded.
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import time
 from typing import Callable
@@ -145,3 +146,14 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a child started from a big parent reports the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -123,33 +123,65 @@ def _finish(model: nn.Module, chosen_names, double_quant, compute_dtype) -> nn.M
 
 # --- from a checkpoint -----------------------------------------------------------------------
 
+# safetensors' dtype names (the format's header, https://github.com/huggingface/safetensors).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """One safetensors file, each tensor read into memory of its own when
+    asked for. Not safe_open: its memory map leaves every page it touched
+    resident in the process (page cache, but counted in its RSS), so a
+    streamed load would peak at the file's size after all."""
+
+    def __init__(self, path: str, stack: contextlib.ExitStack):
+        self.file = stack.enter_context(open(path, "rb"))
+        size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(size))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + size
+        self.path = path
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise bnb_format.FormatError(f"pypeft.quant.from_pretrained: '{key}' in {self.path}: expected one of "
+                                         f"{sorted(_ST_DTYPES)} as dtype, got {info['dtype']!r}")
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        buffer = bytearray(end - start)
+        self.file.seek(self.base + start)
+        if self.file.readinto(buffer) != len(buffer):
+            raise bnb_format.FormatError(f"pypeft.quant.from_pretrained: '{key}' in {self.path}: the file ends "
+                                         "before the tensor's bytes")
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(info["shape"])
+
+
 class _Checkpoint:
     """The tensors of a safetensors checkpoint (one file or shards), read one at a time."""
 
     def __init__(self, directory: str, stack: contextlib.ExitStack):
-        from safetensors import safe_open
         index = os.path.join(directory, SAFE_INDEX)
         single = os.path.join(directory, SAFE_WEIGHTS)
         if os.path.isfile(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+                files = sorted(set(json.load(f)["weight_map"].values()))
         elif os.path.isfile(single):
-            weight_map, files = None, [SAFE_WEIGHTS]
+            files = [SAFE_WEIGHTS]
         else:
             raise FileNotFoundError(f"pypeft.quant.from_pretrained: argument 'path': expected a directory with "
                                     f"{SAFE_WEIGHTS} or {SAFE_INDEX}, got {directory!r}")
-        handles = {f: stack.enter_context(safe_open(os.path.join(directory, f), "pt", device="cpu")) for f in files}
-        if weight_map is None:
-            weight_map = {k: SAFE_WEIGHTS for k in handles[SAFE_WEIGHTS].keys()}
-        self.where = weight_map
-        self.handles = handles
+        self.files = {f: _SafetensorsFile(os.path.join(directory, f), stack) for f in files}
+        self.where = {key: name for name, file in self.files.items() for key in file.header}
 
     def keys(self):
         return self.where.keys()
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.where[key]].get_tensor(key)
+        return self.files[self.where[key]].get(key)
 
 
 def from_pretrained(model_class, path, *, dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
