@@ -178,3 +178,26 @@ def test_bad_arguments_change_nothing():
     pypeft.merge(merged)
     with pytest.raises(ValueError, match="merged adapters.*unmerge"):
         pypeft.quantize(merged)
+
+
+def test_bitfit_trains_the_bias_of_nf4_layers():
+    reference = _unpatched_quantised("gpt2")
+    model = _unpatched_quantised("gpt2")
+    pypeft.patch(model, method="bitfit")
+    batch = tiny_models.inputs("gpt2")
+    torch.testing.assert_close(tiny_models.output(model, batch), tiny_models.output(reference, batch), rtol=0, atol=0)
+    layer = model.transformer.h[0].attn.c_attn  # a BitFit layer over an NF4Linear
+    assert isinstance(layer.base_layer, NF4Linear)
+    model.train()
+    model(**tiny_models.labels_for("gpt2", batch)).loss.backward()
+    trained = layer.bitfit_bias["default"]
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    with torch.no_grad():
+        trained.add_(0.5)
+    model.eval()
+    expected = copy.deepcopy(reference)
+    with torch.no_grad():
+        expected.transformer.h[0].attn.c_attn.bias.add_(0.5)
+    torch.testing.assert_close(tiny_models.output(model, batch), tiny_models.output(expected, batch))
+    pypeft.unpatch(model)
+    assert state_dict_differences(model.state_dict(), reference.state_dict()) == []
