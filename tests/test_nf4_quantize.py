@@ -201,3 +201,13 @@ def test_bitfit_trains_the_bias_of_nf4_layers():
     torch.testing.assert_close(tiny_models.output(model, batch), tiny_models.output(expected, batch))
     pypeft.unpatch(model)
     assert state_dict_differences(model.state_dict(), reference.state_dict()) == []
+
+
+def test_tokentune_layers_are_refused_with_the_order_that_works():
+    model = tiny_models.make("llama")
+    pypeft.patch(model, method="tokentune", k=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"run as another method's layers .*TokenTune.*quantise before patching"):
+        pypeft.quantize(model)
+    assert state_dict_differences(model.state_dict(), before) == []
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())

@@ -18,6 +18,7 @@ from torch import nn
 
 from pypeft.quant import hf_config, targets
 from pypeft.quant.nf4_linear import NF4Linear, check_blocksize, check_compute_dtype
+from pypeft.registry import method_named
 from pypeft.state import state_of
 
 METHODS = ("nf4",)
@@ -57,6 +58,14 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
                          "call pypeft.unmerge(model) first")
 
     selection = targets.select(model, skip)
+    swapped = [c.name for c in selection.chosen if type(c.module) not in (nn.Linear, targets.Conv1D)]
+    if swapped:
+        # TokenTune runs these as token-subset layers (a class swap in place):
+        # an NF4 layer in their place would run in full and break TokenTune's
+        # gradients without a word.
+        raise ValueError(f"pypeft.quantize: {len(swapped)} linear layer(s) run as another method's layers "
+                         f"({type(selection.chosen[0].module).__name__} at {swapped[0]}, ...: TokenTune); "
+                         "quantise before patching it (pypeft.unpatch, quantize, then patch)")
     if selection.odd:
         warnings.warn(f"pypeft.quantize: {len(selection.odd)} linear layer(s) with an odd in_features stay in full "
                       f"precision (NF4 packs two weights per byte): {', '.join(selection.odd)}", stacklevel=2)
@@ -72,6 +81,8 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
         # the full-precision layer goes now (one layer of extra memory at a time)
     if state is not None:
         _follow(state, swaps)
+        for name in sorted(state.methods()):  # as after a patch(): methods that tag layers see the new ones
+            method_named(name).model_changed(model, state)
 
     left = selection.skipped + selection.odd
     names = [c.name for c in selection.chosen]

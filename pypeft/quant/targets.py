@@ -7,7 +7,8 @@ transformers + bitsandbytes hold the same layers in 4 bits).
   nn.Linear, such as nn.MultiheadAttention's out_proj, are read by their
   owners' code as plain weights: left alone, as transformers does).
 - In a patched model, only the base layers pypeft's layers wrap
-  (`base_layer`) are candidates; the modules pypeft adds (adapters,
+  (`base_layer`) are candidates (and layers another method swapped the
+  class of, which quantize() refuses: TokenTune's); the modules pypeft adds (adapters,
   trainable copies, side networks) train and stay in full precision. Names
   are the model's own (without the `.base_layer` steps), as in a checkpoint.
 - Left out by default: the output head (transformers' get_keys_to_not_convert:
@@ -46,8 +47,17 @@ class Selection:
     odd: list[str] = field(default_factory=list)         # left for an odd in_features
 
 
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or _is_conv1d(module)
+    """nn.Linear or Conv1D, also when another method swapped its class in
+    place (TokenTune's token-subset subclasses record the original)."""
+    cls = getattr(type(module), "_pypeft_original_class", type(module))
+    return cls is nn.Linear or (Conv1D is not None and issubclass(cls, Conv1D))
 
 
 def candidates(model: nn.Module) -> list[Candidate]:
