@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--random-1b", action="store_true", help="only pypeft.quant.from_config at TinyLlama-1.1B shape")
+    parser.add_argument("--random-1b", action="store_true",
+                        help="only pypeft.quant.from_config at TinyLlama-1.1B shape")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20,
                         help="MALLOC_MMAP_THRESHOLD_ of the children, bytes (0: glibc's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nf4_helpers import bnb_dequantized, bnb_linear4bit, state_dict_differences
-from pypeft.quant import FormatError, NF4Linear
+from pypeft.quant import NF4Linear
 
 
 def _linear(in_features=64, out_features=96, bias=True, dtype=torch.float32, seed=0) -> nn.Linear:

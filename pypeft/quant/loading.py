@@ -214,8 +214,8 @@ def from_pretrained(model_class, path, *, dtype: torch.dtype | None = None, comp
         if prequantized:
             fp4 = sorted(k for k in keys if k.endswith(bnb_format.QUANT_STATE_KEY + "fp4"))
             if fp4:
-                raise bnb_format.FormatError(f"{owner}: argument 'path': a bitsandbytes FP4 checkpoint ({fp4[0]}, ...); "
-                                             "pypeft reads NF4 only")
+                raise bnb_format.FormatError(f"{owner}: argument 'path': a bitsandbytes FP4 checkpoint ({fp4[0]}, "
+                                             "...); pypeft reads NF4 only")
             if compute_dtype is None and stored_config is not None:
                 compute_dtype = _dtype_of(hf_config.field(stored_config, "bnb_4bit_compute_dtype"))
             double_quant = bool(hf_config.field(stored_config, "bnb_4bit_use_double_quant")) if stored_config \

@@ -114,7 +114,8 @@ class NF4Linear(nn.Module):
             raise ValueError("NF4Linear.from_linear: argument 'linear': its weight is on the meta device (no values "
                              "to quantise); build NF4Linear(...) on meta and load_state_dict instead")
         if not w.is_floating_point():
-            raise TypeError(f"NF4Linear.from_linear: argument 'linear': expected a floating-point weight, got {w.dtype}")
+            raise TypeError(f"NF4Linear.from_linear: argument 'linear': expected a floating-point weight, "
+                            f"got {w.dtype}")
         w = w.t() if transposed else w
         out_features, in_features = w.shape
         if in_features % 2:
