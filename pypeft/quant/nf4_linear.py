@@ -193,7 +193,10 @@ class NF4Linear(nn.Module):
                    blocksize=self.blocksize, dtype=self.weight_dtype)
         if self.double_quant:
             s.nested_codes, s.nested_absmax = self.nested_codes, self.nested_absmax
-            s.nested_offset, s.nested_blocksize = float(self.nested_offset), self.nested_blocksize
+            # a shell on the meta device has no offset to write (its state_dict only names things)
+            offset = self.nested_offset
+            s.nested_offset = 0.0 if offset.is_meta else float(offset)
+            s.nested_blocksize = self.nested_blocksize
         else:
             s.absmax = self.absmax
         return s
