@@ -71,8 +71,13 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
   at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
   const uint8_t* in = c.const_data_ptr<uint8_t>();
   const float* am = a.const_data_ptr<float>();
-  float table[16];
-  for (int i = 0; i < 16; ++i) table[i] = nf4::value(i);
+  // Both values of every byte at once: one 8-byte load per byte instead of two
+  // nibble lookups (this loop runs over W in every NF4 product, forward and backward).
+  float pairs[256][2];
+  for (int b = 0; b < 256; ++b) {
+    pairs[b][0] = nf4::value(nf4::high(static_cast<uint8_t>(b)));
+    pairs[b][1] = nf4::value(nf4::low(static_cast<uint8_t>(b)));
+  }
   const int64_t blocks = ceil_div(n, blocksize);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -80,12 +85,13 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
         const float s = am[b];
-        for (int64_t i = begin; i + 1 < end; i += 2) {
-          const uint8_t byte = in[i / 2];
-          o[i] = static_cast<scalar_t>(table[nf4::high(byte)] * s);
-          o[i + 1] = static_cast<scalar_t>(table[nf4::low(byte)] * s);
+        const int64_t pairs_end = begin + (end - begin) / 2 * 2;
+        for (int64_t i = begin; i < pairs_end; i += 2) {
+          const float* p = pairs[in[i / 2]];
+          o[i] = static_cast<scalar_t>(p[0] * s);
+          o[i + 1] = static_cast<scalar_t>(p[1] * s);
         }
-        if ((end - begin) % 2) o[end - 1] = static_cast<scalar_t>(table[nf4::high(in[(end - 1) / 2])] * s);
+        if (pairs_end < end) o[end - 1] = static_cast<scalar_t>(pairs[in[(end - 1) / 2]][0] * s);
       }
     });
   });
