@@ -237,4 +237,29 @@ TORCH_LIBRARY(pypeft, m) {
       "Tensor grad_residual, Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up, "
       "Tensor grad_w_query, Tensor grad_b_query, Tensor grad_w_key, Tensor grad_b_key, "
       "Tensor grad_w_value)");
+
+  // NF4 (QLoRA's 4-bit NormalFloat), bit-exact with bitsandbytes (pypeft/nf4.h).
+  // w: any shape; codes: uint8 [ceil(numel / 2)], two per byte in w's flattened
+  // order, the first in the high nibble; absmax: float32, one per block of
+  // `blocksize` (even) values. Not differentiable: quantisation is a storage step.
+  m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor codes, Tensor absmax)");
+  // codes, absmax as nf4_quantize's -> values of `shape` in `dtype`.
+  m.def(
+      "nf4_dequantize(Tensor codes, Tensor absmax, int blocksize, SymInt[] shape, "
+      "ScalarType dtype) -> Tensor");
+  // 8-bit blockwise quantisation on a 256-value code map (bitsandbytes' dynamic
+  // map for NF4's double quantisation): codes uint8 of x's shape, absmax float32
+  // one per block; dequantisation returns float32.
+  m.def("quantize_blockwise_8bit(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
+  m.def("dequantize_blockwise_8bit(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // y = x deq(W)ᵀ + b over an NF4 weight: weight uint8 [out, in / 2] (rows of
+  // in codes), absmax float32 [ceil(out * in / blocksize)]; x, bias, y in the
+  // compute dtype. Tile by tile of W's rows (pypeft/nf4_linear.h): W in full
+  // precision never exists. Saved for backward: nothing but the weight itself.
+  m.def(
+      "nf4_linear(Tensor x, Tensor weight, Tensor absmax, int blocksize, Tensor? bias) -> Tensor");
+  // Gradients of (x, bias) where output_mask says; W is frozen.
+  m.def(
+      "nf4_linear_backward(Tensor grad_y, Tensor weight, Tensor absmax, int blocksize, "
+      "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_bias)");
 }

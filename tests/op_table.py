@@ -1620,3 +1620,9 @@ OPS = [
 ]
 
 BY_NAME = {info.name: info for info in OPS}
+
+# The NF4 entries live in their own module (it imports this one's vocabulary).
+from op_table_nf4 import nf4_ops  # noqa: E402
+
+OPS += nf4_ops()
+BY_NAME = {info.name: info for info in OPS}

@@ -288,3 +288,32 @@ def adapter_fusion(z, query, residual, w_down, b_down, w_up, b_up, scales, activ
     if residual is not None:
         out = out + residual
     return out, pre, probs
+
+
+# --- NF4 (QLoRA's 4-bit NormalFloat; pypeft/ops/nf4.py) -------------------------------------------
+
+def nf4_table(dtype=torch.float64) -> torch.Tensor:
+    """The 16 NF4 values, from bitsandbytes (the format's owner) itself."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device="cpu").to(dtype)
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype=torch.float64):
+    """Unpack two codes per byte (the first in the high nibble), look each up in
+    the NF4 table and scale it by its block's absmax: a float32 product (the
+    format's definition, bitsandbytes'), then cast to dtype."""
+    n = 1
+    for s in shape:
+        n *= s
+    b = codes.reshape(-1).to(torch.int64).cpu()
+    idx = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
+    scale = absmax.to(torch.float32).cpu().repeat_interleave(blocksize)[:n]
+    return (nf4_table(torch.float32)[idx] * scale).reshape(shape).to(dtype).to(codes.device)
+
+
+def nf4_linear(x, weight, absmax, blocksize, bias=None):
+    """x · deq(W)ᵀ + b with W [out, in] from codes [out, in / 2], in x's dtype."""
+    out, n_in = weight.shape[0], weight.shape[1] * 2
+    w = nf4_dequantize(weight, absmax, blocksize, (out, n_in), dtype=x.dtype)
+    return torch.nn.functional.linear(x, w, bias)

@@ -17,6 +17,16 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from pypeft.ops.counter_dropout import counter_dropout
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed, vera_linear_mixed
+from pypeft.ops.nf4 import (
+    dequantize_blockwise_8bit,
+    dynamic_code_map,
+    nf4_double_dequantize,
+    nf4_double_quantize,
+    nf4_dequantize,
+    nf4_linear,
+    nf4_quantize,
+    quantize_blockwise_8bit,
+)
 from pypeft.ops.recurrent_cell import gru_cell, lstm_cell, rnn_cell
 from pypeft.ops.recurrent_scan import recurrent_scan
 from pypeft.ops.token_subset_activation import token_subset_activation, token_subset_gated_activation
@@ -34,6 +44,14 @@ __all__ = [
     "lora_linear",
     "lora_linear_mixed",
     "lstm_cell",
+    "dequantize_blockwise_8bit",
+    "dynamic_code_map",
+    "nf4_double_dequantize",
+    "nf4_double_quantize",
+    "nf4_dequantize",
+    "nf4_linear",
+    "nf4_quantize",
+    "quantize_blockwise_8bit",
     "recurrent_scan",
     "rnn_cell",
     "token_subset_activation",

@@ -77,4 +77,13 @@ inline const auto& counter_dropout() {
   return op;
 }
 
+// (codes, absmax, blocksize, shape, dtype) -> values of `shape` (NF4 dequantisation).
+inline const auto& nf4_dequantize() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pypeft::nf4_dequantize", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                               c10::SymIntArrayRef, at::ScalarType)>();
+  return op;
+}
+
 }  // namespace pypeft::ops
