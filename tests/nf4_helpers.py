@@ -1,12 +1,21 @@
 """bitsandbytes as the NF4 oracle on CPU: a Linear4bit quantised from given
 weights, its dequantised weight, and model-level switches.
 
-bnb 0.50 on a CPU with AVX512-BF16, at the first eval-mode no-grad forward
-of a Linear4bit, repacks the layer for its CPU kernel: absmax rounded to
-bfloat16 (a lossy change of the stored state, kept afterwards, and a
-bfloat16 GEMM). Every Linear4bit an oracle runs gets
-`support_avx512bf16_for_cpu = False` first, so bnb runs its reference path:
-matmul_4bit over dequantize_4bit, which equals F.linear(x, dequantize_4bit(W), b).
+Two things bnb 0.50.2 does on this kind of CPU (AVX512) that the oracle avoids:
+- its native CPU dequantize_4bit kernel misplaces absmax when a weight row's
+  length is not a multiple of the block size in some ways (rows of 96 with
+  blocks of 64: elements scaled by a neighbouring block's absmax, round-trip
+  errors 4x NF4's); its own pure-PyTorch kernel (the default backend's
+  _dequantize_4bit_compute, what it runs where the native one is missing),
+  CUDA's, and pypeft's agree with each other. The dequantised weights here
+  come from that reference kernel.
+- on a CPU with AVX512-BF16, the first eval-mode no-grad forward of a
+  Linear4bit repacks the layer for a bf16 kernel: absmax rounded to
+  bfloat16 (a lossy change of the stored state, kept afterwards) and a
+  bfloat16 GEMM; it asserts out_features % 32 == 0. Every Linear4bit an
+  oracle runs gets `support_avx512bf16_for_cpu = False` first (matmul_4bit
+  over dequantize_4bit), and models run through bnb's forward have widths
+  that are multiples of 64, where its native dequantiser is right.
 """
 
 from __future__ import annotations
@@ -36,7 +45,42 @@ def bnb_linear4bit(linear: nn.Linear, double_quant: bool = True, blocksize: int 
 
 
 def bnb_dequantized(layer) -> torch.Tensor:
-    return bnb_f.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    """W [out, in] of a Linear4bit (or of its Params4bit), decoded by bnb's
+    reference kernel (module docstring)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    weight = layer if isinstance(layer, bnb.nn.Params4bit) else layer.weight
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = (bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    code = bnb_f.get_4bit_type(state.quant_type, device=absmax.device)
+    return _dequantize_4bit_compute(weight.data.reshape(-1), absmax, code, state.blocksize, state.shape,
+                                    state.dtype)
+
+
+class _Dequantized(nn.Module):
+    """What a Linear4bit computes (bnb's reference path), over a plain weight:
+    x cast to the compute dtype, x W^T + b there, the result in x's dtype."""
+
+    def __init__(self, weight, bias, compute_dtype):
+        super().__init__()
+        self.weight, self.bias, self.compute_dtype = weight, bias, compute_dtype
+
+    def forward(self, x):
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+
+
+def dequantized_model(model: nn.Module) -> nn.Module:
+    """A copy of a transformers + bnb model with each Linear4bit replaced by
+    an nn.Linear holding its dequantised weight: the reference forward."""
+    import copy
+    out = copy.deepcopy(model)
+    for name, layer in bnb_layers(out).items():
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        out.set_submodule(name, _Dequantized(bnb_dequantized(layer), bias, layer.compute_dtype))
+    return out
 
 
 def bnb_reference_path(model: nn.Module) -> nn.Module:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import pypeft
 import tiny_models
-from nf4_helpers import bnb_config, bnb_dequantized, bnb_layers, bnb_reference_path, state_dict_differences
+from nf4_helpers import (bnb_config, bnb_dequantized, bnb_layers, bnb_reference_path, dequantized_model,
+                         state_dict_differences)
 from pypeft import quant
 from pypeft.quant import FormatError, NF4Linear
 
@@ -48,7 +49,7 @@ def test_transformers_bnb_load_what_pypeft_saves(tmp_path, family, options):
         assert torch.equal(bnb_dequantized(layer), ours[name].dequantized_weight()), name
     assert layers[name].compute_dtype == ours[name].compute_dtype
     assert state_dict_differences(loaded.state_dict(), model.state_dict()) == []
-    _outputs_close(model, bnb_reference_path(loaded), family)
+    _outputs_close(model, dequantized_model(loaded), family)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
@@ -60,13 +61,28 @@ def test_pypeft_loads_what_transformers_bnb_save(tmp_path, family, double_quant)
     ours = quant.from_pretrained(AUTO[family], tmp_path / "bnb")
     assert sorted(n for n, m in ours.named_modules() if isinstance(m, NF4Linear)) == sorted(bnb_layers(theirs))
     assert state_dict_differences(ours.state_dict(), theirs.state_dict()) == []
-    _outputs_close(ours, bnb_reference_path(theirs), family)
+    _outputs_close(ours, dequantized_model(theirs), family)
     # or into a model quantised by pypeft, of the same architecture
     if family != "bert":  # (bnb quantises BERT's classifier, pypeft leaves it: the layouts differ there)
         into = pypeft.quantize(AUTO[family].from_pretrained(tmp_path / "fp"), double_quant=not double_quant)
         result = into.load_state_dict(load_file(tmp_path / "bnb" / "model.safetensors"), strict=False)
         assert result.unexpected_keys == [] and set(result.missing_keys) <= {"lm_head.weight"}  # GPT-2's is tied
         assert state_dict_differences(into.state_dict(), theirs.state_dict()) == []
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_forward_runs_pypeft_checkpoint(tmp_path, compute_dtype):
+    # Widths that are multiples of 64 (nf4_helpers: where bnb's native CPU
+    # dequantiser is right), so bnb's own forward is the oracle here.
+    config = tiny_models.make("llama").config
+    config.intermediate_size = 128
+    torch.manual_seed(0)
+    model = pypeft.quantize(transformers.LlamaForCausalLM(config).eval(), compute_dtype=compute_dtype)
+    model.save_pretrained(tmp_path)
+    loaded = bnb_reference_path(transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
+    batch = tiny_models.inputs("llama")
+    tol = dict(rtol=1e-2, atol=1e-2) if compute_dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(tiny_models.output(model, batch), tiny_models.output(loaded, batch), **tol)
 
 
 def test_pypeft_round_trip_and_compute_dtype_from_the_checkpoint(tmp_path):

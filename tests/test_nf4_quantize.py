@@ -14,7 +14,7 @@ from torch import nn
 
 import pypeft
 import tiny_models
-from nf4_helpers import bnb_config, bnb_reference_path, state_dict_differences
+from nf4_helpers import bnb_config, dequantized_model, state_dict_differences
 from pypeft.quant import NF4Linear
 
 AUTO = {"llama": transformers.AutoModelForCausalLM, "gpt2": transformers.AutoModelForCausalLM,
@@ -47,7 +47,7 @@ def test_same_bytes_as_transformers_bitsandbytes(saved, family, double_quant):
     assert _nf4_names(ours) == sorted(n for n, m in theirs.named_modules()
                                       if type(m).__name__ == "Linear4bit")
     batch = tiny_models.inputs(family.removesuffix("-cls"))
-    torch.testing.assert_close(tiny_models.output(ours, batch), tiny_models.output(bnb_reference_path(theirs), batch))
+    torch.testing.assert_close(tiny_models.output(ours, batch), tiny_models.output(dequantized_model(theirs), batch))
     config = ours.config.quantization_config
     assert isinstance(config, transformers.BitsAndBytesConfig)
     assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant,
