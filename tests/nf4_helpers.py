@@ -3,12 +3,14 @@ weights, its dequantised weight, and model-level switches.
 
 Two things bnb 0.50.2 does on this kind of CPU (AVX512) that the oracle avoids:
 - its native CPU dequantize_4bit kernel misplaces absmax when a weight row's
-  length is not a multiple of the block size in some ways (rows of 96 with
+  length is a multiple of 16 but not of the block size (rows of 96 with
   blocks of 64: elements scaled by a neighbouring block's absmax, round-trip
   errors 4x NF4's); its own pure-PyTorch kernel (the default backend's
-  _dequantize_4bit_compute, what it runs where the native one is missing),
-  CUDA's, and pypeft's agree with each other. The dequantised weights here
-  come from that reference kernel.
+  _dequantize_4bit_compute, what it runs where the native one is missing)
+  and pypeft's agree with each other and with the format's definition. The
+  dequantised weights here are bnb's codes and absmax decoded by that
+  definition in plain PyTorch (tests/reference.py's nf4_dequantize, on bnb's
+  NF4 table).
 - on a CPU with AVX512-BF16, the first eval-mode no-grad forward of a
   Linear4bit repacks the layer for a bf16 kernel: absmax rounded to
   bfloat16 (a lossy change of the stored state, kept afterwards) and a
@@ -47,15 +49,14 @@ def bnb_linear4bit(linear: nn.Linear, double_quant: bool = True, blocksize: int 
 def bnb_dequantized(layer) -> torch.Tensor:
     """W [out, in] of a Linear4bit (or of its Params4bit), decoded by bnb's
     reference kernel (module docstring)."""
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    import reference
     weight = layer if isinstance(layer, bnb.nn.Params4bit) else layer.weight
     state = weight.quant_state
+    assert state.quant_type == "nf4"
     absmax = state.absmax
     if state.nested:
         absmax = (bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-    code = bnb_f.get_4bit_type(state.quant_type, device=absmax.device)
-    return _dequantize_4bit_compute(weight.data.reshape(-1), absmax, code, state.blocksize, state.shape,
-                                    state.dtype)
+    return reference.nf4_dequantize(weight.data, absmax, state.blocksize, state.shape, state.dtype)
 
 
 class _Dequantized(nn.Module):
@@ -73,7 +74,7 @@ class _Dequantized(nn.Module):
 
 
 def dequantized_model(model: nn.Module) -> nn.Module:
-    """A copy of a transformers + bnb model with each Linear4bit replaced by
+    """A copy of a transformers + bitsandbytes model with each Linear4bit replaced by
     an nn.Linear holding its dequantised weight: the reference forward."""
     import copy
     out = copy.deepcopy(model)
