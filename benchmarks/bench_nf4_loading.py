@@ -150,10 +150,11 @@ def main() -> None:
         checkpoint_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
                                if f.endswith(".safetensors"))
         runs = {name: run_child(name, args, tmp) for name in CANDIDATES}
-    floor = runs["import_only"]["peak_rss_bytes"]
+    floor = runs["import_only"].get("peak_rss_bytes", 0)
     above = {k: v["peak_rss_bytes"] - floor for k, v in runs.items() if "peak_rss_bytes" in v and k != "import_only"}
+    base = above.get("load_then_quantize")
     result.update(parameters=n, checkpoint_bytes=checkpoint_bytes, runs=runs, peak_rss_above_floor_bytes=above,
-                  ratios={f"{k}_vs_load_then_quantize": v / above["load_then_quantize"] for k, v in above.items()})
+                  ratios={f"{k}_vs_load_then_quantize": v / base for k, v in above.items()} if base else {})
     print(json.dumps(result, indent=2))
 
 
