@@ -101,9 +101,9 @@ def _load(model_name: str, nf4: bool):
 
     torch.manual_seed(0)
     if nf4:
-        from pypeft.quant import build_quantized
+        from pypeft.quant import from_config  # random weights, quantised a block at a time
 
-        return build_quantized(LlamaForCausalLM, _llama_1b_config(), compute_dtype=torch.float32)
+        return from_config(LlamaForCausalLM, _llama_1b_config(), compute_dtype=torch.float32)
     return LlamaForCausalLM(_llama_1b_config())
 
 
