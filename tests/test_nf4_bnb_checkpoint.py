@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 import pypeft
 import tiny_models
 from nf4_helpers import (bnb_config, bnb_dequantized, bnb_layers, bnb_reference_path, dequantized_model,
-                         state_dict_differences)
+                         requires_bnb, state_dict_differences)
 from pypeft import quant
 from pypeft.quant import FormatError, NF4Linear
+
+pytestmark = requires_bnb
 
 AUTO = {"llama": transformers.AutoModelForCausalLM, "gpt2": transformers.AutoModelForCausalLM,
         "t5": transformers.AutoModelForSeq2SeqLM, "bert": transformers.AutoModelForSequenceClassification}

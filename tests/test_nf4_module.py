@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nf4_helpers import bnb_dequantized, bnb_linear4bit, state_dict_differences
+from nf4_helpers import bnb_dequantized, bnb_linear4bit, requires_bnb, state_dict_differences
 from pypeft.quant import NF4Linear
 
 
@@ -35,6 +35,7 @@ CASES = [  # (in, out, bias, dtype, double_quant, blocksize)
 ]
 
 
+@requires_bnb
 @pytest.mark.parametrize("in_features,out_features,bias,dtype,double_quant,blocksize", CASES)
 def test_state_dict_is_bnb_linear4bit(in_features, out_features, bias, dtype, double_quant, blocksize):
     linear = _linear(in_features, out_features, bias, dtype)
@@ -45,6 +46,7 @@ def test_state_dict_is_bnb_linear4bit(in_features, out_features, bias, dtype, do
     assert state_dict_differences(a, b) == []
 
 
+@requires_bnb
 @pytest.mark.parametrize("in_features,out_features,bias,dtype,double_quant,blocksize", CASES)
 def test_forward_and_dequantized_weight_match_bnb(in_features, out_features, bias, dtype, double_quant, blocksize):
     linear = _linear(in_features, out_features, bias, dtype)
@@ -59,6 +61,7 @@ def test_forward_and_dequantized_weight_match_bnb(in_features, out_features, bia
     torch.testing.assert_close(y, F.linear(x, w, linear.bias), **_tol(dtype))
 
 
+@requires_bnb
 def test_conv1d_is_stored_transposed_as_bnb_via_transformers():
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)
@@ -80,6 +83,7 @@ def test_conv1d_is_stored_transposed_as_bnb_via_transformers():
     assert state_dict_differences(shell.state_dict(), ours.state_dict()) == []
 
 
+@requires_bnb
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_loads_bnb_state_dict_and_round_trips(double_quant):
     linear = _linear()
@@ -190,6 +194,7 @@ def test_bad_arguments():
         NF4Linear(64, 8).quantize_(torch.randn(8, 32))
 
 
+@requires_bnb
 def test_load_rejects_fp4_wrong_shapes_and_foreign_maps():
     linear = _linear()
     fp4 = bnb_linear4bit(linear, quant_type="fp4").state_dict()

@@ -14,7 +14,7 @@ from torch import nn
 
 import pypeft
 import tiny_models
-from nf4_helpers import bnb_config, dequantized_model, state_dict_differences
+from nf4_helpers import bnb_config, dequantized_model, requires_bnb, state_dict_differences
 from pypeft.quant import NF4Linear
 
 AUTO = {"llama": transformers.AutoModelForCausalLM, "gpt2": transformers.AutoModelForCausalLM,
@@ -38,6 +38,7 @@ def _nf4_names(model):
     return sorted(n for n, m in model.named_modules() if isinstance(m, NF4Linear))
 
 
+@requires_bnb
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "t5", "llama-cls"])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_same_bytes_as_transformers_bitsandbytes(saved, family, double_quant):
@@ -54,6 +55,7 @@ def test_same_bytes_as_transformers_bitsandbytes(saved, family, double_quant):
             config.bnb_4bit_quant_storage) == (True, "nf4", double_quant, torch.uint8)
 
 
+@requires_bnb
 def test_bert_classifier_stays_in_full_precision(saved):
     # transformers' get_keys_to_not_convert names the last *parameter*
     # (classifier.bias), which matches no module: bnb quantises BERT's head.
