@@ -214,3 +214,14 @@ def test_tokentune_layers_are_refused_with_the_order_that_works():
         pypeft.quantize(model)
     assert state_dict_differences(model.state_dict(), before) == []
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_no_reference_to_the_full_precision_layers_is_kept():
+    import gc
+    import weakref
+    model = tiny_models.make("llama")
+    pypeft.patch(model, method="lora", r=4)  # the PatchState records the replaced q_proj / v_proj
+    linears = [weakref.ref(m) for m in model.modules() if type(m) is nn.Linear and m is not model.lm_head]
+    pypeft.quantize(model)
+    gc.collect()
+    assert linears and all(r() is None for r in linears)

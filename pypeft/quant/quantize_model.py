@@ -58,13 +58,13 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
                          "call pypeft.unmerge(model) first")
 
     selection = targets.select(model, skip)
-    swapped = [c.name for c in selection.chosen if type(c.module) not in (nn.Linear, targets.Conv1D)]
+    swapped = [c for c in selection.chosen if type(c.module) not in (nn.Linear, targets.Conv1D)]
     if swapped:
         # TokenTune runs these as token-subset layers (a class swap in place):
         # an NF4 layer in their place would run in full and break TokenTune's
         # gradients without a word.
         raise ValueError(f"pypeft.quantize: {len(swapped)} linear layer(s) run as another method's layers "
-                         f"({type(selection.chosen[0].module).__name__} at {swapped[0]}, ...: TokenTune); "
+                         f"({type(swapped[0].module).__name__} at {swapped[0].name}, ...: TokenTune); "
                          "quantise before patching it (pypeft.unpatch, quantize, then patch)")
     if selection.odd:
         warnings.warn(f"pypeft.quantize: {len(selection.odd)} linear layer(s) with an odd in_features stay in full "
@@ -72,15 +72,16 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
     if not selection.chosen:
         warnings.warn("pypeft.quantize: no linear layer to quantise (all skipped)", stacklevel=2)
 
-    swaps: list[tuple[targets.Candidate, NF4Linear]] = []
     for c in selection.chosen:
         layer = NF4Linear.from_linear(c.module, blocksize=blocksize, double_quant=double_quant,
                                       compute_dtype=compute_dtype)
         model.set_submodule(c.path, layer)
-        swaps.append((c, layer))
-        # the full-precision layer goes now (one layer of extra memory at a time)
+        if state is not None:
+            _follow(state, c, layer)
+        # Nothing holds the full-precision layer now: it is freed layer by
+        # layer, so the model never holds both copies in full.
+        c.module = None
     if state is not None:
-        _follow(state, swaps)
         for name in sorted(state.methods()):  # as after a patch(): methods that tag layers see the new ones
             method_named(name).model_changed(model, state)
 
@@ -92,15 +93,14 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
     return model
 
 
-def _follow(state, swaps) -> None:
-    """Make unpatch() restore the quantised layers and flags (state.py)."""
-    for c, layer in swaps:
-        for name, original in list(state.replaced.items()):
-            if original is c.module:
-                state.replaced[name] = layer
-                state.requires_grad[f"{name}.weight"] = False
-        if f"{c.name}.weight" in state.requires_grad:
-            state.requires_grad[f"{c.name}.weight"] = False
+def _follow(state, c: targets.Candidate, layer: NF4Linear) -> None:
+    """Make unpatch() restore the quantised layer and its flags (state.py)."""
+    for name, original in list(state.replaced.items()):
+        if original is c.module:
+            state.replaced[name] = layer
+            state.requires_grad[f"{name}.weight"] = False
+    if f"{c.name}.weight" in state.requires_grad:
+        state.requires_grad[f"{c.name}.weight"] = False
 
 
 def _main_dtype(model: nn.Module) -> torch.dtype:
