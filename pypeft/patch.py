@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Iterator
 
 from torch import nn
@@ -182,7 +183,20 @@ def merge(model: nn.Module) -> nn.Module:
                                  "folded into the base weights")
         state.merged = True
         sync_merge(model, state)
+    _report_merge_rounding(model)
     return model
+
+
+def _report_merge_rounding(model: nn.Module) -> None:
+    """Layers over a quantised base requantise on merge: say how much that rounded."""
+    errors = [layer.merge_error for layer in pypeft_layers(model) if getattr(layer, "merge_error", None)]
+    if errors:
+        worst = max(errors, key=lambda e: e["relative_to_update"])
+        warnings.warn(f"pypeft.merge: {len(errors)} layer(s) over a quantised base were requantised with the update "
+                      f"folded in; the rounding changed their weights by up to {max(e['max_abs'] for e in errors):.3g} "
+                      f"(at worst {worst['relative_to_update']:.1%} of the update's norm, "
+                      f"{worst['relative_to_weight']:.2%} of the weights'; per layer: layer.merge_error). "
+                      "pypeft.unmerge(model) restores the original codes exactly", stacklevel=2)
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from pypeft.layer import BASE, PypeftLayer
-from pypeft.models.linear import is_linear_like, is_transposed, linear_dims
+from pypeft.models.linear import compute_dtype, is_linear_like, is_quantized, is_transposed, linear_dims
 
 
-def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """PEFT's autocast_adapter_dtype: float32 adapters on a bfloat16/float16 layer."""
-    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+def default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """PEFT's autocast_adapter_dtype: float32 adapters on a bfloat16/float16 layer
+    (`dtype`: the layer's compute dtype, pypeft.models.linear.compute_dtype)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 class AdaptedLinear(PypeftLayer, abc.ABC):
@@ -41,7 +42,11 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
             p.requires_grad_(False)
         self.active_adapter: str | None = None
         self.merged: list[str] = []  # the adapter folded into base_layer's weight (at most one)
-        self._premerge_weight: torch.Tensor | None = None  # the weight before merge(), restored by unmerge()
+        self._premerge_weight = None  # the weight (a quantised base: its storage) before merge(), for unmerge()
+        # A quantised base is requantised with the update folded in: the
+        # rounding that caused ({"max_abs", "relative_to_update",
+        # "relative_to_weight"}), or None (a dense merge is exact up to the dtype).
+        self.merge_error: dict | None = None
 
     @property
     def in_features(self) -> int:
@@ -100,6 +105,9 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
         name = self.active_adapter
         if name is None or not self.has_adapter(name) or self.merged:
             return
+        if is_quantized(self.base_layer):
+            self._merge_quantized(name)
+            return
         w = self.base_layer.weight
         # Rounding the sum to w's dtype loses bits that subtracting the update
         # again cannot restore (bfloat16 drifted visibly over switches): keep
@@ -110,12 +118,32 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
         w.copy_((w.to(d.dtype) + d).to(w.dtype))
         self.merged = [name]
 
+    def _merge_quantized(self, name: str) -> None:
+        """Dequantise, add the update, requantise; keep the stored codes so
+        that unmerge() gives them back bit for bit, and measure what the
+        requantisation rounded away."""
+        base = self.base_layer
+        self._premerge_weight = base.storage_snapshot()
+        delta = self.delta_weight(name)
+        target = base.dequantized_weight(delta.dtype) + delta
+        base.quantize_(target.to(base.weight_dtype))
+        err = base.dequantized_weight(delta.dtype) - target
+        tiny = torch.finfo(delta.dtype).tiny
+        self.merge_error = {"max_abs": float(err.abs().max()) if err.numel() else 0.0,
+                            "relative_to_update": float(err.norm() / delta.norm().clamp_min(tiny)),
+                            "relative_to_weight": float(err.norm() / target.norm().clamp_min(tiny))}
+        self.merged = [name]
+
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._premerge_weight)
+        if is_quantized(self.base_layer):
+            self.base_layer.restore_storage(self._premerge_weight)
+        else:
+            self.base_layer.weight.copy_(self._premerge_weight)
         self._premerge_weight = None
+        self.merge_error = None
         self.merged = []
 
     @abc.abstractmethod
@@ -139,7 +167,19 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
         name = self.active_adapter
         if name is None or not self.has_adapter(name):
             return self.base_layer(x)
-        return self._adapter_forward(x, name, self.token_positions(x))
+        return self._in_compute_dtype(x, lambda xc: self._adapter_forward(xc, name, self.token_positions(xc)))
+
+    def _in_compute_dtype(self, x: torch.Tensor, run) -> torch.Tensor:
+        """run(x) where x is in the base's compute dtype. A quantised base may
+        compute in another dtype than the activations (bnb's compute_dtype):
+        the fused op runs there and the result comes back in x's dtype, as
+        the quantised layer's own forward does."""
+        if not is_quantized(self.base_layer):
+            return run(x)
+        dtype = compute_dtype(self.base_layer)
+        if x.dtype == dtype:
+            return run(x)
+        return run(x.to(dtype)).to(x.dtype)
 
     def _mixed_rows_forward(self, x: torch.Tensor, row_names: list[str]) -> torch.Tensor:
         if x.dim() < 2 or x.shape[0] != len(row_names):
@@ -150,7 +190,8 @@ class AdaptedLinear(PypeftLayer, abc.ABC):
         if not present:
             return self.base_layer(x)
         index = {n: i for i, n in enumerate(present)}
-        out = self._mixed_forward(x, present, [index.get(n, -1) for n in row_names])
+        out = self._in_compute_dtype(x, lambda xc: self._mixed_forward(xc, present,
+                                                                       [index.get(n, -1) for n in row_names]))
         # A base that stands in for the linear layer (BitFit's) runs with the
         # base bias here; rows of its adapters get their bias difference added.
         inner = self.base_layer

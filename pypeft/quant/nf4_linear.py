@@ -30,6 +30,7 @@ from pypeft.quant import bnb_format
 from pypeft.quant.bnb_format import BNB_BLOCKSIZES, Stored
 
 NESTED_BLOCKSIZE = 256  # bnb's quantize_4bit(compress_statistics=True) always uses 256
+_STATS = ("absmax", "nested_codes", "nested_absmax", "nested_offset")  # the weight's statistics buffers
 _FLOAT_STATS = ("absmax", "nested_absmax", "nested_offset")  # float32 buffers no dtype cast may touch
 COMPUTE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -61,6 +62,10 @@ class NF4Linear(nn.Module):
     NF4Linear.from_linear(linear); the constructor makes an empty shell (zero
     codes) that load_state_dict fills (a bnb 4-bit checkpoint, or full
     precision weights, which it quantises)."""
+
+    # pypeft/models/linear.py's protocol for quantised frozen linear layers:
+    # LoRA, VeRA, TokenTune, BitFit run over this layer through op_operands().
+    quantized_linear = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
@@ -154,8 +159,24 @@ class NF4Linear(nn.Module):
                                      requires_grad=False)
         return self
 
+    def storage_snapshot(self) -> dict:
+        """A copy of everything the layer stores for its weight (codes,
+        statistics, blocksize, dtype): restore_storage() puts it back exactly
+        (unmerge after a merge requantised the layer)."""
+        stats = {n: b.detach().clone() for n, b in self._buffers.items() if n in _STATS}
+        return {"weight": self.weight.detach().clone(), "weight_dtype": self.weight_dtype,
+                "blocksize": self.blocksize, "nested_blocksize": self.nested_blocksize, "stats": stats}
+
+    @torch.no_grad()
+    def restore_storage(self, snapshot: dict) -> None:
+        self.weight = nn.Parameter(snapshot["weight"], requires_grad=False)
+        self.weight_dtype = snapshot["weight_dtype"]
+        self.blocksize = snapshot["blocksize"]
+        self.nested_blocksize = snapshot["nested_blocksize"]
+        self._set_stats(**snapshot["stats"])
+
     def _set_stats(self, **buffers: torch.Tensor) -> None:
-        for name in ("absmax", "nested_codes", "nested_absmax", "nested_offset"):
+        for name in _STATS:
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)
         for name, tensor in buffers.items():
@@ -180,6 +201,11 @@ class NF4Linear(nn.Module):
             return self.absmax
         return _ops().nf4_double_dequantize(self.nested_codes, self.nested_absmax, self.nested_offset,
                                             self.nested_blocksize)
+
+    def op_operands(self) -> tuple[torch.Tensor, dict]:
+        """What pypeft's linear ops take for this weight: the codes, and
+        keyword arguments saying they are NF4 (pypeft/models/linear.py)."""
+        return self.weight, {"weight_absmax": self.dequantized_absmax(), "weight_blocksize": self.blocksize}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W as [out, in] (for a Conv1D source: its weight transposed), in

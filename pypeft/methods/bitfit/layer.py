@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pypeft.layer import BASE, PypeftLayer
+from pypeft.models.linear import compute_dtype
 
 
 def bias_slot(module: nn.Module) -> str | None:
@@ -94,8 +95,7 @@ class BitFitLayer(PypeftLayer):
             if shape is None:
                 raise ValueError(f"BitFitLayer: {type(self.base_layer).__name__} has no bias; argument 'shape': "
                                  "expected the shape of the bias to add, got None")
-            weight = self.base_layer.weight
-            bias = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            bias = torch.zeros(shape, dtype=compute_dtype(self.base_layer), device=self.base_layer.weight.device)
         self.bitfit_bias[name] = nn.Parameter(bias)
 
     def adapter_names(self) -> list[str]:

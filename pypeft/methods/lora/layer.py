@@ -17,7 +17,7 @@ from torch import nn
 
 from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
 from pypeft.methods.lora.config import check_lora_options, lora_scaling
-from pypeft.models.linear import weight_out_in
+from pypeft.models.linear import compute_dtype, frozen_operands
 from pypeft.ops.lora_linear import lora_linear
 from pypeft.ops.mixed_linear import lora_linear_mixed
 from pypeft.ops.token_subset_linear import token_subset_lora_linear
@@ -51,8 +51,8 @@ class LoraLinear(AdaptedLinear):
                     adapter_dtype: torch.dtype | None = None) -> None:
         check_lora_options("LoraLinear", r, alpha, dropout)
         self._check_new_name(name)
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype or default_adapter_dtype(weight)}
+        factory = {"device": self.base_layer.weight.device,
+                   "dtype": adapter_dtype or default_adapter_dtype(compute_dtype(self.base_layer))}
         a = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A[name] = a
@@ -72,14 +72,14 @@ class LoraLinear(AdaptedLinear):
 
     def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
         p = self.dropout[name] if self.training else 0.0
-        args = (x, weight_out_in(self.base_layer), self.base_layer.bias, self.lora_A[name], self.lora_B[name],
-                self.scaling[name], p, self.dropout_seed(p, x))
-        return lora_linear(*args) if positions is None else token_subset_lora_linear(*args, positions)
+        weight, bias, base = frozen_operands(self.base_layer, x)
+        args = (x, weight, bias, self.lora_A[name], self.lora_B[name], self.scaling[name], p, self.dropout_seed(p, x))
+        return lora_linear(*args, **base) if positions is None else token_subset_lora_linear(*args, positions, **base)
 
     def _mixed_forward(self, x: torch.Tensor, names: list[str], rows: list[int]) -> torch.Tensor:
-        return lora_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias,
-                                 [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
-                                 [self.scaling[n] for n in names], rows)
+        weight, bias, base = frozen_operands(self.base_layer, x)
+        return lora_linear_mixed(x, weight, bias, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
+                                 [self.scaling[n] for n in names], rows, **base)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.r[n]}, scaling={self.scaling[n]:g}, dropout={self.dropout[n]})"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pypeft import ops
-from pypeft.models.linear import is_linear_like, weight_out_in
+from pypeft.models.linear import frozen_operands, is_linear_like
 from pypeft.layer import TOKENS_ATTR, underlying
 from pypeft.models.families import GATED_MLPS, LLAMA_RMS_NORMS
 
@@ -40,7 +40,8 @@ class TokenSubsetLinear:
         pos = _positions(self, x)
         if pos is None:
             return super().forward(x)
-        return ops.token_subset_linear(x, weight_out_in(self), self.bias, pos)
+        weight, bias, base = frozen_operands(self, x)
+        return ops.token_subset_linear(x, weight, bias, pos, **base)
 
 
 class TokenSubsetLayerNorm:

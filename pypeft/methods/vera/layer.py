@@ -24,7 +24,7 @@ from torch import nn
 from pypeft.methods.adapted_linear import AdaptedLinear, default_adapter_dtype
 from pypeft.methods.config_checks import check_dropout, check_finite
 from pypeft.methods.vera.config import VeraConfig
-from pypeft.models.linear import weight_out_in
+from pypeft.models.linear import compute_dtype, frozen_operands
 from pypeft.ops.vera_linear import vera_linear
 from pypeft.ops.mixed_linear import vera_linear_mixed
 from pypeft.ops.token_subset_linear import token_subset_vera_linear
@@ -71,11 +71,11 @@ class VeraProjections(nn.Module):
         return self.vera_B.shape[0]
 
     @classmethod
-    def for_layers(cls, config: VeraConfig, dims: list[tuple[int, int]], like: torch.Tensor) -> "VeraProjections":
-        """dims: (in, out) of every targeted layer; like: a base weight (device, dtype)."""
+    def for_layers(cls, config: VeraConfig, dims: list[tuple[int, int]], like: nn.Module) -> "VeraProjections":
+        """dims: (in, out) of every targeted layer; like: a base layer (its device and compute dtype)."""
         max_in, max_out = max(d[0] for d in dims), max(d[1] for d in dims)
         a, b = generate_projections(config.r, max_in, max_out, config.projection_seed)
-        factory = {"device": like.device, "dtype": default_adapter_dtype(like)}
+        factory = {"device": like.weight.device, "dtype": default_adapter_dtype(compute_dtype(like))}
         return cls(a.to(**factory), b.to(**factory), config.projection_seed)
 
     def check_compatible(self, config: VeraConfig, layers: dict[str, tuple[int, int]], owner: str) -> None:
@@ -145,16 +145,17 @@ class VeraLinear(AdaptedLinear):
 
     def _adapter_forward(self, x: torch.Tensor, name: str, positions: torch.Tensor | None) -> torch.Tensor:
         p = self.dropout[name] if self.training else 0.0
-        args = (x, weight_out_in(self.base_layer), self.base_layer.bias, self.projections.vera_A,
-                self.projections.vera_B, self.vera_lambda_d[name], self.vera_lambda_b[name], p,
-                self.dropout_seed(p, x))
-        return vera_linear(*args) if positions is None else token_subset_vera_linear(*args, positions)
+        weight, bias, base = frozen_operands(self.base_layer, x)
+        args = (x, weight, bias, self.projections.vera_A, self.projections.vera_B, self.vera_lambda_d[name],
+                self.vera_lambda_b[name], p, self.dropout_seed(p, x))
+        return vera_linear(*args, **base) if positions is None else token_subset_vera_linear(*args, positions, **base)
 
     def _mixed_forward(self, x: torch.Tensor, names: list[str], rows: list[int]) -> torch.Tensor:
         lambda_d = torch.stack([self.vera_lambda_d[n] for n in names])
         lambda_b = torch.stack([self.vera_lambda_b[n] for n in names])
-        return vera_linear_mixed(x, weight_out_in(self.base_layer), self.base_layer.bias, self.projections.vera_A,
-                                 self.projections.vera_B, lambda_d, lambda_b, rows)
+        weight, bias, base = frozen_operands(self.base_layer, x)
+        return vera_linear_mixed(x, weight, bias, self.projections.vera_A, self.projections.vera_B, lambda_d, lambda_b,
+                                 rows, **base)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(dropout={self.dropout[n]})" for n in self.vera_lambda_d)

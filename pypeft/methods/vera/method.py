@@ -41,8 +41,7 @@ class VeraMethod(LinearAdapterMethod):
         if existing is not None:
             existing.check_compatible(config, dims, "pypeft.patch(method='vera')")
             return existing
-        like = base_module(model.get_submodule(targets[0])).weight
-        return VeraProjections.for_layers(config, list(dims.values()), like)
+        return VeraProjections.for_layers(config, list(dims.values()), base_module(model.get_submodule(targets[0])))
 
     def attach(self, model: nn.Module, state: PatchState, plan: Plan) -> None:
         state.method_states[self.name] = plan.extra
