@@ -16,7 +16,9 @@
 // Base rows are never touched (not even by adding zero, which would turn -0
 // into +0 and an inf into NaN). Row indices are planned on the host from
 // row_adapter and reach the device in one copy per call, none when the rows
-// are grouped by adapter.
+// are grouped by adapter. An NF4 base weight (weight_absmax given) takes the
+// frozen product tile by tile of its rows (pypeft/nf4_linear.h); the adapter
+// part is the same.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -64,6 +66,15 @@ BatchRows batch_rows(const Tensor& x, Tensor& y, const MixedLinearDims& dims) {
   if (!y.is_contiguous()) y = y.contiguous();
   return {x.reshape({dims.batch, middle, dims.in}), y.view({dims.batch, middle, dims.out}),
           middle};
+}
+
+// The frozen product for every row: at::linear, what torch.nn.functional.linear
+// runs (base rows equal it bit for bit), or the tiled NF4 product.
+Tensor base_product(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                    const BaseWeight& base, const MixedLinearDims& dims) {
+  if (!base.nf4()) return at::linear(x, weight, bias);
+  return frozen_product(x.reshape({-1, dims.in}), weight, bias, base)
+      .view(with_last_dim(x.sizes(), dims.out));
 }
 
 // --- LoRA ------------------------------------------------------------------------
@@ -209,11 +220,13 @@ void add_row_updates_cpu(const LoraRowPlan& plan, at::IntArrayRef row_adapter, a
 
 Tensor lora_linear_mixed(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                          at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
-                         at::IntArrayRef row_adapter) {
-  const auto dims =
-      check_lora_linear_mixed_args(kLoraOp, x, weight, bias, lora_a, lora_b, scale, row_adapter);
+                         at::IntArrayRef row_adapter, const OptTensor& weight_absmax,
+                         int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
+  const auto dims = check_lora_linear_mixed_args(kLoraOp, x, weight, bias, lora_a, lora_b, scale,
+                                                 row_adapter, base);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  Tensor y = at::linear(x, weight, bias);
+  Tensor y = base_product(x, weight, bias, base, dims);
   if (x.numel() == 0 || dims.adapters == 0) return y;
   const auto plan = plan_lora_rows(row_adapter, dims.adapters, x.device());
   if (plan.groups.empty()) return y;
@@ -309,11 +322,13 @@ Tensor lambda_rows(const Tensor& lambda, const VeraRowPlan& plan) {
 
 Tensor vera_linear_mixed(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                          const Tensor& vera_a, const Tensor& vera_b, const Tensor& lambda_d,
-                         const Tensor& lambda_b, at::IntArrayRef row_adapter) {
+                         const Tensor& lambda_b, at::IntArrayRef row_adapter,
+                         const OptTensor& weight_absmax, int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const auto dims = check_vera_linear_mixed_args(kVeraOp, x, weight, bias, vera_a, vera_b,
-                                                 lambda_d, lambda_b, row_adapter);
+                                                 lambda_d, lambda_b, row_adapter, base);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  Tensor y = at::linear(x, weight, bias);
+  Tensor y = base_product(x, weight, bias, base, dims);
   if (x.numel() == 0) return y;
   const auto plan = plan_vera_rows(row_adapter, x.device());
   if (plan.count == 0) return y;

@@ -15,21 +15,22 @@
 
 namespace pypeft {
 
-Nf4Weight check_nf4_weight(const char* op, const char* codes_arg, const at::Tensor& codes,
+Nf4Weight check_nf4_weight(const char* op, const Nf4ArgNames& names, const at::Tensor& codes,
                            const at::Tensor& absmax, int64_t blocksize, const at::Tensor& x,
                            const char* x_arg) {
+  const char* codes_arg = names.codes;
   check_dim(op, codes_arg, codes, 2);
   PYPEFT_CHECK_TYPE(codes.scalar_type() == at::kByte, op, codes_arg,
                     "uint8 NF4 codes [out, in / 2]", c10::toString(codes.scalar_type()));
   check_same_device(op, codes_arg, codes, x_arg, x);
-  check_nf4_blocksize(op, blocksize);
+  check_nf4_blocksize(op, blocksize, names.blocksize);
   const int64_t out = codes.size(0), in = codes.size(1) * 2;
   const int64_t x_in = x.dim() == 0 ? 1 : x.size(-1);
   PYPEFT_CHECK_VALUE(x_in == in, op, x_arg,
                      "last dim " + std::to_string(in) + " (in_features: twice " + codes_arg +
                          "'s " + std::to_string(codes.size(1)) + " bytes per row)",
                      "shape " + shape_str(x.sizes()));
-  check_absmax(op, absmax, ceil_div(out * in, blocksize), codes_arg, codes);
+  check_absmax(op, absmax, ceil_div(out * in, blocksize), codes_arg, codes, names.absmax);
   return {codes, absmax, blocksize, out, in};
 }
 

@@ -10,9 +10,15 @@ TORCH_LIBRARY(pypeft, m) {
   // drop() keeps element (row, col) by a counter hash of (seed, row, col) and
   // scales kept ones by 1 / (1 - dropout_p); seed: 0-dim int64 tensor, needed
   // when dropout_p > 0.
+  // An NF4 base (QLoRA; here and in every linear op below that takes
+  // weight_absmax): weight_absmax given, weight holds uint8 NF4 codes [out, in / 2]
+  // and weight_absmax float32 one scale per weight_blocksize values
+  // (nf4_quantize's); the frozen products run tile by tile of W's rows
+  // (pypeft/nf4_linear.h), and a gradient for such a weight is refused.
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scale, float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)");
+      "float scale, float dropout_p, Tensor? seed, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> (Tensor y, Tensor u)");
   // Gradients of lora_linear for (x, weight, bias, lora_a, lora_b), each computed
   // only where output_mask says so (an undefined tensor / None otherwise).
   // grad_u, the gradient flowing into the auxiliary output u, may be None.
@@ -21,22 +27,25 @@ TORCH_LIBRARY(pypeft, m) {
   m.def(
       "lora_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
       "Tensor lora_a, Tensor lora_b, Tensor u, float scale, float dropout_p, Tensor? seed, "
-      "bool[5] output_mask, Tensor? row_ids=None) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b)");
+      "bool[5] output_mask, Tensor? row_ids=None, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_lora_a, Tensor grad_lora_b)");
 
   // VeRA: y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ), u = drop(x) A_sᵀ, where
   // A [r, max_in] and B [max_out, r] are frozen matrices shared by every layer,
   // sliced to A_s = A[:, :in], B_s = B[:out, :]. Dropout as in lora_linear.
   m.def(
       "vera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
-      "Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)");
+      "Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed, "
+      "Tensor? weight_absmax=None, int weight_blocksize=64) -> (Tensor y, Tensor u)");
   // Gradients for (x, weight, bias, lambda_d, lambda_b) where output_mask says;
   // row_ids as in lora_linear_backward.
   m.def(
       "vera_linear_backward(Tensor grad_out, Tensor? grad_u, Tensor x, Tensor weight, "
       "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u, float dropout_p, "
-      "Tensor? seed, bool[5] output_mask, Tensor? row_ids=None) -> (Tensor grad_x, "
-      "Tensor grad_weight, Tensor grad_bias, Tensor grad_lambda_d, Tensor grad_lambda_b)");
+      "Tensor? seed, bool[5] output_mask, Tensor? row_ids=None, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_lambda_d, Tensor grad_lambda_b)");
 
   // Mixed-adapter batches (inference only; no backward op): each batch row b of
   // x [B, ..., in] runs with its own adapter k = row_adapter[b], or with none
@@ -44,12 +53,14 @@ TORCH_LIBRARY(pypeft, m) {
   // LoRA: K adapters of their own ranks, y[b] += scale[k] · (x[b] A_kᵀ) B_kᵀ.
   m.def(
       "lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_a, "
-      "Tensor[] lora_b, float[] scale, SymInt[] row_adapter) -> Tensor");
+      "Tensor[] lora_b, float[] scale, SymInt[] row_adapter, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> Tensor");
   // VeRA: the shared A, B sliced as in vera_linear; λ_d [K, r] and λ_b [K, out]
   // stack the K adapters' vectors: y[b] += λ_b[k] ⊙ ((λ_d[k] ⊙ (x[b] A_sᵀ)) B_sᵀ).
   m.def(
       "vera_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, Tensor vera_b, "
-      "Tensor lambda_d, Tensor lambda_b, SymInt[] row_adapter) -> Tensor");
+      "Tensor lambda_d, Tensor lambda_b, SymInt[] row_adapter, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> Tensor");
 
   // The counter-hash dropout mask on its own: x viewed as [rows, C] (C = its
   // last dim); row i is masked as global row row_ids[i] (or i when row_ids is
@@ -66,34 +77,38 @@ TORCH_LIBRARY(pypeft, m) {
   // selected tokens' rows (returned as *_rows so the autograd layer can share
   // one copy between several ops reading the same x).
   m.def(
-      "token_subset_linear(Tensor x, Tensor weight, Tensor? bias, Tensor positions) "
-      "-> (Tensor y, Tensor x_rows)");
+      "token_subset_linear(Tensor x, Tensor weight, Tensor? bias, Tensor positions, "
+      "Tensor? weight_absmax=None, int weight_blocksize=64) -> (Tensor y, Tensor x_rows)");
   // x_rows is read only for grad_weight (pass an empty [0] tensor otherwise).
   m.def(
       "token_subset_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
-      "Tensor positions, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "Tensor positions, bool[3] output_mask, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // With a LoRA / VeRA adapter (as lora_linear / vera_linear, dropout mask keyed
   // by the flat row b * T + t of x, so forward and backward agree). x_rows is
   // needed in backward only for grad_lora_a or grad_weight; VeRA needs it only
   // for grad_weight (pass an empty [0] tensor otherwise).
   m.def(
       "token_subset_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
-      "Tensor lora_b, float scale, float dropout_p, Tensor? seed, Tensor positions) "
+      "Tensor lora_b, float scale, float dropout_p, Tensor? seed, Tensor positions, "
+      "Tensor? weight_absmax=None, int weight_blocksize=64) "
       "-> (Tensor y, Tensor x_rows, Tensor u_rows)");
   m.def(
       "token_subset_lora_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
       "Tensor lora_a, Tensor lora_b, Tensor u_rows, float scale, float dropout_p, Tensor? seed, "
-      "Tensor positions, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b)");
+      "Tensor positions, bool[5] output_mask, Tensor? weight_absmax=None, "
+      "int weight_blocksize=64) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_lora_a, Tensor grad_lora_b)");
   m.def(
       "token_subset_vera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vera_a, "
       "Tensor vera_b, Tensor lambda_d, Tensor lambda_b, float dropout_p, Tensor? seed, "
-      "Tensor positions) -> (Tensor y, Tensor x_rows, Tensor u_rows)");
+      "Tensor positions, Tensor? weight_absmax=None, int weight_blocksize=64) "
+      "-> (Tensor y, Tensor x_rows, Tensor u_rows)");
   m.def(
       "token_subset_vera_linear_backward(Tensor grad_y, Tensor x_rows, Tensor weight, "
       "Tensor vera_a, Tensor vera_b, Tensor lambda_d, Tensor lambda_b, Tensor u_rows, "
-      "float dropout_p, Tensor? seed, Tensor positions, bool[5] output_mask) -> (Tensor grad_x, "
+      "float dropout_p, Tensor? seed, Tensor positions, bool[5] output_mask, "
+      "Tensor? weight_absmax=None, int weight_blocksize=64) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_lambda_d, Tensor grad_lambda_b)");
   // Norms over the last dim. layer_norm as torch.nn.functional.layer_norm;
   // rms_norm as transformers' Llama/Mistral/Qwen2 RMSNorm: normalised in

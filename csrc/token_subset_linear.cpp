@@ -9,7 +9,9 @@
 // (lora_linear_backward's kernels, told the rows' flat ids so that they
 // regenerate forward's dropout mask) and scatters grad_x into zeros: the
 // unselected tokens get no gradient and parameter gradients sum over the
-// selected tokens only. Nothing of size B·T is saved or recomputed.
+// selected tokens only. Nothing of size B·T is saved or recomputed. An NF4
+// base weight (weight_absmax given) goes to lora_linear's kernels as it came,
+// or (token_subset_linear) through the tiled NF4 products of nf4_linear.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -62,13 +64,14 @@ struct SelectedGrad {
 };
 
 SelectedGrad selected_grad(const char* op, const Tensor& grad_y, const Tensor& weight,
-                           const Tensor& positions) {
+                           const Tensor& positions, const BaseWeight& base) {
   check_tokens_layout(op, "grad_y", grad_y, "out_features");
   check_activation_dtype(op, "grad_y", grad_y);
   check_dim(op, "weight", weight, 2);
   check_size(op, "grad_y", grad_y, 2, weight.size(0), "out_features, from weight [out, in]");
   check_same_device(op, "weight", weight, "grad_y", grad_y);
-  check_same_dtype(op, "weight", weight, "grad_y", grad_y);
+  // An NF4 weight's codes and absmax are checked against x_rows later.
+  if (!base.nf4()) check_dense_weight_dtype(op, weight, grad_y, "grad_y");
   const auto dims = check_positions(op, positions, "grad_y", grad_y, 0, 1, /*check_values=*/false);
   Tensor rows = flat_rows(positions, dims.tokens);
   Tensor grad_y_rows = gather_rows(grad_y, rows);
@@ -112,25 +115,45 @@ Tensor scatter_grad_x(const Tensor& grad_x_rows, const SelectedGrad& g) {
 // --- without an adapter ------------------------------------------------------
 
 std::tuple<Tensor, Tensor> token_subset_linear(const Tensor& x, const Tensor& weight,
-                                               const OptTensor& bias, const Tensor& positions) {
-  check_linear_args(kLinearOp, x, weight, bias);
+                                               const OptTensor& bias, const Tensor& positions,
+                                               const OptTensor& weight_absmax,
+                                               int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
+  const int64_t in = check_linear_args(kLinearOp, x, weight, bias, base);
   const auto dims = check_selection(kLinearOp, x, positions);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // at::linear is what torch.nn.functional.linear runs: the same values.
-  Tensor y = at::linear(x, weight, bias);
+  Tensor y = base.nf4() ? frozen_product(x.reshape({-1, in}), weight, bias, base)
+                              .view(with_last_dim(x.sizes(), weight.size(0)))
+                        : at::linear(x, weight, bias);
   return {std::move(y), gather_rows(x, flat_rows(positions, dims.tokens))};
 }
 
 Grads3 token_subset_linear_backward(const Tensor& grad_y, const Tensor& x_rows,
                                     const Tensor& weight, const Tensor& positions,
-                                    std::array<bool, 3> output_mask) {
+                                    std::array<bool, 3> output_mask,
+                                    const OptTensor& weight_absmax, int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const auto [need_x, need_weight, need_bias] = output_mask;
-  const auto g = selected_grad(kLinearBackwardOp, grad_y, weight, positions);
-  const Tensor xr = x_rows_operand(kLinearBackwardOp, x_rows, g.rows.size(0), weight.size(1),
-                                   grad_y, need_weight);
+  const auto g = selected_grad(kLinearBackwardOp, grad_y, weight, positions, base);
+  const int64_t in = weight_in_features(weight, base);
+  const Tensor xr =
+      x_rows_operand(kLinearBackwardOp, x_rows, g.rows.size(0), in, grad_y, need_weight);
+  if (base.nf4()) check_nf4_weight(kLinearBackwardOp, kNf4BaseArgs, weight, *weight_absmax,
+                                   weight_blocksize, xr, "x_rows");
+  check_no_nf4_weight_grad(kLinearBackwardOp, base, need_weight);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensor grad_x, grad_weight, grad_bias;
-  if (need_x) grad_x = scatter_grad_x(at::mm(g.grad_y_rows, weight), g);
+  if (need_x) {
+    Tensor gx;
+    if (base.nf4()) {
+      gx = at::empty({g.grad_y_rows.size(0), in}, grad_y.options());
+      nf4_matmul_w(gx, g.grad_y_rows, nf4_operand(weight, base), /*accumulate=*/false);
+    } else {
+      gx = at::mm(g.grad_y_rows, weight);
+    }
+    grad_x = scatter_grad_x(gx, g);
+  }
   if (need_weight) grad_weight = at::mm(g.grad_y_rows.t(), xr);
   if (need_bias) grad_bias = g.grad_y_rows.sum(0);
   return {grad_x, grad_weight, grad_bias};
@@ -141,12 +164,15 @@ Grads3 token_subset_linear_backward(const Tensor& grad_y, const Tensor& x_rows,
 std::tuple<Tensor, Tensor, Tensor> token_subset_lora_linear(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a,
     const Tensor& lora_b, double scale, double dropout_p, const OptTensor& seed,
-    const Tensor& positions) {
-  check_lora_linear_args(kLoraOp, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
+    const Tensor& positions, const OptTensor& weight_absmax, int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
+  check_lora_linear_args(kLoraOp, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
+                         kLoraArgs, base);
   const auto dims = check_selection(kLoraOp, x, positions);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // lora_linear keys the mask by x's flat row b·T + t, as backward does.
-  auto [y, u] = ops::lora_linear().call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
+  auto [y, u] = ops::lora_linear().call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
+                                        weight_absmax, weight_blocksize);
   const Tensor rows = flat_rows(positions, dims.tokens);
   return {std::move(y), gather_rows(x, rows), gather_rows(u, rows)};
 }
@@ -156,20 +182,24 @@ Grads5 token_subset_lora_linear_backward(const Tensor& grad_y, const Tensor& x_r
                                          const Tensor& lora_b, const Tensor& u_rows, double scale,
                                          double dropout_p, const OptTensor& seed,
                                          const Tensor& positions,
-                                         std::array<bool, 5> output_mask) {
+                                         std::array<bool, 5> output_mask,
+                                         const OptTensor& weight_absmax,
+                                         int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
-  const auto g = selected_grad(kLoraBackwardOp, grad_y, weight, positions);
+  const auto g = selected_grad(kLoraBackwardOp, grad_y, weight, positions, base);
   const int64_t n = g.rows.size(0);
-  const Tensor xr =
-      x_rows_operand(kLoraBackwardOp, x_rows, n, weight.size(1), grad_y, need_weight || need_a);
+  const Tensor xr = x_rows_operand(kLoraBackwardOp, x_rows, n, weight_in_features(weight, base),
+                                   grad_y, need_weight || need_a);
   // The adapter's arguments, named under this op (the kernel checks again).
   check_lora_linear_args(kLoraBackwardOp, xr, weight, c10::nullopt, lora_a, lora_b, scale,
-                         dropout_p, seed);
+                         dropout_p, seed, kLoraArgs, base);
   check_rows(kLoraBackwardOp, "u_rows", u_rows, n, lora_a.size(0), grad_y);
+  check_no_nf4_weight_grad(kLoraBackwardOp, base, need_weight);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [grad_x, grad_weight, grad_bias, grad_a, grad_b] = ops::lora_linear_backward().call(
       g.grad_y_rows, c10::nullopt, xr, weight, lora_a, lora_b, u_rows, scale, dropout_p, seed,
-      output_mask, g.rows);
+      output_mask, g.rows, weight_absmax, weight_blocksize);
   return {scatter_grad_x(grad_x, g), grad_weight, grad_bias, grad_a, grad_b};
 }
 
@@ -178,13 +208,15 @@ Grads5 token_subset_lora_linear_backward(const Tensor& grad_y, const Tensor& x_r
 std::tuple<Tensor, Tensor, Tensor> token_subset_vera_linear(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& vera_a,
     const Tensor& vera_b, const Tensor& lambda_d, const Tensor& lambda_b, double dropout_p,
-    const OptTensor& seed, const Tensor& positions) {
+    const OptTensor& seed, const Tensor& positions, const OptTensor& weight_absmax,
+    int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   check_vera_linear_args(kVeraOp, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p,
-                         seed);
+                         seed, base);
   const auto dims = check_selection(kVeraOp, x, positions);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [y, u] = ops::vera_linear().call(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b,
-                                        dropout_p, seed);
+                                        dropout_p, seed, weight_absmax, weight_blocksize);
   const Tensor rows = flat_rows(positions, dims.tokens);
   return {std::move(y), gather_rows(x, rows), gather_rows(u, rows)};
 }
@@ -196,18 +228,23 @@ Grads5 token_subset_vera_linear_backward(const Tensor& grad_y, const Tensor& x_r
                                          const Tensor& lambda_b, const Tensor& u_rows,
                                          double dropout_p, const OptTensor& seed,
                                          const Tensor& positions,
-                                         std::array<bool, 5> output_mask) {
+                                         std::array<bool, 5> output_mask,
+                                         const OptTensor& weight_absmax,
+                                         int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const bool need_weight = output_mask[1];
-  const auto g = selected_grad(kVeraBackwardOp, grad_y, weight, positions);
+  const auto g = selected_grad(kVeraBackwardOp, grad_y, weight, positions, base);
   const int64_t n = g.rows.size(0);
-  const Tensor xr = x_rows_operand(kVeraBackwardOp, x_rows, n, weight.size(1), grad_y, need_weight);
+  const Tensor xr = x_rows_operand(kVeraBackwardOp, x_rows, n, weight_in_features(weight, base),
+                                   grad_y, need_weight);
   check_vera_linear_args(kVeraBackwardOp, xr, weight, c10::nullopt, vera_a, vera_b, lambda_d,
-                         lambda_b, dropout_p, seed);
+                         lambda_b, dropout_p, seed, base);
   check_rows(kVeraBackwardOp, "u_rows", u_rows, n, vera_a.size(0), grad_y);
+  check_no_nf4_weight_grad(kVeraBackwardOp, base, need_weight);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [grad_x, grad_weight, grad_bias, grad_ld, grad_lb] = ops::vera_linear_backward().call(
       g.grad_y_rows, c10::nullopt, xr, weight, vera_a, vera_b, lambda_d, lambda_b, u_rows,
-      dropout_p, seed, output_mask, g.rows);
+      dropout_p, seed, output_mask, g.rows, weight_absmax, weight_blocksize);
   return {scatter_grad_x(grad_x, g), grad_weight, grad_bias, grad_ld, grad_lb};
 }
 

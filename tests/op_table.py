@@ -83,6 +83,8 @@ class OpInfo:
     core: tuple | None = ("basic",)  # samples that get the costly checks in full: opcheck's AOT dispatch
                                    # with dynamic shapes, gradcheck's full Jacobian (None: every sample)
     compile: tuple = ("basic",)    # samples run, in order, through one torch.compile'd function
+    forms: tuple = ("basic",)      # one sample per form of the arguments (an NF4 base weight): the per-op
+                                   # checks (TorchScript, saved bytes, second order, devices) run on each
     inductor: bool = False         # also compiled with inductor (slow)
     tolerance: dict = field(default_factory=lambda: dict(atol=1e-10, rtol=1e-9))
 
@@ -621,8 +623,8 @@ def ts_linear_saved(method):
     def nbytes(a):
         B, k = a["positions"].shape
         es = a["x"].element_size()
-        if method == "linear":
-            width = a["x"].shape[2]                            # x_rows
+        if method == "linear":  # x_rows, for grad_weight (none over a frozen NF4 weight)
+            width = a["x"].shape[2] if a["weight"].requires_grad else 0
         elif method == "lora":
             width = a["x"].shape[2] + a["lora_a"].shape[0]     # x_rows, u_rows
         else:
@@ -1621,8 +1623,9 @@ OPS = [
 
 BY_NAME = {info.name: info for info in OPS}
 
-# The NF4 entries live in their own module (it imports this one's vocabulary).
-from op_table_nf4 import nf4_ops  # noqa: E402
+# The NF4 entries live in their own module (it imports this one's vocabulary),
+# as do the NF4-base samples and bad inputs of the adapter ops above.
+from op_table_nf4 import nf4_ops, with_nf4_base  # noqa: E402
 
-OPS += nf4_ops()
+OPS = with_nf4_base(OPS) + nf4_ops()
 BY_NAME = {info.name: info for info in OPS}

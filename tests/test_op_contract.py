@@ -16,6 +16,10 @@ tests/op_table.py, on the CPU and, when present, CUDA:
   argument, on the real kernel and under FakeTensor; and every tensor
   argument moved to another device (a meta tensor beside CPU tensors too)
   raises, naming it.
+
+An entry's samples include its other argument forms (the adapter ops over an
+NF4 base weight); the per-op checks (TorchScript, saved bytes, second order,
+devices) run on each form's sample (OpInfo.forms).
 """
 
 from __future__ import annotations
@@ -298,9 +302,11 @@ def test_wrong_shape_fails_when_torch_compile_traces():
 # --- TorchScript ------------------------------------------------------------------------------------
 
 def scripted(info: OpInfo):
-    """A TorchScript function calling the op with every argument, written from its schema."""
+    """A TorchScript function calling the op with every argument, written from
+    its schema (defaults included, so that samples may leave them out)."""
     schema = info.op._schema
-    params = ", ".join(f"{a.name}: {a.type.annotation_str}" for a in schema.arguments)
+    params = ", ".join(f"{a.name}: {a.type.annotation_str}" + (f" = {a.default_value!r}" if a.has_default_value()
+                                                                else "") for a in schema.arguments)
     names = ", ".join(a.name for a in schema.arguments)
     source = f"def call({params}):\n    return torch.ops.pypeft.{info.name}({names})\n"
     return torch.jit.CompilationUnit(source).call
@@ -332,13 +338,22 @@ def test_torchscript(info, device):
         else:
             raise AssertionError("no sample with every output defined")
         assert_same(fn(*s.args.values()), want)
+        for form in info.forms[1:]:  # the other forms of the arguments (an NF4 base weight)
+            args = info.sample(form, device, F32).args
+            assert_same(fn(*args.values()), call(info, args))
 
 
 # --- no double backward; no backward at all for inference-only ops --------------------------------------
 
-@pytest.mark.parametrize("info", op_params([i for i in OPS if i.double_backward == "raises"]))
-def test_second_order_gradients_raise(info):
-    s = info.sample("basic", "cpu", F64)
+def form_params(infos):
+    """(info, form) for each form of the entries' arguments (basic, an NF4 base weight)."""
+    return [pytest.param(info, form, id=info.name if form == "basic" else f"{info.name}-{form}")
+            for info in infos for form in info.forms]
+
+
+@pytest.mark.parametrize("info, form", form_params([i for i in OPS if i.double_backward == "raises"]))
+def test_second_order_gradients_raise(info, form):
+    s = info.sample(form, "cpu", F64)
     args = leaves(s.args, s.grad)
     for wrt in s.grad:  # each input's gradient: none may be differentiated again
         if wrt in info.passthrough:
@@ -369,17 +384,19 @@ def test_backward_of_an_inference_only_op_raises(info):
 
 # --- what autograd saves ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("info", op_params([i for i in OPS if i.saved is not None]))
-def test_saved_bytes(info):
+@pytest.mark.parametrize("info, form", form_params([i for i in OPS if i.saved is not None]))
+def test_saved_bytes(info, form):
     spec = info.saved
-    s = info.sample(spec.sample, "cpu", F32)
-    args = leaves(s.args, spec.grad)
+    s = info.sample(spec.sample if form == "basic" else form, "cpu", F32)
+    # The training configuration, less what cannot take a gradient in this form (an NF4 weight's codes).
+    grad = tuple(k for k in spec.grad if not isinstance(s.args.get(k), torch.Tensor) or s.args[k].is_floating_point())
+    args = leaves(s.args, grad)
     params = [args[k] for k in info.params if isinstance(args.get(k), torch.Tensor)]
     with saved_tensors.saved(exclude=params) as record:
         out = call(info, args)
     assert record.nbytes == spec.nbytes(args), record.shapes()
     loss_of(info, out).backward()
-    assert all(args[k].grad is not None for k in spec.grad if args.get(k) is not None)
+    assert all(args[k].grad is not None for k in grad if args.get(k) is not None)
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -439,20 +456,23 @@ def device_params():
     for device in DEVICES:
         others = ["meta"] if device == "cpu" else ["cpu", "meta"]
         for info in OPS:
-            for name, path in tensor_args(info.sample("basic", "cpu", F32).args):
-                for other in others:
-                    if other == "cpu" and path[0] in info.cpu_args:
-                        continue
-                    out.append(pytest.param(info, name, path, device, other, id=f"{info.name}-{name}-{device}-{other}"))
+            for form in info.forms:
+                label = info.name if form == "basic" else f"{info.name}-{form}"
+                for name, path in tensor_args(info.sample(form, "cpu", F32).args):
+                    for other in others:
+                        if other == "cpu" and path[0] in info.cpu_args:
+                            continue
+                        out.append(pytest.param(info, form, name, path, device, other,
+                                                id=f"{label}-{name}-{device}-{other}"))
     return out
 
 
-@pytest.mark.parametrize("info, name, path, device, other", device_params())
-def test_argument_on_another_device_is_named(info, name, path, device, other):
+@pytest.mark.parametrize("info, form, name, path, device, other", device_params())
+def test_argument_on_another_device_is_named(info, form, name, path, device, other):
     """Every tensor argument must be on x's device. A meta tensor beside CPU
     tensors dispatches to the fake kernel: it must raise, not hand back
     uninitialised memory."""
-    args = replaced(info.sample("basic", device, F32).args, path, lambda t: t.to(other))
+    args = replaced(info.sample(form, device, F32).args, path, lambda t: t.to(other))
     others = [n for n, p in tensor_args(args) if p != path and p[0] not in info.cpu_args]
     if not others:  # x alone moved, beside a seed on the CPU: nothing is on another device
         assert all(t.device.type == other for t in as_tuple(call(info, args)) if t is not None)

@@ -1,7 +1,8 @@
 // pypeft::lora_linear on the CPU.
 //
 // The frozen product x Wᵀ (and grad_out W in backward) runs as one full-size
-// MKL GEMM on all threads. Everything rank-r runs block by block of rows (see
+// MKL GEMM on all threads (for an NF4 weight, one per tile of W's rows:
+// pypeft/nf4_linear.h). Everything rank-r runs block by block of rows (see
 // row_blocks.h): the dropped copy of x exists only one cache-sized block at a
 // time, the mask is regenerated from the seed, and x and grad_out are read
 // from memory once for all the small products.
@@ -41,9 +42,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, double scale,
                                                    double dropout_p,
-                                                   const c10::optional<at::Tensor>& seed) {
-  const auto dims =
-      check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
+                                                   const c10::optional<at::Tensor>& seed,
+                                                   const c10::optional<at::Tensor>& weight_absmax,
+                                                   int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
+  const auto dims = check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                           seed, kLoraArgs, base);
   // The math inside is not itself differentiated (the autograd formula is
   // the backward op), also when called from C++ on tensors requiring grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -56,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
 
   // The frozen product first, computed exactly as nn.Linear computes it, so
   // that a fresh adapter (B = 0) gives the base layer's output bit for bit.
-  at::Tensor y2 = has_value(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor y2 = frozen_product(x2, weight, bias, base);
   // Then the rank-r update, block by block: u's block is still in cache when
   // it is multiplied out, and the dropped copy of x never exceeds one block.
   at::Tensor u2 = at::empty({dims.rows, dims.r}, x.options());
@@ -82,12 +86,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& u, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
-    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids) {
+    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids,
+    const c10::optional<at::Tensor>& weight_absmax, int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const auto dims = check_lora_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight,
                                                     lora_a, lora_b, u, scale, dropout_p, seed,
-                                                    row_ids);
+                                                    row_ids, kLoraArgs, base);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
+  check_no_nf4_weight_grad(kBackwardOp, base, need_weight);
   const auto drop = DropoutParams::from_probability(dropout_p);
   const uint64_t seed_v = seed_value(seed);
   // Rows gathered out of a larger x (token-subset ops) keep the mask they had
@@ -137,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 
   at::Tensor grad_x, grad_weight, grad_bias, grad_a, grad_b;
   if (need_x) {
-    grad_x2.addmm_(gy2, weight);  // the frozen path accumulates onto the adapter's part
+    add_frozen_grad(grad_x2, gy2, weight, base);  // the frozen path, onto the adapter's part
     grad_x = grad_x2.view(x.sizes());
   }
   if (need_weight) grad_weight = at::mm(gy2.t(), x2);

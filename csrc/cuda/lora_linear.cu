@@ -29,9 +29,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& lora_a,
                                                     const at::Tensor& lora_b, double scale,
                                                     double dropout_p,
-                                                    const c10::optional<at::Tensor>& seed) {
-  const auto dims =
-      check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
+                                                    const c10::optional<at::Tensor>& seed,
+                                                    const c10::optional<at::Tensor>& weight_absmax,
+                                                    int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
+  const auto dims = check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                           seed, kLoraArgs, base);
   // The math inside is not itself differentiated (the autograd formula is
   // the backward op), also when called from C++ on tensors requiring grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -42,8 +45,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 
   // The dropped copy of x is a temporary: only u is kept for backward.
   // The frozen product exactly as nn.Linear computes it (a fresh adapter
-  // gives the base output bit for bit), then the rank-r update onto it.
-  at::Tensor y2 = has_value(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  // gives the base output bit for bit; an NF4 weight goes tile by tile of its
+  // rows), then the rank-r update onto it.
+  at::Tensor y2 = frozen_product(x2, weight, bias, base);
   at::Tensor u2 = at::mm(dropped(x2, seed_source(seed), drop), ops.a.t());
   y2.addmm_(u2, ops.b_scaled.t());
   return {y2.view(with_last_dim(x.sizes(), dims.out)), u2.view(with_last_dim(x.sizes(), dims.r))};
@@ -53,13 +57,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_u, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& u, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
-    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids) {
+    std::array<bool, 5> output_mask, const c10::optional<at::Tensor>& row_ids,
+    const c10::optional<at::Tensor>& weight_absmax, int64_t weight_blocksize) {
+  const BaseWeight base{weight_absmax, weight_blocksize};
   const auto dims = check_lora_linear_backward_args(kBackwardOp, grad_out, grad_u, x, weight,
                                                     lora_a, lora_b, u, scale, dropout_p, seed,
-                                                    row_ids);
+                                                    row_ids, kLoraArgs, base);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_weight, need_bias, need_a, need_b] = output_mask;
+  check_no_nf4_weight_grad(kBackwardOp, base, need_weight);
   const auto drop = DropoutParams::from_probability(dropout_p);
   const SeedSource seed_src = seed_source(seed);
   // Rows gathered out of a larger x (token-subset ops) keep the mask they had
@@ -81,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     if (need_x) {
       at::Tensor gx2 = at::mm(g, ops.a);
       if (drop.active) dropout_rows(gx2, gx2, seed_src, drop, id_ptr);
-      gx2.addmm_(gy2, weight);
+      add_frozen_grad(gx2, gy2, weight, base);
       grad_x = gx2.view(x.sizes());
     }
   }

@@ -159,33 +159,120 @@ def numel(sizes):
     return n
 
 
+# --- NF4 weights (csrc/include/pypeft/nf4_args.h, nf4_linear.h) ------------------------
+
+#: The names of an NF4 base weight's arguments in the adapter ops (nf4_linear's
+#: own are weight, absmax, blocksize).
+NF4_BASE_ARGS = ("weight", "weight_absmax", "weight_blocksize")
+NF4_LINEAR_ARGS = ("weight", "absmax", "blocksize")
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def check_nf4_blocksize(op: str, blocksize: int, arg: str = "blocksize") -> None:
+    check_value(blocksize >= 2 and blocksize % 2 == 0, op, arg,
+                "an even block size >= 2 (bitsandbytes uses 32 ... 4096; QLoRA 64)", blocksize)
+
+
+def check_absmax(op: str, absmax, blocks, ref_arg: str, ref, arg: str = "absmax") -> None:
+    check_defined(op, arg, absmax)
+    check_type(absmax.dtype == torch.float32, op, arg, "a float32 tensor", dtype_name(absmax.dtype))
+    check_value(absmax.numel() == blocks, op, arg, f"{blocks} values (one per block)",
+                f"shape {shape_str(absmax.shape)}")
+    check_same_device(op, arg, absmax, ref_arg, ref)
+
+
+def check_nf4_weight(op: str, weight, absmax, blocksize, x, x_arg: str = "x", names=NF4_LINEAR_ARGS) -> tuple:
+    """uint8 codes [out, in / 2] on x's device, x [..., in], absmax one float32
+    per block of `blocksize` values (even): returns (out, in)."""
+    codes_arg, absmax_arg, blocksize_arg = names
+    check_dim(op, codes_arg, weight, 2)
+    check_type(weight.dtype == torch.uint8, op, codes_arg, "uint8 NF4 codes [out, in / 2]", dtype_name(weight.dtype))
+    check_same_device(op, codes_arg, weight, x_arg, x)
+    check_nf4_blocksize(op, blocksize, blocksize_arg)
+    out, n_in = weight.shape[0], weight.shape[1] * 2
+    check_value((x.shape[-1] if x.dim() else 1) == n_in, op, x_arg,
+                f"last dim {n_in} (in_features: twice {codes_arg}'s {weight.shape[1]} bytes per row)",
+                f"shape {shape_str(x.shape)}")
+    check_absmax(op, absmax, ceil_div(out * n_in, blocksize), codes_arg, weight, absmax_arg)
+    return out, n_in
+
+
+def check_no_nf4_weight_grad(op: str, weight_absmax, need_weight) -> None:
+    """A backward op over an NF4 weight computes no gradient for it: it is frozen."""
+    check_value(not (weight_absmax is not None and need_weight), op, "output_mask",
+                "no gradient asked for weight (output_mask[1] false): an NF4 weight is frozen",
+                "output_mask[1] true with weight_absmax given")
+
+
+def refuse_nf4_state_grad(op: str, absmax_requires_grad: bool) -> None:
+    """In an adapter op's autograd setup (forward, with grad enabled): an NF4
+    weight's absmax is frozen state, as its codes are (uint8, which cannot
+    require grad); one that requires grad is refused at once."""
+    if absmax_requires_grad:
+        raise RuntimeError(f"{op}: weight_absmax is part of the frozen NF4 weight; it must not require grad")
+
+
 # --- the linear layers (csrc/include/pypeft/lora_linear.h, vera_linear.h) -----------
 
-def check_linear_args(op: str, x, weight, bias) -> None:
-    """x [..., in], weight [out, in], bias [out] or None: one dtype, one device."""
+def weight_in_features(weight, weight_absmax) -> int:
+    """in_features of a weight [out, in], or of NF4 codes [out, in / 2] (weight_absmax given)."""
+    return weight.shape[1] * 2 if weight_absmax is not None else weight.shape[1]
+
+
+def check_dense_weight_dtype(op: str, weight, x, x_arg: str = "x") -> None:
+    hint = "; uint8 NF4 codes need weight_absmax (and weight_blocksize)" if weight.dtype == torch.uint8 else ""
+    check_type(weight.dtype == x.dtype, op, "weight", f"dtype {dtype_name(x.dtype)} (the dtype of '{x_arg}'){hint}",
+               dtype_name(weight.dtype))
+
+
+def check_weight_form(op: str, weight, weight_absmax) -> None:
+    """With weight_absmax given, weight must hold NF4 codes before in_features is read off it."""
+    if weight_absmax is not None:
+        check_type(weight.dtype == torch.uint8, op, "weight", "uint8 NF4 codes [out, in / 2]",
+                   dtype_name(weight.dtype))
+
+
+def check_linear_args(op: str, x, weight, bias, weight_absmax=None, weight_blocksize: int = 64):
+    """x [..., in], weight [out, in], bias [out] or None: one dtype, one device.
+    With weight_absmax, weight is NF4 codes [out, in / 2] (uint8) instead.
+    Returns in_features."""
     check_defined(op, "x", x)
     check_value(x.dim() >= 1, op, "x", "a tensor of shape [..., in_features]", "a 0-D tensor")
     check_activation_dtype(op, "x", x)
     check_dim(op, "weight", weight, 2)
-    out, n_in = weight.shape
-    check_value(n_in >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
-                f"shape {shape_str(weight.shape)}")
-    check_value(out >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
-                f"shape {shape_str(weight.shape)}")
-    check_size(op, "x", x, x.dim() - 1, n_in, "in_features, from weight [out, in]")
-    check_like(op, "weight", weight, "x", x)
+    check_weight_form(op, weight, weight_absmax)
+    nf4 = weight_absmax is not None
+    out, n_in = weight.shape[0], weight_in_features(weight, weight_absmax)
+    expected = ("NF4 codes [out_features, in_features / 2], both >= 1" if nf4
+                else "shape [out_features, in_features], both >= 1")
+    check_value(n_in >= 1, op, "weight", expected, f"shape {shape_str(weight.shape)}")
+    check_value(out >= 1, op, "weight", expected, f"shape {shape_str(weight.shape)}")
+    if nf4:
+        check_nf4_weight(op, weight, weight_absmax, weight_blocksize, x, names=NF4_BASE_ARGS)
+    else:
+        if weight.dtype == torch.uint8:  # codes without their absmax: say so before their width misleads
+            check_dense_weight_dtype(op, weight, x)
+        check_size(op, "x", x, x.dim() - 1, n_in, "in_features, from weight [out, in]")
+        check_same_device(op, "weight", weight, "x", x)
+        check_dense_weight_dtype(op, weight, x)
     if bias is not None:
         check_dim(op, "bias", bias, 1)
         check_size(op, "bias", bias, 0, out, "out_features, from weight [out, in]")
         check_like(op, "bias", bias, "x", x)
+    return n_in
 
 
 def check_lora_linear_args(op: str, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
-                           a_name: str = "lora_a", b_name: str = "lora_b") -> None:
+                           a_name: str = "lora_a", b_name: str = "lora_b", weight_absmax=None,
+                           weight_blocksize: int = 64) -> None:
     """lora_linear's arguments; a_name / b_name: what the adapter matrices are
-    called (vera_linear passes its shared matrices' slices as vera_a, vera_b)."""
-    check_linear_args(op, x, weight, bias)
-    out, n_in = weight.shape
+    called (vera_linear passes its shared matrices' slices as vera_a, vera_b).
+    weight_absmax given: weight is NF4 codes (check_linear_args)."""
+    n_in = check_linear_args(op, x, weight, bias, weight_absmax, weight_blocksize)
+    out = weight.shape[0]
     check_dim(op, a_name, lora_a, 2)
     r = lora_a.shape[0]
     check_value(r >= 1, op, a_name, "shape [r, in_features] with rank r >= 1", f"shape {shape_str(lora_a.shape)}")
@@ -203,8 +290,10 @@ def check_lora_linear_args(op: str, x, weight, bias, lora_a, lora_b, scale, drop
 
 
 def check_lora_linear_backward_args(op: str, grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p,
-                                    seed, row_ids, a_name: str = "lora_a", b_name: str = "lora_b") -> None:
-    check_lora_linear_args(op, x, weight, None, lora_a, lora_b, scale, dropout_p, seed, a_name, b_name)
+                                    seed, row_ids, a_name: str = "lora_a", b_name: str = "lora_b",
+                                    weight_absmax=None, weight_blocksize: int = 64) -> None:
+    check_lora_linear_args(op, x, weight, None, lora_a, lora_b, scale, dropout_p, seed, a_name, b_name,
+                           weight_absmax, weight_blocksize)
     rows = numel(x.shape[:-1])
     check_row_ids(op, row_ids, x, rows)
     y_shape = (*x.shape[:-1], weight.shape[0])
@@ -218,13 +307,15 @@ def check_lora_linear_backward_args(op: str, grad_out, grad_u, x, weight, lora_a
         check_like(op, "grad_u", grad_u, "x", x)
 
 
-def check_vera_shared(op: str, weight, vera_a, vera_b, lambda_d, lambda_b, x) -> None:
+def check_vera_shared(op: str, weight, vera_a, vera_b, lambda_d, lambda_b, x, weight_absmax=None) -> None:
     """The shared A [r, max_in], B [max_out, r] against the layer (weight [out,
-    in]) and the vectors λ_d [r], λ_b [out]: shapes, devices and dtypes."""
+    in], or NF4 codes [out, in / 2]) and the vectors λ_d [r], λ_b [out]:
+    shapes, devices and dtypes."""
     check_dim(op, "vera_a", vera_a, 2)
     check_dim(op, "vera_b", vera_b, 2)
     check_dim(op, "weight", weight, 2)
-    out, n_in = weight.shape
+    check_weight_form(op, weight, weight_absmax)
+    out, n_in = weight.shape[0], weight_in_features(weight, weight_absmax)
     r = vera_a.shape[0]
     check_value(vera_a.shape[1] >= n_in, op, "vera_a",
                 f"shape [r, max_in] with max_in >= in_features {n_in} (the shared matrix is sliced per layer)",
@@ -242,11 +333,12 @@ def check_vera_shared(op: str, weight, vera_a, vera_b, lambda_d, lambda_b, x) ->
         check_same_dtype(op, name, t, "vera_a", vera_a)
 
 
-def check_vera_linear_args(op: str, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed) -> None:
-    check_vera_shared(op, weight, vera_a, vera_b, lambda_d, lambda_b, x)
-    out, n_in = weight.shape
+def check_vera_linear_args(op: str, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed,
+                           weight_absmax=None, weight_blocksize: int = 64) -> None:
+    check_vera_shared(op, weight, vera_a, vera_b, lambda_d, lambda_b, x, weight_absmax)
+    out, n_in = weight.shape[0], weight_in_features(weight, weight_absmax)
     check_lora_linear_args(op, x, weight, bias, vera_a[:, :n_in], vera_b[:out], 1.0, dropout_p, seed,
-                           "vera_a", "vera_b")
+                           "vera_a", "vera_b", weight_absmax, weight_blocksize)
 
 
 # --- token-subset ops (csrc/include/pypeft/token_subset.h) ---------------------------

@@ -19,6 +19,11 @@ All tensors live on x's device.
 
 row_adapter is a list of Python ints, so torch.compile specialises on it
 (guards on its values): a compiled layer recompiles for each new assignment.
+
+An NF4 base (QLoRA serving): with the keyword weight_absmax given (float32,
+one per weight_blocksize values), weight holds uint8 NF4 codes [out, in // 2];
+the frozen product runs tile by tile of W's rows (no full-precision W), and
+base rows equal pypeft.ops.nf4_linear's.
 """
 
 from __future__ import annotations
@@ -40,22 +45,29 @@ def lora_linear_mixed(
     lora_b: list[torch.Tensor],
     scale: list[float],
     row_adapter: list[int],
+    *,
+    weight_absmax: torch.Tensor | None = None,
+    weight_blocksize: int = 64,
 ) -> torch.Tensor:
     """A linear layer whose batch rows each run with their own LoRA adapter.
 
     Args:
         x: [B, ..., in] activations, at least 2-D; dim 0 indexes batch rows.
-        weight: [out, in] frozen base weight; bias: [out] or None.
+        weight: [out, in] frozen base weight, or (weight_absmax given) its NF4
+            codes, uint8 [out, in // 2]; bias: [out] or None.
         lora_a: K tensors, lora_a[k] of shape [r_k, in] (ranks may differ).
         lora_b: K tensors, lora_b[k] of shape [out, r_k].
         scale: K floats, the adapters' LoRA scalings (alpha / r, ...).
         row_adapter: B ints in [-1, K): the adapter of each batch row; -1 runs
             the row through the base layer alone.
+        weight_absmax: float32 [ceil(out * in / weight_blocksize)], the NF4
+            weight's absmax (None: weight is dense).
+        weight_blocksize: values per absmax of the NF4 weight (QLoRA: 64).
     Returns:
         y: [B, ..., out], y[b] = x[b] Wᵀ + bias + scale[k] · (x[b] A_kᵀ) B_kᵀ
         with k = row_adapter[b]; rows with k = -1 equal F.linear bit for bit.
     """
-    return _lora_op(x, weight, bias, lora_a, lora_b, scale, row_adapter)
+    return _lora_op(x, weight, bias, lora_a, lora_b, scale, row_adapter, weight_absmax, weight_blocksize)
 
 
 def vera_linear_mixed(
@@ -67,44 +79,42 @@ def vera_linear_mixed(
     lambda_d: torch.Tensor,
     lambda_b: torch.Tensor,
     row_adapter: list[int],
+    *,
+    weight_absmax: torch.Tensor | None = None,
+    weight_blocksize: int = 64,
 ) -> torch.Tensor:
     """A linear layer whose batch rows each run with their own VeRA adapter.
 
     Args:
         x: [B, ..., in] activations, at least 2-D; dim 0 indexes batch rows.
-        weight: [out, in] frozen base weight; bias: [out] or None.
+        weight: [out, in] frozen base weight, or (weight_absmax given) its NF4
+            codes, uint8 [out, in // 2]; bias: [out] or None.
         vera_a: [r, max_in], vera_b: [max_out, r]: the frozen matrices shared
             by every adapter, sliced to A_s = vera_a[:, :in], B_s = vera_b[:out].
         lambda_d: [K, r], lambda_b: [K, out]: the K adapters' vectors, stacked.
         row_adapter: B ints in [-1, K): the adapter of each batch row; -1 runs
             the row through the base layer alone.
+        weight_absmax, weight_blocksize: an NF4 weight's absmax and block size,
+            as lora_linear_mixed's.
     Returns:
         y: [B, ..., out], y[b] = x[b] Wᵀ + bias + λ_b[k] ⊙ ((λ_d[k] ⊙ (x[b] A_sᵀ)) B_sᵀ)
         with k = row_adapter[b]; rows with k = -1 equal F.linear bit for bit.
     """
-    return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter)
+    return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter, weight_absmax,
+                    weight_blocksize)
 
 
 # --- fake kernels: csrc/include/pypeft/mixed_linear.h's checks -------------------------
 
-def _check_base_args(op, x, weight, bias):
-    """x [B, ..., in] (at least 2-D), weight [out, in], bias [out] or None."""
+def _check_base_args(op, x, weight, bias, weight_absmax, weight_blocksize):
+    """x [B, ..., in] (at least 2-D), weight [out, in] (or NF4 codes [out, in / 2]),
+    bias [out] or None. Returns (out, in)."""
     _checks.check_defined(op, "x", x)
     _checks.check_value(x.dim() >= 2, op, "x",
                         "a tensor of shape [batch, ..., in_features] (at least 2-D: one adapter per batch row)",
                         f"{x.dim()}-D tensor of shape {_checks.shape_str(x.shape)}")
-    _checks.check_activation_dtype(op, "x", x)
-    _checks.check_dim(op, "weight", weight, 2)
-    out, n_in = weight.shape
-    for size in (n_in, out):
-        _checks.check_value(size >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
-                            f"shape {_checks.shape_str(weight.shape)}")
-    _checks.check_size(op, "x", x, x.dim() - 1, n_in, "in_features, from weight [out, in]")
-    _checks.check_like(op, "weight", weight, "x", x)
-    if bias is not None:
-        _checks.check_dim(op, "bias", bias, 1)
-        _checks.check_size(op, "bias", bias, 0, out, "out_features, from weight [out, in]")
-        _checks.check_like(op, "bias", bias, "x", x)
+    n_in = _checks.check_linear_args(op, x, weight, bias, weight_absmax, weight_blocksize)
+    return weight.shape[0], n_in
 
 
 def _check_row_adapter(op, row_adapter, batch, adapters):
@@ -118,9 +128,9 @@ def _check_row_adapter(op, row_adapter, batch, adapters):
         _checks.check_value(k < adapters, op, "row_adapter", expected, f"row_adapter[{b}] = {k}")
 
 
-def _check_lora_mixed_args(op, x, weight, bias, lora_a, lora_b, scale, row_adapter):
-    _check_base_args(op, x, weight, bias)
-    out, n_in = weight.shape
+def _check_lora_mixed_args(op, x, weight, bias, lora_a, lora_b, scale, row_adapter, weight_absmax,
+                           weight_blocksize):
+    out, n_in = _check_base_args(op, x, weight, bias, weight_absmax, weight_blocksize)
     adapters = len(lora_a)
     _checks.check_value(len(lora_b) == adapters, op, "lora_b", f"{adapters} tensors (one per adapter, as 'lora_a')",
                         f"{len(lora_b)} tensors")
@@ -143,9 +153,9 @@ def _check_lora_mixed_args(op, x, weight, bias, lora_a, lora_b, scale, row_adapt
     _check_row_adapter(op, row_adapter, x.shape[0], adapters)
 
 
-def _check_vera_mixed_args(op, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter):
-    _check_base_args(op, x, weight, bias)
-    out, n_in = weight.shape
+def _check_vera_mixed_args(op, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter, weight_absmax,
+                           weight_blocksize):
+    out, n_in = _check_base_args(op, x, weight, bias, weight_absmax, weight_blocksize)
     _checks.check_dim(op, "vera_a", vera_a, 2)
     _checks.check_dim(op, "vera_b", vera_b, 2)
     r = vera_a.shape[0]
@@ -173,14 +183,18 @@ def _check_vera_mixed_args(op, x, weight, bias, vera_a, vera_b, lambda_d, lambda
 
 
 @torch.library.register_fake("pypeft::lora_linear_mixed")
-def _lora_linear_mixed_fake(x, weight, bias, lora_a, lora_b, scale, row_adapter):
-    _check_lora_mixed_args(_LORA_OP, x, weight, bias, lora_a, lora_b, scale, row_adapter)
+def _lora_linear_mixed_fake(x, weight, bias, lora_a, lora_b, scale, row_adapter, weight_absmax=None,
+                            weight_blocksize=64):
+    _check_lora_mixed_args(_LORA_OP, x, weight, bias, lora_a, lora_b, scale, row_adapter, weight_absmax,
+                           weight_blocksize)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("pypeft::vera_linear_mixed")
-def _vera_linear_mixed_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter):
-    _check_vera_mixed_args(_VERA_OP, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter)
+def _vera_linear_mixed_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter, weight_absmax=None,
+                            weight_blocksize=64):
+    _check_vera_mixed_args(_VERA_OP, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, row_adapter,
+                           weight_absmax, weight_blocksize)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

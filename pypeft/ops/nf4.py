@@ -137,29 +137,17 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, bloc
     return _linear_op(x, weight, absmax, blocksize, bias)
 
 
-# --- fake kernels (shapes, dtypes, devices; the checks of csrc/include/pypeft/nf4_args.h) ---
+# --- fake kernels (shapes, dtypes, devices; the checks of csrc/include/pypeft/nf4_args.h,
+# the shared ones in _checks.py) ---
 
-def _ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-def _check_nf4_blocksize(op: str, blocksize: int) -> None:
-    _checks.check_value(blocksize >= 2 and blocksize % 2 == 0, op, "blocksize",
-                        "an even block size >= 2 (bitsandbytes uses 32 ... 4096; QLoRA 64)", blocksize)
+_ceil_div = _checks.ceil_div
+_check_nf4_blocksize = _checks.check_nf4_blocksize
+_check_absmax = _checks.check_absmax
 
 
 def _check_quantize_input(op: str, arg: str, t) -> None:
     _checks.check_defined(op, arg, t)
     _checks.check_dtype_in(op, arg, t, _STORED)
-
-
-def _check_absmax(op: str, absmax, blocks, ref_arg: str, ref) -> None:
-    _checks.check_defined(op, "absmax", absmax)
-    _checks.check_type(absmax.dtype == torch.float32, op, "absmax", "a float32 tensor",
-                       _checks.dtype_name(absmax.dtype))
-    _checks.check_value(absmax.numel() == blocks, op, "absmax", f"{blocks} values (one per block)",
-                        f"shape {_checks.shape_str(absmax.shape)}")
-    _checks.check_same_device(op, "absmax", absmax, ref_arg, ref)
 
 
 def _check_codes(op: str, arg: str, codes, count, what: str) -> None:
@@ -175,20 +163,6 @@ def _check_code_map(op: str, code, ref_arg: str, ref) -> None:
     _checks.check_value(code.numel() == 256, op, "code", "256 values (an 8-bit code map)",
                         f"shape {_checks.shape_str(code.shape)}")
     _checks.check_same_device(op, "code", code, ref_arg, ref)
-
-
-def _check_nf4_weight(op: str, weight, absmax, blocksize, x, x_arg: str = "x") -> tuple:
-    _checks.check_dim(op, "weight", weight, 2)
-    _checks.check_type(weight.dtype == torch.uint8, op, "weight", "uint8 NF4 codes [out, in / 2]",
-                       _checks.dtype_name(weight.dtype))
-    _checks.check_same_device(op, "weight", weight, x_arg, x)
-    _check_nf4_blocksize(op, blocksize)
-    out, n_in = weight.shape[0], weight.shape[1] * 2
-    _checks.check_value(x.shape[-1] == n_in, op, x_arg,
-                        f"last dim {n_in} (in_features: twice weight's {weight.shape[1]} bytes per row)",
-                        f"shape {_checks.shape_str(x.shape)}")
-    _check_absmax(op, absmax, _ceil_div(out * n_in, blocksize), "weight", weight)
-    return out, n_in
 
 
 @torch.library.register_fake("pypeft::nf4_quantize")
@@ -238,7 +212,7 @@ def _nf4_linear_fake(x, weight, absmax, blocksize, bias):
     _checks.check_defined(_LINEAR, "x", x)
     _checks.check_value(x.dim() >= 1, _LINEAR, "x", "a tensor of shape [..., in_features]", "a 0-D tensor")
     _checks.check_activation_dtype(_LINEAR, "x", x)
-    out, _ = _check_nf4_weight(_LINEAR, weight, absmax, blocksize, x)
+    out, _ = _checks.check_nf4_weight(_LINEAR, weight, absmax, blocksize, x)
     if bias is not None:
         _checks.check_dim(_LINEAR, "bias", bias, 1)
         _checks.check_size(_LINEAR, "bias", bias, 0, out, "out_features, from weight [out, in / 2]")
@@ -255,7 +229,7 @@ def _nf4_linear_backward_fake(grad_y, weight, absmax, blocksize, output_mask):
                         f"last dim {weight.shape[0]} (out_features, from weight)",
                         f"shape {_checks.shape_str(grad_y.shape)}")
     x_like = grad_y.new_empty((0, weight.shape[1] * 2))
-    out, n_in = _check_nf4_weight(_LINEAR_BACKWARD, weight, absmax, blocksize, x_like, "grad_y")
+    out, n_in = _checks.check_nf4_weight(_LINEAR_BACKWARD, weight, absmax, blocksize, x_like, "grad_y")
     need_x, need_bias = output_mask
     return (grad_y.new_empty((*grad_y.shape[:-1], n_in)) if need_x else None,
             grad_y.new_empty((out,)) if need_bias else None)

@@ -23,6 +23,11 @@ vera_b, lambda_d, lambda_b) share x's dtype, or float32 when x is
 bfloat16/float16; their gradients come back in their own dtype. Any other mix
 raises a TypeError naming the argument; bad shapes or positions (wrong dtype or
 batch, out of [0, T), repeated in a row, more than T per row) a ValueError.
+
+An NF4 base (QLoRA), every op here: with the keyword weight_absmax given
+(float32, one per weight_blocksize values), weight holds uint8 NF4 codes
+[out, in // 2]; the frozen products run tile by tile of W's rows (no
+full-precision W), the same rows are saved, and the weight takes no gradient.
 """
 
 from __future__ import annotations
@@ -42,47 +47,58 @@ _vera_backward_op = torch.ops.pypeft.token_subset_vera_linear_backward.default
 
 
 def token_subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        positions: torch.Tensor) -> torch.Tensor:
+                        positions: torch.Tensor, *, weight_absmax: torch.Tensor | None = None,
+                        weight_blocksize: int = 64) -> torch.Tensor:
     """y = x @ weight.T + bias, differentiable at the selected tokens only.
 
     Args:
         x: [B, T, in] activations.
-        weight: [out, in]; bias: [out] or None.
+        weight: [out, in], or (weight_absmax given) NF4 codes uint8 [out, in // 2];
+            bias: [out] or None.
         positions: [B, k] int64, the selected tokens of each batch row.
+        weight_absmax: float32 [ceil(out * in / weight_blocksize)], the NF4
+            weight's absmax (None: weight is dense).
+        weight_blocksize: values per absmax of the NF4 weight (QLoRA: 64).
     Returns:
         y: [B, T, out].
     """
-    return _linear_op(x, weight, bias, positions)[0]
+    return _linear_op(x, weight, bias, positions, weight_absmax, weight_blocksize)[0]
 
 
 def token_subset_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                              dropout_p: float, seed: torch.Tensor | None,
-                             positions: torch.Tensor) -> torch.Tensor:
+                             positions: torch.Tensor, *, weight_absmax: torch.Tensor | None = None,
+                             weight_blocksize: int = 64) -> torch.Tensor:
     """pypeft.ops.lora_linear (y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ),
     differentiable at the selected tokens only.
 
     Args as lora_linear (lora_a [r, in], lora_b [out, r]; seed a 0-dim int64
-    tensor, needed when dropout_p > 0), plus positions [B, k] int64.
+    tensor, needed when dropout_p > 0; an NF4 weight with weight_absmax and
+    weight_blocksize), plus positions [B, k] int64.
     Returns:
         y: [B, T, out].
     """
-    return _lora_op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions)[0]
+    return _lora_op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions, weight_absmax,
+                    weight_blocksize)[0]
 
 
 def token_subset_vera_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              vera_a: torch.Tensor, vera_b: torch.Tensor, lambda_d: torch.Tensor,
                              lambda_b: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
-                             positions: torch.Tensor) -> torch.Tensor:
+                             positions: torch.Tensor, *, weight_absmax: torch.Tensor | None = None,
+                             weight_blocksize: int = 64) -> torch.Tensor:
     """pypeft.ops.vera_linear (y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_sᵀ)) B_sᵀ)),
     differentiable at the selected tokens only.
 
     Args as vera_linear (the shared, frozen vera_a [r, max_in] and vera_b
-    [max_out, r]; lambda_d [r], lambda_b [out]), plus positions [B, k] int64.
+    [max_out, r]; lambda_d [r], lambda_b [out]; an NF4 weight with
+    weight_absmax and weight_blocksize), plus positions [B, k] int64.
     Returns:
         y: [B, T, out].
     """
-    return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions)[0]
+    return _vera_op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions,
+                    weight_absmax, weight_blocksize)[0]
 
 
 # --- fake (meta) kernels: the checks of csrc/token_subset_linear.cpp ----------------------
@@ -102,12 +118,14 @@ def _check_selection(op, x, positions):
     _checks.check_positions(op, positions, "x", x)
 
 
-def _check_selected_grad(op, grad_y, weight, positions):
+def _check_selected_grad(op, grad_y, weight, positions, weight_absmax):
     _check_tokens_layout(op, "grad_y", grad_y, "out_features")
     _checks.check_activation_dtype(op, "grad_y", grad_y)
     _checks.check_dim(op, "weight", weight, 2)
     _checks.check_size(op, "grad_y", grad_y, 2, weight.shape[0], "out_features, from weight [out, in]")
-    _checks.check_like(op, "weight", weight, "grad_y", grad_y)
+    _checks.check_same_device(op, "weight", weight, "grad_y", grad_y)
+    if weight_absmax is None:  # an NF4 weight is checked against x_rows later
+        _checks.check_dense_weight_dtype(op, weight, grad_y, "grad_y")
     _checks.check_positions(op, positions, "grad_y", grad_y)
 
 
@@ -136,8 +154,8 @@ def _rows_like(x, positions, cols):
     return x.new_empty((x.shape[0] * positions.shape[1], cols))
 
 
-def _grad_x_like(grad_y, weight):
-    return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+def _grad_x_like(grad_y, weight, weight_absmax):
+    return grad_y.new_empty((*grad_y.shape[:-1], _checks.weight_in_features(weight, weight_absmax)))
 
 
 def _grad_like(t):
@@ -145,28 +163,34 @@ def _grad_like(t):
 
 
 @torch.library.register_fake("pypeft::token_subset_linear")
-def _linear_fake(x, weight, bias, positions):
-    _checks.check_linear_args(_LINEAR, x, weight, bias)
+def _linear_fake(x, weight, bias, positions, weight_absmax=None, weight_blocksize=64):
+    _checks.check_linear_args(_LINEAR, x, weight, bias, weight_absmax, weight_blocksize)
     _check_selection(_LINEAR, x, positions)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2])
 
 
 @torch.library.register_fake("pypeft::token_subset_linear_backward")
-def _linear_backward_fake(grad_y, x_rows, weight, positions, output_mask):
+def _linear_backward_fake(grad_y, x_rows, weight, positions, output_mask, weight_absmax=None, weight_blocksize=64):
     op = _LINEAR + "_backward"
     need_x, need_weight, need_bias = output_mask
-    _check_selected_grad(op, grad_y, weight, positions)
-    _x_rows_operand(op, x_rows, _selected_rows(positions), weight.shape[1], grad_y, need_weight)
+    _check_selected_grad(op, grad_y, weight, positions, weight_absmax)
+    n_in = _checks.weight_in_features(weight, weight_absmax)
+    xr = _x_rows_operand(op, x_rows, _selected_rows(positions), n_in, grad_y, need_weight)
+    if weight_absmax is not None:
+        _checks.check_nf4_weight(op, weight, weight_absmax, weight_blocksize, xr, "x_rows", _checks.NF4_BASE_ARGS)
+    _checks.check_no_nf4_weight_grad(op, weight_absmax, need_weight)
     return (
-        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_x_like(grad_y, weight, weight_absmax) if need_x else None,
         _grad_like(weight) if need_weight else None,
-        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        grad_y.new_empty((weight.shape[0],)) if need_bias else None,
     )
 
 
 @torch.library.register_fake("pypeft::token_subset_lora_linear")
-def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions):
-    _checks.check_lora_linear_args(_LORA, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions, weight_absmax=None,
+               weight_blocksize=64):
+    _checks.check_lora_linear_args(_LORA, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed,
+                                   weight_absmax=weight_absmax, weight_blocksize=weight_blocksize)
     _check_selection(_LORA, x, positions)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
             _rows_like(x, positions, lora_a.shape[0]))
@@ -174,26 +198,31 @@ def _lora_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, position
 
 @torch.library.register_fake("pypeft::token_subset_lora_linear_backward")
 def _lora_backward_fake(grad_y, x_rows, weight, lora_a, lora_b, u_rows, scale, dropout_p, seed, positions,
-                        output_mask):
+                        output_mask, weight_absmax=None, weight_blocksize=64):
     op = _LORA + "_backward"
     need_x, need_weight, need_bias, need_a, need_b = output_mask
-    _check_selected_grad(op, grad_y, weight, positions)
+    _check_selected_grad(op, grad_y, weight, positions, weight_absmax)
     n = _selected_rows(positions)
-    xr = _x_rows_operand(op, x_rows, n, weight.shape[1], grad_y, need_weight or need_a)
-    _checks.check_lora_linear_args(op, xr, weight, None, lora_a, lora_b, scale, dropout_p, seed)
+    xr = _x_rows_operand(op, x_rows, n, _checks.weight_in_features(weight, weight_absmax), grad_y,
+                         need_weight or need_a)
+    _checks.check_lora_linear_args(op, xr, weight, None, lora_a, lora_b, scale, dropout_p, seed,
+                                   weight_absmax=weight_absmax, weight_blocksize=weight_blocksize)
     _check_saved_rows(op, "u_rows", u_rows, n, lora_a.shape[0], grad_y)
+    _checks.check_no_nf4_weight_grad(op, weight_absmax, need_weight)
     return (
-        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_x_like(grad_y, weight, weight_absmax) if need_x else None,
         _grad_like(weight) if need_weight else None,
-        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        grad_y.new_empty((weight.shape[0],)) if need_bias else None,
         _grad_like(lora_a) if need_a else None,
         _grad_like(lora_b) if need_b else None,
     )
 
 
 @torch.library.register_fake("pypeft::token_subset_vera_linear")
-def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions):
-    _checks.check_vera_linear_args(_VERA, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)
+def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions, weight_absmax=None,
+               weight_blocksize=64):
+    _checks.check_vera_linear_args(_VERA, x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed,
+                                   weight_absmax, weight_blocksize)
     _check_selection(_VERA, x, positions)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])), _rows_like(x, positions, x.shape[2]),
             _rows_like(x, positions, vera_a.shape[0]))
@@ -201,18 +230,20 @@ def _vera_fake(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, s
 
 @torch.library.register_fake("pypeft::token_subset_vera_linear_backward")
 def _vera_backward_fake(grad_y, x_rows, weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, dropout_p, seed,
-                        positions, output_mask):
+                        positions, output_mask, weight_absmax=None, weight_blocksize=64):
     op = _VERA + "_backward"
     need_x, need_weight, need_bias, need_ld, need_lb = output_mask
-    _check_selected_grad(op, grad_y, weight, positions)
+    _check_selected_grad(op, grad_y, weight, positions, weight_absmax)
     n = _selected_rows(positions)
-    xr = _x_rows_operand(op, x_rows, n, weight.shape[1], grad_y, need_weight)
-    _checks.check_vera_linear_args(op, xr, weight, None, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed)
+    xr = _x_rows_operand(op, x_rows, n, _checks.weight_in_features(weight, weight_absmax), grad_y, need_weight)
+    _checks.check_vera_linear_args(op, xr, weight, None, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed,
+                                   weight_absmax, weight_blocksize)
     _check_saved_rows(op, "u_rows", u_rows, n, vera_a.shape[0], grad_y)
+    _checks.check_no_nf4_weight_grad(op, weight_absmax, need_weight)
     return (
-        _grad_x_like(grad_y, weight) if need_x else None,
+        _grad_x_like(grad_y, weight, weight_absmax) if need_x else None,
         _grad_like(weight) if need_weight else None,
-        weight.new_empty((weight.shape[0],)) if need_bias else None,
+        grad_y.new_empty((weight.shape[0],)) if need_bias else None,
         _grad_like(lambda_d) if need_ld else None,
         _grad_like(lambda_b) if need_lb else None,
     )
@@ -233,59 +264,66 @@ def _x_rows_arg(saved, like):
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, positions = inputs
+    x, weight, bias, positions, weight_absmax, weight_blocksize = inputs
+    _checks.refuse_nf4_state_grad(_LINEAR, ctx.needs_input_grad[4])
     # The gathered rows are outputs only so that they can be saved and shared;
     # no gradient flows back through them.
     ctx.mark_non_differentiable(output[1])
     x_rows = _saved_x_rows(x, positions, output[1], ctx.needs_input_grad[1])
-    ctx.save_for_backward(weight, positions, x_rows)
+    ctx.save_for_backward(weight, positions, x_rows, weight_absmax)
+    ctx.weight_blocksize = weight_blocksize
 
 
 def _linear_backward(ctx, grad_y, _grad_x_rows):
-    weight, positions, x_rows = ctx.saved_tensors
+    weight, positions, x_rows, weight_absmax = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x, grad_weight, grad_bias = _linear_backward_op(
-        grad_y, _x_rows_arg(x_rows, grad_y), weight, positions, [need[0], need[1], need[2]])
-    return grad_x, grad_weight, grad_bias, None
+        grad_y, _x_rows_arg(x_rows, grad_y), weight, positions, [need[0], need[1], need[2]], weight_absmax,
+        ctx.weight_blocksize)
+    return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def _lora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions = inputs
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, positions, weight_absmax, weight_blocksize = inputs
+    _checks.refuse_nf4_state_grad(_LORA, ctx.needs_input_grad[9])
     _, x_rows, u_rows = output
     ctx.mark_non_differentiable(x_rows, u_rows)
     need = ctx.needs_input_grad
     x_rows = _saved_x_rows(x, positions, x_rows, need[1] or need[3])  # grad_weight, grad_lora_a
-    ctx.save_for_backward(weight, lora_a, lora_b, u_rows, seed, positions, x_rows)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.save_for_backward(weight, lora_a, lora_b, u_rows, seed, positions, x_rows, weight_absmax)
+    ctx.scale, ctx.dropout_p, ctx.weight_blocksize = scale, dropout_p, weight_blocksize
 
 
 def _lora_backward(ctx, grad_y, _grad_x_rows, _grad_u_rows):
-    weight, lora_a, lora_b, u_rows, seed, positions, x_rows = ctx.saved_tensors
+    weight, lora_a, lora_b, u_rows, seed, positions, x_rows, weight_absmax = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = _lora_backward_op(grad_y, _x_rows_arg(x_rows, u_rows), weight, lora_a, lora_b, u_rows, ctx.scale,
-                              ctx.dropout_p, seed, positions, [need[0], need[1], need[2], need[3], need[4]])
-    return (*grads, None, None, None, None)
+                              ctx.dropout_p, seed, positions, [need[0], need[1], need[2], need[3], need[4]],
+                              weight_absmax, ctx.weight_blocksize)
+    return (*grads, None, None, None, None, None, None)
 
 
 def _vera_setup_context(ctx, inputs, output):
-    x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions = inputs
+    x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed, positions, weight_absmax, \
+        weight_blocksize = inputs
+    _checks.refuse_nf4_state_grad(_VERA, ctx.needs_input_grad[10])
     _, x_rows, u_rows = output
     ctx.mark_non_differentiable(x_rows, u_rows)
     x_rows = _saved_x_rows(x, positions, x_rows, ctx.needs_input_grad[1])  # grad_weight only
-    ctx.save_for_backward(weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows)
-    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows, weight_absmax)
+    ctx.dropout_p, ctx.weight_blocksize = dropout_p, weight_blocksize
 
 
 def _vera_backward(ctx, grad_y, _grad_x_rows, _grad_u_rows):
-    weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows = ctx.saved_tensors
+    weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, seed, positions, x_rows, weight_absmax = ctx.saved_tensors
     need = ctx.needs_input_grad
     if need[3] or need[4]:
         raise RuntimeError("pypeft.token_subset_vera_linear: the shared matrices vera_a and vera_b are frozen; "
                            "they must not require grad")
     grad_x, grad_weight, grad_bias, grad_ld, grad_lb = _vera_backward_op(
         grad_y, _x_rows_arg(x_rows, u_rows), weight, vera_a, vera_b, lambda_d, lambda_b, u_rows, ctx.dropout_p,
-        seed, positions, [need[0], need[1], need[2], need[5], need[6]])
-    return grad_x, grad_weight, grad_bias, None, None, grad_ld, grad_lb, None, None, None
+        seed, positions, [need[0], need[1], need[2], need[5], need[6]], weight_absmax, ctx.weight_blocksize)
+    return grad_x, grad_weight, grad_bias, None, None, grad_ld, grad_lb, None, None, None, None, None
 
 
 torch.library.register_autograd("pypeft::token_subset_linear", _linear_backward,

@@ -8,6 +8,11 @@
 // bfloat16/float16 (fp32 master adapter weights beside low-precision
 // activations). The adapter products then run in x's dtype (GEMMs accumulate
 // in fp32) and the adapter gradients come back in the adapter's dtype.
+//
+// The frozen weight may be stored in NF4 (QLoRA): weight_absmax given, weight
+// holds uint8 codes [out, in / 2] (pypeft/nf4_linear.h). Every frozen product
+// (x Wᵀ, grad_out W) then runs tile by tile of W's rows, dequantised into x's
+// dtype; W in full precision never exists, and its gradient is refused.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +21,7 @@
 #include <vector>
 
 #include "pypeft/checks.h"
+#include "pypeft/nf4_linear.h"
 
 namespace pypeft {
 
@@ -54,27 +60,104 @@ inline void check_lora_adapter_dtype(const char* op, const at::Tensor& x,
   check_same_dtype(op, names.b, lora_b, names.a, lora_a);
 }
 
+// How the frozen weight is stored: dense ([out, in] in x's dtype), or NF4 when
+// absmax is given (the ops' trailing arguments weight_absmax, weight_blocksize).
+struct BaseWeight {
+  c10::optional<at::Tensor> absmax;
+  int64_t blocksize = 64;
+
+  bool nf4() const { return has_value(absmax); }
+};
+
+// in_features of a weight [out, in] or of NF4 codes [out, in / 2].
+inline int64_t weight_in_features(const at::Tensor& weight, const BaseWeight& base) {
+  return base.nf4() ? weight.size(1) * 2 : weight.size(1);
+}
+
+// The NF4 operand of nf4_matmul_wt / nf4_matmul_w (arguments already checked).
+inline Nf4Weight nf4_operand(const at::Tensor& weight, const BaseWeight& base) {
+  return {weight, *base.absmax, base.blocksize, weight.size(0), weight.size(1) * 2};
+}
+
+// The frozen weight's dtype: x's, or (NF4) uint8 codes beside weight_absmax.
+inline void check_dense_weight_dtype(const char* op, const at::Tensor& weight, const at::Tensor& x,
+                                     const char* x_arg = "x") {
+  PYPEFT_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, "weight",
+                    std::string("dtype ") + c10::toString(x.scalar_type()) + " (the dtype of '" +
+                        x_arg + "')" +
+                        (weight.scalar_type() == at::kByte
+                             ? "; uint8 NF4 codes need weight_absmax (and weight_blocksize)"
+                             : ""),
+                    c10::toString(weight.scalar_type()));
+}
+
+// With weight_absmax given, weight must hold NF4 codes before in_features is
+// read off it (twice its bytes per row).
+inline void check_weight_form(const char* op, const at::Tensor& weight, const BaseWeight& base) {
+  if (base.nf4())
+    PYPEFT_CHECK_TYPE(weight.scalar_type() == at::kByte, op, "weight",
+                      "uint8 NF4 codes [out, in / 2]", c10::toString(weight.scalar_type()));
+}
+
 // The frozen layer's part, x [..., in] · weight [out, in]ᵀ + bias [out]: what
 // every linear op checks, with an adapter or without (token_subset_linear).
-inline void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias) {
+// Returns in_features (twice the bytes per row of NF4 codes).
+inline int64_t check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias,
+                                 const BaseWeight& base = {}) {
   check_defined(op, "x", x);
   PYPEFT_CHECK_VALUE(x.dim() >= 1, op, "x", "a tensor of shape [..., in_features]",
                      "a 0-D tensor");
   check_activation_dtype(op, "x", x);
   check_dim(op, "weight", weight, 2);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  PYPEFT_CHECK_VALUE(in >= 1 && out >= 1, op, "weight", "shape [out_features, in_features], both >= 1",
+  check_weight_form(op, weight, base);
+  const int64_t in = weight_in_features(weight, base), out = weight.size(0);
+  PYPEFT_CHECK_VALUE(in >= 1 && out >= 1, op, "weight",
+                     base.nf4() ? "NF4 codes [out_features, in_features / 2], both >= 1"
+                                : "shape [out_features, in_features], both >= 1",
                      "shape " + shape_str(weight.sizes()));
-  check_size(op, "x", x, x.dim() - 1, in, "in_features, from weight [out, in]");
-  check_same_device(op, "weight", weight, "x", x);
-  check_same_dtype(op, "weight", weight, "x", x);
+  if (base.nf4()) {
+    check_nf4_weight(op, kNf4BaseArgs, weight, *base.absmax, base.blocksize, x);
+  } else {
+    // uint8 codes without their absmax: say so before their width misleads.
+    if (weight.scalar_type() == at::kByte) check_dense_weight_dtype(op, weight, x);
+    check_size(op, "x", x, x.dim() - 1, in, "in_features, from weight [out, in]");
+    check_same_device(op, "weight", weight, "x", x);
+    check_dense_weight_dtype(op, weight, x);
+  }
   if (has_value(bias)) {
     check_dim(op, "bias", *bias, 1);
     check_size(op, "bias", *bias, 0, out, "out_features, from weight [out, in]");
     check_same_device(op, "bias", *bias, "x", x);
     check_same_dtype(op, "bias", *bias, "x", x);
   }
+  return in;
+}
+
+// A backward op over an NF4 weight computes no gradient for it: it is frozen.
+inline void check_no_nf4_weight_grad(const char* op, const BaseWeight& base, bool need_weight) {
+  PYPEFT_CHECK_VALUE(!(base.nf4() && need_weight), op, "output_mask",
+                     "no gradient asked for weight (output_mask[1] false): an NF4 weight is "
+                     "frozen",
+                     "output_mask[1] true with weight_absmax given");
+}
+
+// x2 [N, in] · Wᵀ + bias -> [N, out]. Dense: exactly as nn.Linear computes it,
+// so that a fresh adapter (B = 0) gives the base layer's output bit for bit.
+// NF4: tile by tile of W's rows (no full-precision W).
+inline at::Tensor frozen_product(const at::Tensor& x2, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, const BaseWeight& base) {
+  if (base.nf4()) return nf4_matmul_wt(x2, nf4_operand(weight, base), bias);
+  return has_value(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+}
+
+// grad_x2 [N, in] += gy2 [N, out] · W (the frozen path of grad_x).
+inline void add_frozen_grad(at::Tensor& grad_x2, const at::Tensor& gy2, const at::Tensor& weight,
+                            const BaseWeight& base) {
+  if (base.nf4())
+    nf4_matmul_w(grad_x2, gy2, nf4_operand(weight, base), /*accumulate=*/true);
+  else
+    grad_x2.addmm_(gy2, weight);
 }
 
 inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x,
@@ -83,9 +166,9 @@ inline LoraLinearDims check_lora_linear_args(const char* op, const at::Tensor& x
                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
                                              double scale, double dropout_p,
                                              const c10::optional<at::Tensor>& seed,
-                                             const AdapterArgNames& names = kLoraArgs) {
-  check_linear_args(op, x, weight, bias);
-  const int64_t in = weight.size(1), out = weight.size(0);
+                                             const AdapterArgNames& names = kLoraArgs,
+                                             const BaseWeight& base = {}) {
+  const int64_t in = check_linear_args(op, x, weight, bias, base), out = weight.size(0);
   check_dim(op, names.a, lora_a, 2);
   const int64_t r = lora_a.size(0);
   PYPEFT_CHECK_VALUE(r >= 1, op, names.a, "shape [r, in_features] with rank r >= 1",
@@ -110,9 +193,9 @@ inline LoraLinearDims check_lora_linear_backward_args(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& u, double scale, double dropout_p,
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& row_ids,
-    const AdapterArgNames& names = kLoraArgs) {
+    const AdapterArgNames& names = kLoraArgs, const BaseWeight& base = {}) {
   const auto dims = check_lora_linear_args(op, x, weight, c10::nullopt, lora_a, lora_b, scale,
-                                           dropout_p, seed, names);
+                                           dropout_p, seed, names, base);
   check_row_ids(op, row_ids, x, dims.rows);
   check_defined(op, "grad_out", grad_out);
   const auto y_shape = with_last_dim(x.sizes(), dims.out);

@@ -15,6 +15,10 @@
 // on CUDA). Each adapter's tensors share one dtype: x's, or float32 when x is
 // bfloat16/float16; the adapter part is computed in that dtype and added to y
 // in y's dtype.
+//
+// The frozen weight may be NF4 (weight_absmax given; lora_linear.h's
+// BaseWeight): weight holds uint8 codes [out, in / 2], and the base rows
+// equal pypeft.nf4_linear's.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,6 +27,7 @@
 #include <string>
 
 #include "pypeft/checks.h"
+#include "pypeft/lora_linear.h"
 
 namespace pypeft {
 
@@ -33,31 +38,19 @@ struct MixedLinearDims {
   int64_t adapters;  // K
 };
 
-// x [B, ..., in] (at least 2-D), weight [out, in], bias [out] or None.
+// x [B, ..., in] (at least 2-D), weight [out, in] (or NF4 codes [out, in / 2]),
+// bias [out] or None.
 inline MixedLinearDims check_mixed_base_args(const char* op, const at::Tensor& x,
                                              const at::Tensor& weight,
-                                             const c10::optional<at::Tensor>& bias) {
+                                             const c10::optional<at::Tensor>& bias,
+                                             const BaseWeight& base) {
   check_defined(op, "x", x);
   PYPEFT_CHECK_VALUE(x.dim() >= 2, op, "x",
                      "a tensor of shape [batch, ..., in_features] (at least 2-D: one adapter "
                      "per batch row)",
                      std::to_string(x.dim()) + "-D tensor of shape " + shape_str(x.sizes()));
-  check_activation_dtype(op, "x", x);
-  check_dim(op, "weight", weight, 2);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  PYPEFT_CHECK_VALUE(in >= 1 && out >= 1, op, "weight",
-                     "shape [out_features, in_features], both >= 1",
-                     "shape " + shape_str(weight.sizes()));
-  check_size(op, "x", x, x.dim() - 1, in, "in_features, from weight [out, in]");
-  check_same_device(op, "weight", weight, "x", x);
-  check_same_dtype(op, "weight", weight, "x", x);
-  if (has_value(bias)) {
-    check_dim(op, "bias", *bias, 1);
-    check_size(op, "bias", *bias, 0, out, "out_features, from weight [out, in]");
-    check_same_device(op, "bias", *bias, "x", x);
-    check_same_dtype(op, "bias", *bias, "x", x);
-  }
-  return MixedLinearDims{x.size(0), in, out, 0};
+  const int64_t in = check_linear_args(op, x, weight, bias, base);
+  return MixedLinearDims{x.size(0), in, weight.size(0), 0};
 }
 
 // An adapter tensor's dtype: x's, or float32 beside bfloat16/float16 x.
@@ -102,8 +95,9 @@ inline MixedLinearDims check_lora_linear_mixed_args(const char* op, const at::Te
                                                     const c10::optional<at::Tensor>& bias,
                                                     at::TensorList lora_a, at::TensorList lora_b,
                                                     at::ArrayRef<double> scale,
-                                                    at::IntArrayRef row_adapter) {
-  auto dims = check_mixed_base_args(op, x, weight, bias);
+                                                    at::IntArrayRef row_adapter,
+                                                    const BaseWeight& base = {}) {
+  auto dims = check_mixed_base_args(op, x, weight, bias, base);
   const int64_t k_adapters = static_cast<int64_t>(lora_a.size());
   PYPEFT_CHECK_VALUE(lora_b.size() == lora_a.size(), op, "lora_b",
                      std::to_string(k_adapters) + " tensors (one per adapter, as 'lora_a')",
@@ -138,8 +132,9 @@ inline MixedLinearDims check_lora_linear_mixed_args(const char* op, const at::Te
 inline MixedLinearDims check_vera_linear_mixed_args(
     const char* op, const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& vera_a, const at::Tensor& vera_b,
-    const at::Tensor& lambda_d, const at::Tensor& lambda_b, at::IntArrayRef row_adapter) {
-  auto dims = check_mixed_base_args(op, x, weight, bias);
+    const at::Tensor& lambda_d, const at::Tensor& lambda_b, at::IntArrayRef row_adapter,
+    const BaseWeight& base = {}) {
+  auto dims = check_mixed_base_args(op, x, weight, bias, base);
   check_dim(op, "vera_a", vera_a, 2);
   check_dim(op, "vera_b", vera_b, 2);
   const int64_t r = vera_a.size(0);

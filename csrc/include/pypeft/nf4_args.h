@@ -13,8 +13,9 @@ namespace pypeft {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // NF4 blocks hold an even number of values, so a block never splits a byte.
-inline void check_nf4_blocksize(const char* op, int64_t blocksize) {
-  PYPEFT_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0, op, "blocksize",
+// arg: the argument's name (ops over an NF4 base weight call it weight_blocksize).
+inline void check_nf4_blocksize(const char* op, int64_t blocksize, const char* arg = "blocksize") {
+  PYPEFT_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0, op, arg,
                      "an even block size >= 2 (bitsandbytes uses 32 ... 4096; QLoRA 64)", blocksize);
 }
 
@@ -29,15 +30,16 @@ inline void check_quantize_input(const char* op, const char* arg, const at::Tens
   check_dtype_in(op, arg, t, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
 }
 
+// arg: the argument's name (ops over an NF4 base weight call it weight_absmax).
 inline void check_absmax(const char* op, const at::Tensor& absmax, int64_t blocks,
-                         const char* ref_arg, const at::Tensor& ref) {
-  check_defined(op, "absmax", absmax);
-  PYPEFT_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, "absmax", "a float32 tensor",
+                         const char* ref_arg, const at::Tensor& ref, const char* arg = "absmax") {
+  check_defined(op, arg, absmax);
+  PYPEFT_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, arg, "a float32 tensor",
                     c10::toString(absmax.scalar_type()));
-  PYPEFT_CHECK_VALUE(absmax.numel() == blocks, op, "absmax",
+  PYPEFT_CHECK_VALUE(absmax.numel() == blocks, op, arg,
                      std::to_string(blocks) + " values (one per block)",
                      "shape " + shape_str(absmax.sizes()));
-  check_same_device(op, "absmax", absmax, ref_arg, ref);
+  check_same_device(op, arg, absmax, ref_arg, ref);
 }
 
 inline void check_codes(const char* op, const char* arg, const at::Tensor& codes, int64_t count,

@@ -26,11 +26,29 @@ struct Nf4Weight {
   int64_t in;
 };
 
+// The names an NF4 weight's three arguments have in messages: nf4_linear's,
+// or those of the adapter ops over an NF4 base (weight, weight_absmax,
+// weight_blocksize, beside their own arguments).
+struct Nf4ArgNames {
+  const char* codes;
+  const char* absmax;
+  const char* blocksize;
+};
+constexpr Nf4ArgNames kNf4BaseArgs{"weight", "weight_absmax", "weight_blocksize"};
+
 // Validates an NF4 weight against activations x [..., in] (device, sizes) and
-// returns it with its dims; `codes_arg` and `x_arg` name the codes and x in messages.
-Nf4Weight check_nf4_weight(const char* op, const char* codes_arg, const at::Tensor& codes,
+// returns it with its dims; `names` and `x_arg` name the arguments in messages.
+Nf4Weight check_nf4_weight(const char* op, const Nf4ArgNames& names, const at::Tensor& codes,
                            const at::Tensor& absmax, int64_t blocksize, const at::Tensor& x,
                            const char* x_arg = "x");
+
+// The same, the absmax and block size named "absmax" and "blocksize".
+inline Nf4Weight check_nf4_weight(const char* op, const char* codes_arg, const at::Tensor& codes,
+                                  const at::Tensor& absmax, int64_t blocksize,
+                                  const at::Tensor& x, const char* x_arg = "x") {
+  return check_nf4_weight(op, Nf4ArgNames{codes_arg, "absmax", "blocksize"}, codes, absmax,
+                          blocksize, x, x_arg);
+}
 
 // x2 [N, in] · deq(W)ᵀ + bias -> [N, out], in x2's dtype.
 at::Tensor nf4_matmul_wt(const at::Tensor& x2, const Nf4Weight& w,

@@ -19,19 +19,21 @@ using OptTensor = c10::optional<at::Tensor>;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 using FiveTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> (y, u)
+// (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, weight_absmax,
+//  weight_blocksize) -> (y, u)
 inline const auto& lora_linear() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pypeft::lora_linear", "")
           .typed<TensorPair(const at::Tensor&, const at::Tensor&, const OptTensor&,
                             const at::Tensor&, const at::Tensor&, double, double,
-                            const OptTensor&)>();
+                            const OptTensor&, const OptTensor&, int64_t)>();
   return op;
 }
 
 // (grad_out, grad_u, x, weight, lora_a, lora_b, u, scale, dropout_p, seed,
-//  output_mask, row_ids) -> (grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b)
+//  output_mask, row_ids, weight_absmax, weight_blocksize) -> (grad_x, grad_weight,
+//  grad_bias, grad_lora_a, grad_lora_b)
 inline const auto& lora_linear_backward() {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -39,24 +41,26 @@ inline const auto& lora_linear_backward() {
           .typed<FiveTensors(const at::Tensor&, const OptTensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, double, double, const OptTensor&,
-                             std::array<bool, 5>, const OptTensor&)>();
+                             std::array<bool, 5>, const OptTensor&, const OptTensor&, int64_t)>();
   return op;
 }
 
-// (x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed) -> (y, u)
+// (x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, dropout_p, seed,
+//  weight_absmax, weight_blocksize) -> (y, u)
 inline const auto& vera_linear() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pypeft::vera_linear", "")
           .typed<TensorPair(const at::Tensor&, const at::Tensor&, const OptTensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, double, const OptTensor&)>();
+                            const at::Tensor&, double, const OptTensor&, const OptTensor&,
+                            int64_t)>();
   return op;
 }
 
 // (grad_out, grad_u, x, weight, vera_a, vera_b, lambda_d, lambda_b, u, dropout_p,
-//  seed, output_mask, row_ids) -> (grad_x, grad_weight, grad_bias, grad_lambda_d,
-//  grad_lambda_b)
+//  seed, output_mask, row_ids, weight_absmax, weight_blocksize) -> (grad_x, grad_weight,
+//  grad_bias, grad_lambda_d, grad_lambda_b)
 inline const auto& vera_linear_backward() {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -64,7 +68,8 @@ inline const auto& vera_linear_backward() {
           .typed<FiveTensors(const at::Tensor&, const OptTensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                             const OptTensor&, std::array<bool, 5>, const OptTensor&)>();
+                             const OptTensor&, std::array<bool, 5>, const OptTensor&,
+                             const OptTensor&, int64_t)>();
   return op;
 }
 
