@@ -70,8 +70,11 @@ SelectedGrad selected_grad(const char* op, const Tensor& grad_y, const Tensor& w
   check_dim(op, "weight", weight, 2);
   check_size(op, "grad_y", grad_y, 2, weight.size(0), "out_features, from weight [out, in]");
   check_same_device(op, "weight", weight, "grad_y", grad_y);
-  // An NF4 weight's codes and absmax are checked against x_rows later.
-  if (!base.nf4()) check_dense_weight_dtype(op, weight, grad_y, "grad_y");
+  // NF4: codes here; they and the absmax are checked against x_rows later.
+  if (base.nf4())
+    check_weight_form(op, weight, base);
+  else
+    check_dense_weight_dtype(op, weight, grad_y, "grad_y");
   const auto dims = check_positions(op, positions, "grad_y", grad_y, 0, 1, /*check_values=*/false);
   Tensor rows = flat_rows(positions, dims.tokens);
   Tensor grad_y_rows = gather_rows(grad_y, rows);
@@ -122,7 +125,8 @@ std::tuple<Tensor, Tensor> token_subset_linear(const Tensor& x, const Tensor& we
   const int64_t in = check_linear_args(kLinearOp, x, weight, bias, base);
   const auto dims = check_selection(kLinearOp, x, positions);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  // at::linear is what torch.nn.functional.linear runs: the same values.
+  // at::linear is what torch.nn.functional.linear runs: the same values (an
+  // NF4 weight: tile by tile of its rows).
   Tensor y = base.nf4() ? frozen_product(x.reshape({-1, in}), weight, bias, base)
                               .view(with_last_dim(x.sizes(), weight.size(0)))
                         : at::linear(x, weight, bias);

@@ -217,6 +217,8 @@ NF4_BAD = [
 
 NF4_BACKWARD_BAD = [
     Bad("gradient asked for an NF4 weight", _change_nf4(), ValueError, "output_mask", "an NF4 weight is frozen"),
+    Bad("weight float with weight_absmax", lambda a: {k: v for k, v in nf4_args(a["weight"]).items() if k != "weight"},
+        TypeError, "weight", "uint8 NF4 codes"),
     Bad("weight_absmax count", _change_nf4(weight_absmax=lambda a, n: n["weight_absmax"][:-1]), ValueError,
         "weight_absmax", "(one per block)"),
 ]

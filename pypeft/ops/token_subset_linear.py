@@ -124,8 +124,10 @@ def _check_selected_grad(op, grad_y, weight, positions, weight_absmax):
     _checks.check_dim(op, "weight", weight, 2)
     _checks.check_size(op, "grad_y", grad_y, 2, weight.shape[0], "out_features, from weight [out, in]")
     _checks.check_same_device(op, "weight", weight, "grad_y", grad_y)
-    if weight_absmax is None:  # an NF4 weight is checked against x_rows later
+    if weight_absmax is None:
         _checks.check_dense_weight_dtype(op, weight, grad_y, "grad_y")
+    else:  # codes here; they and the absmax are checked against x_rows later
+        _checks.check_weight_form(op, weight, weight_absmax)
     _checks.check_positions(op, positions, "grad_y", grad_y)
 
 
