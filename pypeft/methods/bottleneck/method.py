@@ -67,7 +67,9 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def layer_dtype(model: nn.Module, exit: SublayerExit) -> tuple[torch.dtype, torch.device]:
-    weight = next(model.get_submodule(exit.layer_name).parameters())
+    # The first floating-point weight: a quantised linear layer's codes (uint8) say nothing of the dtype.
+    params = list(model.get_submodule(exit.layer_name).parameters())
+    weight = next((p for p in params if p.is_floating_point()), params[0])
     return weight.dtype, weight.device
 
 
