@@ -23,6 +23,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _one_of(choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {list(choices)}, got {text!r}")
+        return text
+    parse.__name__ = "choice"
+    return parse
+
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -102,8 +111,8 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
-    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, SEED_RANGE, FinetuneOptions, \
-        max_threads
+    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, QUANTIZE_METHODS, SEED_RANGE, \
+        FinetuneOptions, max_threads
 
     d = FinetuneOptions()  # the defaults live there, once
     lora = METHOD_DEFAULTS["lora"]
@@ -152,6 +161,9 @@ def _add_finetune(commands) -> None:
     p.add_argument("--threads", type=_int_in(1, max_threads(), f"[1, {max_threads()}] (the CPUs here)"),
                    default=None, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("--quantize", type=_one_of(QUANTIZE_METHODS), default=None, metavar="|".join(QUANTIZE_METHODS),
+                   help="store the frozen linear layers in 4-bit NormalFloat before patching (QLoRA: "
+                        "pypeft.quantize; the classifier head stays in full precision)")
     m = p.add_argument_group("method options (passed to pypeft.patch)")
     m.add_argument("--r", type=_int_at_least(1), default=None, metavar="R",
                    help=f"rank (LoRA default here: {lora['r']})")
@@ -188,7 +200,8 @@ def _finetune(args) -> int:
         label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
         max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, output=args.output,
-        device=args.device, threads=args.threads, progress=args.progress, method_options=method_options))
+        device=args.device, threads=args.threads, progress=args.progress, quantize=args.quantize,
+        method_options=method_options))
     return 0
 
 

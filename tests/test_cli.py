@@ -144,6 +144,32 @@ def test_saved_adapter_reproduces_reported_accuracy(capsys, tiny_model, csv_data
     assert _test_accuracy(model, tiny_model, csv_data) == pytest.approx(reported, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "tokentune"])
+def test_quantize_nf4_trains_over_an_nf4_base(capsys, tiny_model, csv_data, tmp_path, method):
+    """--quantize nf4: the frozen linear layers run in NF4 (QLoRA); what is saved
+    (LoRA's adapter, or TokenTune's whole model, whose quantised layers are saved in
+    bitsandbytes' layout) gives the reported accuracy back over the quantised model."""
+    output = tmp_path / "out"
+    code, out, err = _run(capsys, "finetune", "--method", method, "--quantize", "nf4", "--model", str(tiny_model),
+                          "--data", str(csv_data), "--epochs", "2", "--lr", "2e-2", "--batch-size", "4",
+                          "--max-length", "16", "--test-fraction", "0.25", "--no-progress", "--output", str(output))
+    assert code == 0, err
+    summary = _summary(out)
+    assert summary["quantize"] == "nf4"
+    assert "quantize: nf4: linear layers' weights" in out
+    if method == "lora":
+        id2label = json.loads((output / "labels.json").read_text())["id2label"]
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tiny_model, num_labels=len(id2label), ignore_mismatched_sizes=True)
+        pypeft.quantize(model)
+        pypeft.load_adapter(model, output)
+    else:
+        model = pypeft.quant.from_pretrained(AutoModelForSequenceClassification, output)
+    assert any(isinstance(m, pypeft.quant.NF4Linear) for m in model.modules())
+    model.eval()
+    assert _test_accuracy(model, tiny_model, csv_data) == pytest.approx(summary["accuracy_after"], abs=1e-4)
+
+
 @pytest.mark.parametrize("method", ["full", "tokentune"])
 def test_methods_training_every_weight_save_the_model(capsys, tiny_model, csv_data, tmp_path, method):
     """Full fine-tuning and TokenTune alone train every weight: the job saves
@@ -281,6 +307,8 @@ def _unwritable_dir() -> str:
     (["--data", "{tmp}/binary.csv"], "not UTF-8"),
     (["--data", "{tmp}/list_label.jsonl"], "label column 'label'"),
     (["--device", "tpu"], "--device"),
+    (["--quantize", "fp4"], "--quantize"),
+    (["--quantize", "nf4", "--method", "full"], "--quantize"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tiny_model, csv_data, bad_files, bad_models, tmp_path, args,

@@ -73,6 +73,7 @@ def learning_rate(options: "FinetuneOptions") -> float:
 # Every seed torch.manual_seed takes (negative ones are mapped to 2**64 + seed);
 # random.Random, which splits the data, takes any integer.
 SEED_RANGE = (-2**63, 2**64 - 1)
+QUANTIZE_METHODS = ("nf4",)  # what --quantize takes (pypeft.quantize's methods)
 
 
 def max_threads() -> int:
@@ -104,6 +105,7 @@ class FinetuneOptions:
     device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None            # CPU threads for torch; None: torch's default
     progress: bool = True
+    quantize: str | None = None           # "nf4": the frozen linear layers in NF4 before patching (QLoRA)
     method_options: dict = field(default_factory=dict)   # r, alpha, dropout, ...: passed to pypeft.patch
 
 
@@ -125,6 +127,11 @@ def _check(options: FinetuneOptions) -> None:
          f"an integer in [1, {max_threads()}]", options.threads)
     need(isinstance(options.seed, int) and SEED_RANGE[0] <= options.seed <= SEED_RANGE[1], "--seed",
          "an integer in [-2**63, 2**64 - 1]", options.seed)
+    need(options.quantize in (None,) + QUANTIZE_METHODS, "--quantize", f"one of {list(QUANTIZE_METHODS)}",
+         options.quantize)
+    need(options.quantize is None or options.method != FULL_FINETUNING, "--quantize",
+         f"no quantisation with --method {FULL_FINETUNING} (quantised weights are frozen; train an adapter over "
+         "them)", options.quantize)
 
 
 def default_model_dir() -> Path:
@@ -415,6 +422,21 @@ def _save(model, output: Path) -> str:
     return "model"
 
 
+def _linear_weight_bytes(model) -> int:
+    """Bytes the model's linear layers hold for their weights (a quantised
+    layer: codes and statistics), found through pypeft's linear-layer protocol."""
+    from pypeft.models.linear import is_linear_like, is_quantized
+    from pypeft.layer import PypeftLayer
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, PypeftLayer) or not is_linear_like(m):
+            continue
+        tensors = [m.weight] + (list(m.buffers(recurse=False)) if is_quantized(m) else [])
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
@@ -452,6 +474,11 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     tokenizer, model = load_classifier(model_dir, data.label_names, options.max_length)
+    weight_bytes = _linear_weight_bytes(model)
+    if options.quantize is not None:
+        # Before patching: adapters then wrap the quantised layers (QLoRA), and
+        # TokenTune's token-subset layers are made from them.
+        pypeft.quantize(model, options.quantize)
     method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
     if options.method == FULL_FINETUNING and method_options:
         raise UsageError(f"argument --method: {FULL_FINETUNING!r} takes no method options, got {method_options}")
@@ -469,6 +496,9 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     print(f"model: {model_dir} ({type(model).__name__})", file=out)
     print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
           f"{sizes} (stratified, seed {options.seed})", file=out)
+    if options.quantize is not None:
+        print(f"quantize: {options.quantize}: linear layers' weights {_mib(weight_bytes)} MiB -> "
+              f"{_mib(_linear_weight_bytes(model))} MiB (the head stays in full precision)", file=out)
     print(f"method: {options.method}" + (f" ({shown})" if shown else "") +
           f"; {options.epochs} epoch(s), lr {learning_rate(options):g}, batch {options.batch_size}, "
           f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
@@ -496,6 +526,7 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     summary = {
         "method": options.method,
         "method_options": method_options,
+        "quantize": options.quantize,
         "model": str(model_dir),
         "data": data.source,
         "classes": len(data.label_names),
