@@ -121,6 +121,8 @@ def test_lora_dropout_over_nf4():
     [LORA, ("tokentune", dict(k=3))],
     [("vera", dict(r=8)), ("tokentune", dict(k=3))],
     [("bottleneck", dict(preset="pfeiffer"))],
+    [("bottleneck", dict(preset="pfeiffer", adapter_name="a")), ("bottleneck", dict(preset="pfeiffer", adapter_name="b")),
+     ("fusion", dict(adapters=["a", "b"]))],
     [("prompt_tuning", dict(num_virtual_tokens=3))],
     [("prefix_tuning", dict(num_virtual_tokens=3))],
 ], ids=lambda p: "+".join(m for m, _ in p))
