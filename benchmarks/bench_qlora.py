@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description  # noqa: E402
+from common import machine_description, peak_resident_bytes  # noqa: E402
 
 CONFIGS = ("fp32", "nf4", "fp32+tokentune", "nf4+tokentune")
 
@@ -49,14 +49,6 @@ def parse_args(argv=None):
 
 
 # --- the child: one configuration, one process --------------------------------------------
-
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def _rss_bytes() -> int:
     with open("/proc/self/status") as f:
@@ -138,7 +130,7 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
     timed = times[1:] if len(times) > 1 else times
-    return {"config": args.child, "peak_rss_steps": _vm_hwm_bytes(), "rss_before_steps": rss_before,
+    return {"config": args.child, "peak_rss_steps": peak_resident_bytes(), "rss_before_steps": rss_before,
             "rss_after_load": rss_loaded, "step_s": statistics.median(timed), "load_s": load_s,
             "first_loss": losses[0], "trainable": sum(p.numel() for p in params),
             "total_params": sum(p.numel() for p in model.parameters())}

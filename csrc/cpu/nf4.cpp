@@ -30,8 +30,7 @@ float block_absmax(const T* v, int64_t n) {
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t blocksize) {
-  check_quantize_input(kQuantizeOp, "w", w);
-  check_nf4_blocksize(kQuantizeOp, blocksize);
+  check_nf4_quantize_args(kQuantizeOp, w, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor src = w.contiguous();
   const int64_t n = src.numel();
@@ -101,9 +100,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& x,
                                                                const at::Tensor& code,
                                                                int64_t blocksize) {
-  check_quantize_input(kQuantize8Op, "x", x);
-  check_code_map(kQuantize8Op, code, "x", x);
-  check_blocksize_8bit(kQuantize8Op, blocksize);
+  check_quantize_8bit_args(kQuantize8Op, x, code, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor src = x.contiguous();
   const at::Tensor cm = code.contiguous();
@@ -134,10 +131,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
 
 at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tensor& absmax,
                                          const at::Tensor& code, int64_t blocksize) {
-  check_codes(kDequantize8Op, "codes", codes, codes.numel(), "8-bit codes");
-  check_blocksize_8bit(kDequantize8Op, blocksize);
-  check_absmax(kDequantize8Op, absmax, ceil_div(codes.numel(), blocksize), "codes", codes);
-  check_code_map(kDequantize8Op, code, "codes", codes);
+  check_dequantize_8bit_args(kDequantize8Op, codes, absmax, code, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor c = codes.contiguous(), a = absmax.contiguous(), cm = code.contiguous();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));

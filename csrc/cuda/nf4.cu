@@ -94,8 +94,7 @@ __global__ void dequantize_8bit_kernel(const uint8_t* __restrict__ codes,
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& w, int64_t blocksize) {
-  check_quantize_input(kQuantizeOp, "w", w);
-  check_nf4_blocksize(kQuantizeOp, blocksize);
+  check_nf4_quantize_args(kQuantizeOp, w, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor src = w.contiguous();
@@ -135,9 +134,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& x,
                                                                 const at::Tensor& code,
                                                                 int64_t blocksize) {
-  check_quantize_input(kQuantize8Op, "x", x);
-  check_code_map(kQuantize8Op, code, "x", x);
-  check_blocksize_8bit(kQuantize8Op, blocksize);
+  check_quantize_8bit_args(kQuantize8Op, x, code, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor src = x.contiguous();
@@ -163,10 +160,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
 
 at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                           const at::Tensor& code, int64_t blocksize) {
-  check_codes(kDequantize8Op, "codes", codes, codes.numel(), "8-bit codes");
-  check_blocksize_8bit(kDequantize8Op, blocksize);
-  check_absmax(kDequantize8Op, absmax, ceil_div(codes.numel(), blocksize), "codes", codes);
-  check_code_map(kDequantize8Op, code, "codes", codes);
+  check_dequantize_8bit_args(kDequantize8Op, codes, absmax, code, blocksize);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous(), a = absmax.contiguous(), cm = code.contiguous();

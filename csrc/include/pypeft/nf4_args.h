@@ -84,4 +84,27 @@ inline void check_code_map(const char* op, const at::Tensor& code, const char* r
   check_same_device(op, "code", code, ref_arg, ref);
 }
 
+// quantize_blockwise_8bit(x, code, blocksize), nf4_quantize(w, blocksize) and
+// dequantize_blockwise_8bit(codes, absmax, code, blocksize): every backend's checks.
+inline void check_quantize_8bit_args(const char* op, const at::Tensor& x, const at::Tensor& code,
+                                     int64_t blocksize) {
+  check_quantize_input(op, "x", x);
+  check_code_map(op, code, "x", x);
+  check_blocksize_8bit(op, blocksize);
+}
+
+inline void check_nf4_quantize_args(const char* op, const at::Tensor& w, int64_t blocksize) {
+  check_quantize_input(op, "w", w);
+  check_nf4_blocksize(op, blocksize);
+}
+
+inline void check_dequantize_8bit_args(const char* op, const at::Tensor& codes,
+                                       const at::Tensor& absmax, const at::Tensor& code,
+                                       int64_t blocksize) {
+  check_codes(op, "codes", codes, codes.numel(), "8-bit codes");
+  check_blocksize_8bit(op, blocksize);
+  check_absmax(op, absmax, ceil_div(codes.numel(), blocksize), "codes", codes);
+  check_code_map(op, code, "codes", codes);
+}
+
 }  // namespace pypeft
