@@ -18,7 +18,8 @@ from typing import Iterator
 from torch import nn
 
 import pypeft.methods  # noqa: F401  (registers the built-in methods)
-from pypeft.layer import pypeft_layers
+from pypeft.layer import PypeftLayer, pypeft_layers
+from pypeft.models.linear import is_quantized
 from pypeft.modules_to_save import TrainableCopies
 from pypeft.registry import Method, Plan, method_named, method_of, methods
 from pypeft.state import (STATE_ATTR, AdapterRecord, PatchState, ensure_state, merged_out, require_state, state_of,
@@ -259,6 +260,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, as PEFT's print_trainable_parameters."""
+    """(trainable, total) parameter counts, as PEFT's print_trainable_parameters:
+    a quantised layer's weight counts as the [out, in] weights it stands for
+    (peft counts bitsandbytes' packed 4-bit weights twice, as many as they hold)."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    packed = sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
+                 if is_quantized(m) and not isinstance(m, PypeftLayer))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + packed

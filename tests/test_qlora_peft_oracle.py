@@ -49,7 +49,9 @@ def test_lora_trained_over_nf4_loads_into_peft_over_bitsandbytes(tmp_path):
     batch = tiny_models.inputs("llama")
     _train_a_step(ours, batch)  # B moves off zero: the adapter changes the outputs
     pypeft.save_adapter(ours, tmp_path / "adapter")
-    theirs = peft.PeftModel.from_pretrained(_bnb_model(path), tmp_path / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(_bnb_model(path), tmp_path / "adapter", is_trainable=True).eval()
+    # Parameter counts as peft counts them (a 4-bit weight as the weights it holds).
+    assert pypeft.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
     base = tiny_models.output(_bnb_model(path), batch)
     out_ours, out_theirs = tiny_models.output(ours, batch), tiny_models.output(theirs, batch)
     assert (out_ours - base).abs().max() > 1e-3
