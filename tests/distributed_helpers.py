@@ -162,3 +162,30 @@ def reference_grads(case: str) -> dict[str, torch.Tensor]:
         grads = trainable_grads(model)
         total = grads if total is None else {k: total[k] + grads[k] for k in total}
     return total
+
+
+def two_lora_adapters():
+    """LoRA adapters "a" (r=2) and "b" (r=4) on the tiny model, "b" active, dropout off, training mode."""
+    import pypeft
+
+    model = no_dropout(tiny_models.make(FAMILY, seed=0))
+    pypeft.patch(model, method="lora", r=2, alpha=4, dropout=0.0, adapter_name="a")
+    pypeft.patch(model, method="lora", r=4, alpha=8, dropout=0.0, adapter_name="b")
+    randomise_trainable(model)  # "b" only: "a" is frozen while "b" is active
+    pypeft.set_adapter(model, "a")
+    randomise_trainable(model, seed=4)
+    pypeft.set_adapter(model, "b")
+    return model.train()
+
+
+def sgd_step(model, batch, lr: float = 0.5) -> None:
+    """One plain SGD step on the trainable parameters (the model may be DDP-wrapped)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        for p in params:
+            p -= lr * p.grad
+            p.grad = None
+
+
+MIXED_ROWS = ["a", "base", "b", "a"]  # union batch's rows; rank r takes its PER_RANK

@@ -80,3 +80,92 @@ def test_tokentune_ranks_draw_different_reproducible_selections(ddp_results):
         model.register_forward_pre_hook(lambda *_: seen.append(selection.positions.clone()))
         model(**D.rank_batch(rank))
         torch.testing.assert_close(selections[rank][0], seen[0], rtol=0, atol=0)
+
+
+def lifecycle_worker(rank, world, tmp_path):
+    """Inactive adapters under DDP; save on rank 0 while the others wait;
+    load on every rank; mixed-adapter inference per rank."""
+    import pypeft
+
+    out = {}
+    model = D.two_lora_adapters()
+    ddp = DDP(model, find_unused_parameters=False)  # only "b" is trainable: "a" must not be registered
+    D.sgd_step(ddp, D.rank_batch(rank))
+    out["trained"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        pypeft.save_adapter(model, tmp_path / "adapter_b", adapter_name="b")
+    dist.barrier()  # the others wait for the files
+    fresh = pypeft.load_adapter(D.no_dropout(tiny_models.make(D.FAMILY, seed=0)), tmp_path / "adapter_b")
+    out["loaded_logits"] = tiny_models.output(fresh.eval(), D.union_batch())
+    model.eval()
+    rows = D.MIXED_ROWS[rank * D.PER_RANK:(rank + 1) * D.PER_RANK]
+    with torch.no_grad(), pypeft.mixed_batch(model, rows):
+        out["mixed_logits"] = ddp(**D.rank_batch(rank)).logits
+    return out
+
+
+@pytest.fixture(scope="module")
+def lifecycle_results(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ddp_lifecycle")
+    return directory, D.run_ranks(lifecycle_worker, directory, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def one_process_trained():
+    """What the DDP step must give: one process, the union batch."""
+    model = D.two_lora_adapters()
+    D.sgd_step(model, D.union_batch())
+    return model
+
+
+@pytest.mark.slow
+def test_ddp_trains_only_the_active_adapter_as_one_process(lifecycle_results, one_process_trained):
+    import pypeft
+
+    _, results = lifecycle_results
+    expected = {n: p for n, p in one_process_trained.named_parameters() if p.requires_grad}
+    assert expected and all(".b." in n or n.endswith(".b") or "classifier" in n for n in expected), sorted(expected)
+    for rank, got in enumerate(results):
+        assert sorted(got["trained"]) == sorted(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(got["trained"][name], value.detach(), **D.TOL, msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.slow
+def test_adapter_saved_on_rank_0_loads_alike_on_every_rank(lifecycle_results, one_process_trained):
+    import peft
+    import pypeft
+
+    directory, results = lifecycle_results
+    model = one_process_trained.eval()
+    pypeft.set_adapter(model, "b")
+    expected = tiny_models.output(model, D.union_batch())
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["loaded_logits"], expected, **D.TOL, msg=f"rank {rank}")
+    # the file is peft's format: peft loads it to the same model
+    theirs = peft.PeftModel.from_pretrained(D.no_dropout(tiny_models.make(D.FAMILY, seed=0)), directory / "adapter_b")
+    torch.testing.assert_close(tiny_models.output(theirs.eval(), D.union_batch()), expected, **D.TOL)
+
+
+@pytest.mark.slow
+def test_mixed_adapter_inference_per_rank_equals_one_process(lifecycle_results, one_process_trained):
+    import pypeft
+
+    _, results = lifecycle_results
+    model = one_process_trained.eval()
+    with pypeft.mixed_batch(model, D.MIXED_ROWS):
+        expected = tiny_models.output(model, D.union_batch())
+    got = torch.cat([r["mixed_logits"] for r in results])
+    torch.testing.assert_close(got, expected, **D.TOL)
+
+
+def test_lifecycle_calls_on_a_wrapped_model_name_the_wrapper():
+    import pypeft
+
+    model = pypeft.patch(tiny_models.make(D.FAMILY), method="lora", r=2)
+    wrapped = torch.nn.DataParallel(model)  # CPU: it only holds the model, as DDP does
+    with pytest.raises(ValueError, match=r"pypeft.save_adapter: the model is not patched \(DataParallel wraps a "
+                                         r"patched model: pass its .module\)"):
+        pypeft.save_adapter(wrapped, "unused")
+    with pytest.raises(ValueError, match=r"call pypeft.patch first"):
+        pypeft.save_adapter(tiny_models.make(D.FAMILY), "unused")
