@@ -127,7 +127,7 @@ CASES = {
 }
 
 
-def build(case: str, tokentune_seed: int | None = None):
+def build(case: str, tokentune_seed: int | None = None, randomise_seed: int = 3):
     """The tiny model patched as CASES[case] says, dropout off, in training
     mode, trainable tensors randomised; the same in every process."""
     import pypeft
@@ -142,7 +142,7 @@ def build(case: str, tokentune_seed: int | None = None):
             options = {**options, "seed": tokentune_seed}
         pypeft.patch(model, method=method, **options)
     model.train()
-    randomise_trainable(model)
+    randomise_trainable(model, randomise_seed)
     return model
 
 
