@@ -12,7 +12,10 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded (isinstance(x, ()) is False)
+    DTensor = ()
 
 from pypeft.layer import BASE, PypeftLayer
 
