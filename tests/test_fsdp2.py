@@ -13,7 +13,8 @@ parameters (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py,
 _init_mp_dtypes: "FSDP expects uniform original parameter dtype"); frozen
 ones of other dtypes are all-gathered as bytes (_fsdp_collectives.py,
 foreach_all_gather: a uint8 all-gather when dtypes differ). So QLoRA shards
-as it is, which the nf4+lora case checks (its codes are DTensors on each rank).
+as it is, which the nf4+lora case checks (its codes are DTensors on each rank),
+and its adapter saved from the sharded model loads over a fresh NF4 base.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def _save_and_load(rank: int, tmp_path) -> dict:
     pypeft.load_adapter(sharded, tmp_path / "lora", adapter_name="loaded")
     pypeft.set_adapter(sharded, "loaded")
     out["sharded_loads"] = tiny_models.output(sharded.eval(), D.union_batch())
+    qlora = shard(D.build("nf4+lora"))  # QLoRA: the sharded uint8 codes stay out of the adapter
+    pypeft.distributed.save_adapter(qlora, tmp_path / "qlora")
+    base = D.no_dropout(tiny_models.make(D.FAMILY, seed=0))
+    pypeft.load_adapter(pypeft.quantize(base), tmp_path / "qlora")
+    out["qlora_loaded"] = tiny_models.output(base.eval(), D.union_batch())
     return out
 
 
@@ -135,6 +141,18 @@ def test_fsdp2_adapter_saved_from_rank_0_in_peft_format(saved):
     for rank, result in enumerate(results):
         for what in ("loaded", "loaded_then_sharded", "sharded_loads"):
             torch.testing.assert_close(result[what], expected, **D.TOL, msg=f"rank {rank}: {what}")
+
+
+@pytest.mark.slow
+def test_fsdp2_qlora_adapter_saved_from_rank_0_loads_over_nf4(saved):
+    import pypeft
+
+    directory, results = saved
+    expected = tiny_models.output(D.build("nf4+lora").eval(), D.union_batch())
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["qlora_loaded"], expected, **D.TOL, msg=f"rank {rank}")
+    unquantised = pypeft.load_adapter(D.no_dropout(tiny_models.make(D.FAMILY, seed=0)), directory / "qlora")
+    assert not torch.allclose(tiny_models.output(unquantised.eval(), D.union_batch()), expected, **D.TOL)
 
 
 @pytest.mark.slow
