@@ -36,6 +36,7 @@ from torch import nn
 from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.tokentune.config import TokenTuneConfig
 
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
