@@ -13,6 +13,7 @@
     pypeft.patch(model, method="p_tuning", encoder="lstm")           # or pypeft.PTuningConfig(...)
     ... train ...
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
+    pypeft.distributed.save_adapter(model, "out/")  # DDP / FSDP2: every rank calls it, rank 0 writes
 
     pypeft.quantize(model, "nf4")             # QLoRA's NF4 base (bitsandbytes' format); pypeft.quant
 
@@ -21,7 +22,7 @@ pypeft.Method, put its modules in the model as pypeft.PypeftLayer
 subclasses, and call pypeft.register_method(YourMethod()).
 """
 
-from pypeft import ops
+from pypeft import distributed, ops
 from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
 from pypeft.methods.bottleneck import BottleneckConfig
@@ -68,6 +69,7 @@ __all__ = [
     "VeraLinear",
     "delete_adapter",
     "disabled",
+    "distributed",
     "load_adapter",
     "merge",
     "mixed_batch",

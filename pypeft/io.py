@@ -30,6 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded (isinstance(x, ()) is False)
+    DTensor = ()
 
 from pypeft.methods.peft_fields import METADATA
 from pypeft.modules_to_save import TrainableCopies
@@ -61,13 +65,22 @@ def _method_of_adapter(state, name: str) -> Method:
     return methods()[state.adapters[name].config.method]
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the keys its format stores them with."""
+def adapter_state_dict(model: nn.Module, adapter_name: str, gather: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the keys its format stores them with.
+    gather: sharded tensors (DTensors: FSDP2 returns them from state_dict()
+    even while unsharded) are gathered in full, a collective every rank must
+    join in the same order (pypeft.distributed); else they raise."""
     state = require_state(model, "save_adapter")
     method = _method_of_adapter(state, adapter_name)
     _, tensors = method.to_disk(model, state, adapter_name)
     tensors.update(_head_tensors(model, state.adapters[adapter_name].modules_to_save, adapter_name,
                                  method.head_prefix))
+    for key, value in tensors.items():
+        if isinstance(value, DTensor) and gather:
+            tensors[key] = value.full_tensor()
+        elif isinstance(value, DTensor):  # a shard: gathering it is a collective every rank must join
+            raise ValueError(f"pypeft.save_adapter: tensor {key!r} is sharded (a DTensor, e.g. under FSDP2's "
+                             "fully_shard); call pypeft.distributed.save_adapter(model, directory) on every rank")
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -103,7 +116,18 @@ def _config_bytes(fields: dict) -> bytes:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write one adapter (default: the active one) to `directory`, in its
-    method's format (PEFT's for the methods peft has)."""
+    method's format (PEFT's for the methods peft has). A model sharded by
+    FSDP2: pypeft.distributed.save_adapter on every rank."""
+    directory, files = adapter_files(model, directory, adapter_name)
+    _write_atomically(directory, files)
+    return directory
+
+
+def adapter_files(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
+                  gather: bool = False) -> tuple[Path, dict]:
+    """save_adapter's checked directory and the files it writes (name ->
+    writer(path)); gather: as adapter_state_dict's, for every rank's part of a
+    distributed save."""
     state = require_state(model, "save_adapter")
     name = adapter_name or state.active
     if name not in state.adapters:
@@ -116,7 +140,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     method = _method_of_adapter(state, name)
     with state.lock:
         fields, _ = method.to_disk(model, state, name)
-        tensors = adapter_state_dict(model, name)
+        tensors = adapter_state_dict(model, name, gather)
     config = _config_bytes(fields)
     metadata = {"format": "pt", SAVED_CONFIG_KEY: config.decode()}
 
@@ -131,8 +155,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     heads = {k[len(method.head_prefix):]: v for k, v in tensors.items() if k.startswith(tuple(head_keys))}
     extra = method.extra_files(model, state, name, heads)
     # Weights first, config last: the config is what marks a directory as an adapter.
-    _write_atomically(directory, {**extra, method.weights_names[0]: write_weights, method.config_name: write_config})
-    return directory
+    return directory, {**extra, method.weights_names[0]: write_weights, method.config_name: write_config}
 
 
 # --- loading --------------------------------------------------------------------

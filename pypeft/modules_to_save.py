@@ -12,8 +12,24 @@ import copy
 
 import torch
 from torch import nn
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded (isinstance(x, ()) is False)
+    DTensor = ()
 
 from pypeft.layer import BASE, PypeftLayer
+
+
+def _gather_shards(module: nn.Module) -> None:
+    """A copy of a module FSDP2 has sharded (an adapter added to a sharded
+    model: pypeft.load_adapter after fully_shard) would hold DTensor shards
+    that no FSDP group gathers, and fail in forward; give it full tensors.
+    Gathering is a collective: every rank patches alike (as every rank loads).
+    The copy is then whole on every rank, outside FSDP's groups."""
+    for sub in module.modules():
+        for key, p in list(sub._parameters.items()):
+            if isinstance(p, DTensor):
+                sub._parameters[key] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
 
 
 class TrainableCopies(PypeftLayer):
@@ -29,6 +45,7 @@ class TrainableCopies(PypeftLayer):
         if name in self.copies:
             raise ValueError(f"modules_to_save: adapter {name!r} exists already")
         trainable = copy.deepcopy(self.original_module)
+        _gather_shards(trainable)
         for p in trainable.parameters():
             p.requires_grad_(True)
         trainable.train(self.training)

@@ -83,7 +83,10 @@ def require_state(model: nn.Module, what: str) -> PatchState:
         raise TypeError(f"pypeft.{what}: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
     state = state_of(model)
     if state is None:
-        raise ValueError(f"pypeft.{what}: the model is not patched (call pypeft.patch first)")
+        inner = getattr(model, "module", None)  # DistributedDataParallel, DataParallel: the model is inside
+        hint = (f" ({type(model).__name__} wraps a patched model: pass its .module)"
+                if isinstance(inner, nn.Module) and state_of(inner) is not None else " (call pypeft.patch first)")
+        raise ValueError(f"pypeft.{what}: the model is not patched{hint}")
     return state
 
 

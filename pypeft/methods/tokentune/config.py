@@ -25,7 +25,10 @@ class TokenTuneConfig:
     selector: "random" (uniform without replacement among non-padding tokens,
         plus `keep`), or a callable (input_ids, attention_mask, k) ->
         LongTensor[batch, k] of distinct positions, which decides alone.
-    seed: seeds the random selector's own generator (None: torch's global RNG).
+    seed: seeds the random selector's own generator (None: torch's global RNG,
+        which data-parallel ranks seeded alike share: every rank then draws
+        the same selections). Under torch.distributed, rank r seeds it with
+        seed + r, so ranks draw different selections (one process: seed).
     loss_on_selected: with token-level labels ([batch, T]: causal LM,
         token classification), only the selected positions' loss terms count
         (for a causal LM, those predicted *at* a selected position) — the

@@ -30,10 +30,16 @@ import inspect
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pypeft.layer import VIRTUAL_TOKENS_ATTR, PerThread, VirtualSlots
 from pypeft.methods.tokentune.config import TokenTuneConfig
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
 
 def is_decoder(model: nn.Module) -> bool:
     """Whether the model's attention is causal (its modules say is_causal)."""
@@ -72,9 +78,21 @@ class TokenSelection:
         self.config = config
         self.keep = ((0, -1) if is_decoder(model) else (0,)) if config.keep == "auto" else tuple(config.keep)
         self.causal = is_decoder(model)
-        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        self._generator: torch.Generator | None = None  # made at the first draw (see generator)
         self._current = _Current()
         self._signature = inspect.signature(model.forward)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The random selector's generator: None without a seed (torch's
+        global RNG); else seeded with seed + rank (torch.distributed's rank,
+        0 in one process), so data-parallel ranks draw different selections
+        and each rank's draws are reproducible. Made at the first draw, not at
+        patch(), so a model patched before init_process_group still gets its
+        rank's seed."""
+        if self.config.seed is not None and self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.config.seed + _rank())
+        return self._generator
 
     @property
     def positions(self) -> torch.Tensor | None:
