@@ -134,6 +134,35 @@ def test_resume_from_checkpoint_reaches_the_adapter_of_an_unbroken_run(tmp_path)
     assert any(not torch.equal(at_two[k], got[k]) for k in got)  # it trained on after resuming
 
 
+def test_every_adapter_is_saved_in_peft_layout_and_resumed(tmp_path):
+    """"default" in the checkpoint itself, any other adapter in a folder named after it (as peft saves)."""
+    base = T.make("llama")
+    data = dataset("llama", n=8)
+
+    def two_adapters():
+        model = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+        return pypeft.patch(model, method="lora", r=2, alpha=4, adapter_name="other")  # active: trains
+
+    trained = two_adapters()
+    pypeft.PypeftTrainer(model=trained, args=args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2),
+                         train_dataset=data).train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert_adapter_dir(checkpoint)
+    assert_adapter_dir(checkpoint / "other")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    theirs.load_adapter(str(checkpoint / "other"), "other")
+    theirs.set_adapter("other")
+    batch = T.inputs("llama", length=LENGTH)
+    torch.testing.assert_close(T.output(theirs.eval(), batch), T.output(trained.eval(), batch), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(7)
+    resumed = two_adapters()
+    pypeft.PypeftTrainer(model=resumed, args=args(tmp_path / "b", max_steps=2),
+                         train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
+    for name in ("default", "other"):
+        want, got = adapter_state_dict(trained, name), adapter_state_dict(resumed, name)
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+
+
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     data = dataset("llama")
     model = pypeft.patch(T.make("llama"), method="lora", r=4, alpha=8)

@@ -19,8 +19,8 @@ class MyTrainer(PypeftTrainerMixin, SomeTrainer).
 
 Layout, as peft's PeftModel.save_pretrained: adapter "default" in the
 directory itself, any other adapter in a subdirectory named after it.
-Under DeepSpeed ZeRO-3 or FSDP with sharded state dicts Trainer gathers the
-weights itself; this mixin saves from the (unsharded) model it holds.
+FSDP and DeepSpeed ZeRO-3 (parameters sharded across ranks) are refused at
+construction: the adapter is saved from the whole model rank 0 holds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from pypeft.io import CONFIG_NAME, load_adapter_weights, save_adapter
@@ -69,6 +70,14 @@ class PypeftTrainerMixin:
     """Makes a transformers Trainer (sub)class save and load a pypeft-patched
     model's adapters instead of its whole state_dict. Put it first:
     class T(PypeftTrainerMixin, Trainer)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._pypeft_model() is not None and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            # Each rank then holds a shard of every parameter; the adapter is saved from the whole model.
+            raise ValueError(f"pypeft.{type(self).__name__}: argument 'args': FSDP and DeepSpeed ZeRO-3 shard the "
+                             "parameters, and pypeft saves adapters from unsharded ones; expected DDP, DeepSpeed "
+                             "ZeRO-1/2 or one process, got " + ("FSDP" if self.is_fsdp_enabled else "ZeRO-3"))
 
     def _pypeft_model(self):
         """The patched model under any wrapping (DDP, torch.compile), or None."""
