@@ -166,19 +166,33 @@ def test_every_adapter_is_saved_in_peft_layout_and_resumed(tmp_path):
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     data = dataset("llama")
     model = pypeft.patch(T.make("llama"), method="lora", r=4, alpha=8)
+    # "Best" is the highest loss here, so that the best checkpoint is the earlier one (the loss falls).
     trainer = pypeft.PypeftTrainer(
         model=model, train_dataset=data, eval_dataset=data[:4],
         args=args(tmp_path, save_strategy="steps", eval_strategy="steps", save_steps=2, eval_steps=2,
-                  load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False,
-                  learning_rate=0.3))  # large steps: the loss need not fall at every evaluation
+                  load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True))
     trainer.train()
-    best = Path(trainer.state.best_model_checkpoint)
-    saved = load_file(best / "adapter_model.safetensors")
-    got = adapter(model)
-    assert all(torch.equal(got[k], saved[k]) for k in saved)
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert losses[1] < losses[0]
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    best = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
     last = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
-    if best.name != "checkpoint-4":  # then the model must not have kept the last step's adapter
-        assert any(not torch.equal(got[k], last[k]) for k in last)
+    got = adapter(model)
+    assert all(torch.equal(got[k], best[k]) for k in best)
+    assert any(not torch.equal(got[k], last[k]) for k in last)
+
+
+def test_a_model_without_adapters_is_saved_whole(tmp_path):
+    """TokenTune alone trains the base weights: Trainer saves the model as usual."""
+    model = pypeft.patch(T.make("llama"), method="tokentune", k=3, seed=0)
+    trainer = pypeft.PypeftTrainer(model=model, train_dataset=dataset("llama", n=4), args=args(tmp_path, max_steps=1))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    files = set(os.listdir(tmp_path / "out"))
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    saved, own = load_file(tmp_path / "out" / "model.safetensors"), model.state_dict()
+    assert saved and set(saved) <= set(own)
+    assert all(torch.equal(saved[k], own[k]) for k in saved)
 
 
 PATCHES = {

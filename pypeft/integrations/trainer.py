@@ -80,9 +80,12 @@ class PypeftTrainerMixin:
                              "ZeRO-1/2 or one process, got " + ("FSDP" if self.is_fsdp_enabled else "ZeRO-3"))
 
     def _pypeft_model(self):
-        """The patched model under any wrapping (DDP, torch.compile), or None."""
+        """The patched model under any wrapping (DDP, torch.compile), or None;
+        None too when it holds no adapter (TokenTune alone trains the base
+        weights, which Trainer then saves as usual)."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return model if state_of(model) is not None else None
+        state = state_of(model)
+        return model if state is not None and state.adapters else None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._pypeft_model()
