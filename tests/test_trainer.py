@@ -200,13 +200,20 @@ PATCHES = {
     "prompt_tuning": [dict(method="prompt_tuning", num_virtual_tokens=3)],
     "tokentune": [dict(method="lora", r=4, alpha=8), dict(method="tokentune", k=3, seed=0)],
 }
+# Checked for gradients only (the three above also train under Trainer below).
+MORE_PATCHES = {
+    "p_tuning": [dict(method="p_tuning", num_virtual_tokens=3)],
+    "prefix_tuning": [dict(method="prefix_tuning", num_virtual_tokens=3)],
+    "prompt_tuning+tokentune": [dict(method="prompt_tuning", num_virtual_tokens=3),
+                                dict(method="tokentune", k=3, seed=0)],
+}
 
 
 def patched(name: str, family: str = "llama"):
     """The model patched as PATCHES[name] says, its trainable tensors drawn at
     random (LoRA's B starts at zero, which would leave A without gradient)."""
     model = T.make(family)
-    for options in PATCHES[name]:
+    for options in {**PATCHES, **MORE_PATCHES}[name]:
         pypeft.patch(model, **options)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -221,7 +228,7 @@ def trainable_grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("name", list(PATCHES))
+@pytest.mark.parametrize("name", [*PATCHES, *MORE_PATCHES])
 def test_activation_checkpointing_gives_the_gradients_of_a_run_without_it(name, reentrant):
     batch = T.labels_for("llama", T.inputs("llama", length=LENGTH))
     grads = []
