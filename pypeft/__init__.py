@@ -15,6 +15,8 @@
     pypeft.save_adapter(model, "out/")        # PEFT's format: loads into `peft` too
     pypeft.distributed.save_adapter(model, "out/")  # DDP / FSDP2: every rank calls it, rank 0 writes
 
+    trainer = pypeft.PypeftTrainer(model=model, args=...)  # transformers.Trainer; checkpoints hold the adapter
+
     pypeft.quantize(model, "nf4")             # QLoRA's NF4 base (bitsandbytes' format); pypeft.quant
 
 A method of your own plugs in the same way (docs/ARCHITECTURE.md): subclass
@@ -62,6 +64,9 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "PTuningConfig",
+    "PypeftSeq2SeqTrainer",
+    "PypeftTrainer",
+    "PypeftTrainerMixin",
     "PypeftLayer",
     "ReadConfig",
     "TokenTuneConfig",
@@ -86,3 +91,14 @@ __all__ = [
     "unpatch",
 ]
 __version__ = "0.1.0"
+
+_TRAINER_NAMES = ("PypeftTrainer", "PypeftSeq2SeqTrainer", "PypeftTrainerMixin")
+
+
+def __getattr__(name):
+    # The Trainer classes import transformers.Trainer (and accelerate): only when asked for.
+    if name in _TRAINER_NAMES:
+        from pypeft.integrations import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'pypeft' has no attribute {name!r}")

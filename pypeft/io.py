@@ -314,3 +314,40 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if previous is not None:
         set_adapter(model, previous)
     return model
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Copy the weights saved in `directory` into adapter `adapter_name`
+    (default: the active one), which the model holds already, in place: the
+    parameters stay the same objects (an optimizer built over them keeps
+    them), as resuming from a checkpoint needs. The files must be of the
+    adapter's method and fit it (the same checks as load_adapter); a bad
+    directory raises and changes nothing."""
+    state = require_state(model, "load_adapter_weights")
+    name = adapter_name or state.active
+    if name not in state.adapters:
+        raise ValueError(f"pypeft.load_adapter_weights: argument 'adapter_name': expected one of "
+                         f"{sorted(state.adapters)}, got {name!r}")
+    directory = Path(directory)
+    config_path, fields = _read_config(directory)
+    method = _method_for(config_path, fields)
+    current = state.adapters[name]
+    if method.name != current.config.method:
+        raise AdapterFormatError(f"pypeft.load_adapter_weights: {config_path}: expected an adapter of method "
+                                 f"{current.config.method!r} (adapter {name!r}), got one of {method.name!r}")
+    path, tensors, metadata = _read_weights(directory, method)
+    _check_saved_together(method, path, config_path, fields, metadata)
+    # The adapter's own config re-planned (the method's plan, not patch.plan, which refuses a name in use):
+    # the files are checked against what the model holds, not against what they say.
+    plan = method.plan(model, state, current.config)
+    try:
+        shapes = method.expected_tensors(model, state, plan, fields, tensors)
+    except ValueError as e:
+        raise AdapterFormatError(f"pypeft.load_adapter_weights: {path}: {e}") from None
+    _check_tensors(path, tensors, {**shapes, **_head_shapes(model, current.modules_to_save, method.head_prefix)})
+    with state.lock, torch.no_grad():
+        method.load_tensors(model, state, plan, tensors)
+        for module in current.modules_to_save:
+            copy = model.get_submodule(module).copies[name]
+            prefix = f"{method.head_prefix}{module}."
+            copy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

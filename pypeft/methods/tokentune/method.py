@@ -26,6 +26,7 @@ from pypeft.methods.adapted_linear import AdaptedLinear
 from pypeft.methods.config_checks import check_runs_natively
 from pypeft.methods.tokentune import attention
 from pypeft.methods.tokentune import modules as tsm
+from pypeft.methods.tokentune.checkpointing import CheckpointReplay
 from pypeft.methods.tokentune.config import TokenTuneConfig
 from pypeft.methods.tokentune.selection import TokenSelection
 from pypeft.registry import Method, Plan
@@ -44,6 +45,7 @@ class TokenTuneRecord:
     tagged: list[nn.Module]  # attention modules and adapter layers that read the selection
     hooks: list
     attn_implementation: str | None
+    replay: CheckpointReplay  # the layers' checkpointing functions it wrapped
 
 
 def _plan_swaps(model: nn.Module) -> tuple[list[tuple[nn.Module, type]], list[nn.Module]]:
@@ -129,10 +131,12 @@ class TokenTuneMethod(Method):
             tsm.swap(module, mixin, selection)
         for module in tagged:
             setattr(module, TOKENS_ATTR, selection)
-        hooks = [model.register_forward_pre_hook(selection.before_forward, with_kwargs=True),
+        replay = CheckpointReplay(model, selection)
+        hooks = [model.register_forward_pre_hook(replay.before_forward),
+                 model.register_forward_pre_hook(selection.before_forward, with_kwargs=True),
                  model.register_forward_hook(selection.after_forward, always_call=True)]
         state.method_states[self.name] = TokenTuneRecord(plan.config, selection, [m for m, _ in swaps], tagged,
-                                                         hooks, previous)
+                                                         hooks, previous, replay)
 
     def model_changed(self, model: nn.Module, state: PatchState) -> None:
         """Give adapter layers added after TokenTune (and their base layers) the selection."""
@@ -158,6 +162,7 @@ class TokenTuneMethod(Method):
         record: TokenTuneRecord = state.method_states.pop(self.name)
         for hook in record.hooks:
             hook.remove()
+        record.replay.remove()
         for module in record.swapped:
             if tsm.is_swapped(module):
                 tsm.unswap(module)

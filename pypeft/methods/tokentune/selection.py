@@ -26,6 +26,7 @@ with the embedding trainable.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Sequence
 
@@ -109,6 +110,21 @@ class TokenSelection:
     @tokens.setter
     def tokens(self, value: int) -> None:
         self._current.tokens = value
+
+    def snapshot(self) -> tuple[torch.Tensor | None, int]:
+        """The selection in force (checkpointing.py replays it)."""
+        return self.positions, self.tokens
+
+    @contextlib.contextmanager
+    def replaying(self, snapshot: tuple[torch.Tensor | None, int]):
+        """The selection `snapshot` in force in this thread for the block
+        (a checkpointed layer recomputed in backward), the previous one after."""
+        previous = self.snapshot()
+        self.positions, self.tokens = snapshot
+        try:
+            yield
+        finally:
+            self.positions, self.tokens = previous
 
     def positions_for(self, x: torch.Tensor, token_dim: int = 1) -> torch.Tensor | None:
         """The positions when a selection is active and x is [B, T, ...] of it

@@ -1,0 +1,2 @@
+"""Glue between pypeft and other libraries' training loops (imported on use:
+importing pypeft does not import them)."""

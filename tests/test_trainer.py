@@ -1,0 +1,321 @@
+"""pypeft under transformers' Trainer (pypeft.PypeftTrainer): checkpoints and
+save_model hold the adapter in peft's format (the real `peft` loads them to
+the same outputs), resuming continues to the same adapter as an unbroken run,
+load_best_model_at_end loads the best checkpoint's adapter, activation
+checkpointing gives the gradients of a run without it (LoRA, prompt tuning,
+TokenTune), torch.compile, Seq2SeqTrainer on T5, and two CPU processes under
+torchrun. Tiny models, a few steps each."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import pypeft
+from pypeft.io import adapter_state_dict
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models as T  # noqa: E402
+
+LENGTH = 8
+WHOLE_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+
+
+def dataset(family: str, n: int = 16, distinct: int = 4, seed: int = 0) -> list[dict]:
+    """n examples cycling through `distinct` sequences (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, T.VOCAB, (distinct, LENGTH), generator=g)
+    rows = []
+    for i in range(n):
+        row = {"input_ids": ids[i % distinct], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
+        if family == "bert":
+            row["labels"] = torch.tensor(i % distinct % 3)
+        elif family == "t5":
+            row["labels"] = ids[(i + 1) % distinct][:5]
+        else:
+            row["labels"] = ids[i % distinct]
+        rows.append(row)
+    return rows
+
+
+def args(out, trainer_class=transformers.TrainingArguments, **kw) -> transformers.TrainingArguments:
+    options = dict(per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, save_strategy="no",
+                   logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                   dataloader_num_workers=0, save_only_model=False)
+    options.update(kw)
+    return trainer_class(str(out), **options)
+
+
+@torch.no_grad()
+def mean_loss(model, rows: list[dict]) -> float:
+    was = model.training
+    model.eval()
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    loss = model(**batch).loss.item()
+    model.train(was)
+    return loss
+
+
+def adapter(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapter_state_dict(model, "default").items()}
+
+
+def assert_adapter_dir(directory: Path) -> None:
+    files = set(os.listdir(directory))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
+    assert not files & WHOLE_MODEL_FILES, f"the base weights were saved: {files & WHOLE_MODEL_FILES}"
+
+
+def assert_peft_loads(base, directory: Path, trained, family: str) -> None:
+    """The real peft, and pypeft, load the directory into a fresh copy of the
+    base to the trained model's outputs."""
+    batch = T.inputs(family, length=LENGTH)
+    want = T.output(trained.eval(), batch)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+    torch.testing.assert_close(T.output(theirs, batch), want, atol=1e-5, rtol=1e-5)
+    ours = pypeft.load_adapter(copy.deepcopy(base), directory)
+    torch.testing.assert_close(T.output(ours, batch), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_lora_trains_and_checkpoints_hold_the_adapter_in_peft_format(tmp_path, family):
+    base = T.make(family)
+    model = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    data = dataset(family)
+    before = mean_loss(model, data[:4])
+    trainer = pypeft.PypeftTrainer(model=model, args=args(tmp_path / "run", save_strategy="steps", save_steps=2),
+                                   train_dataset=data)
+    trainer.train()
+    assert mean_loss(model, data[:4]) < before
+    for step in (2, 4):
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        assert_adapter_dir(checkpoint)
+        assert {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    final = tmp_path / "run" / "checkpoint-4"
+    saved = load_file(final / "adapter_model.safetensors")
+    assert saved.keys() == adapter(model).keys()
+    if family == "bert":  # the classifier head trains beside the adapter and is saved with it
+        assert any(".classifier." in k for k in saved)
+    assert_peft_loads(base, final, model, family)
+    trainer.save_model(str(tmp_path / "final"))
+    assert_adapter_dir(tmp_path / "final")
+    assert all(torch.equal(v, saved[k]) for k, v in load_file(tmp_path / "final" / "adapter_model.safetensors").items())
+
+
+def test_resume_from_checkpoint_reaches_the_adapter_of_an_unbroken_run(tmp_path):
+    base = T.make("llama")
+    data = dataset("llama")
+    unbroken = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    pypeft.PypeftTrainer(model=unbroken, args=args(tmp_path / "a", save_strategy="steps", save_steps=2),
+                         train_dataset=data).train()
+    # Another initialisation: what the run ends with must come from the checkpoint.
+    torch.manual_seed(123)
+    resumed = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    parameters = [p for p in resumed.parameters() if p.requires_grad]
+    trainer = pypeft.PypeftTrainer(model=resumed, args=args(tmp_path / "b"), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert all(p is q for p, q in zip(parameters, [p for p in resumed.parameters() if p.requires_grad]))
+    want, got = adapter(unbroken), adapter(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-7, rtol=1e-6, msg=key)
+    at_two = load_file(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any(not torch.equal(at_two[k], got[k]) for k in got)  # it trained on after resuming
+
+
+def test_every_adapter_is_saved_in_peft_layout_and_resumed(tmp_path):
+    """"default" in the checkpoint itself, any other adapter in a folder named after it (as peft saves)."""
+    base = T.make("llama")
+    data = dataset("llama", n=8)
+
+    def two_adapters():
+        model = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+        return pypeft.patch(model, method="lora", r=2, alpha=4, adapter_name="other")  # active: trains
+
+    trained = two_adapters()
+    pypeft.PypeftTrainer(model=trained, args=args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2),
+                         train_dataset=data).train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert_adapter_dir(checkpoint)
+    assert_adapter_dir(checkpoint / "other")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    theirs.load_adapter(str(checkpoint / "other"), "other")
+    theirs.set_adapter("other")
+    batch = T.inputs("llama", length=LENGTH)
+    torch.testing.assert_close(T.output(theirs.eval(), batch), T.output(trained.eval(), batch), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(7)
+    resumed = two_adapters()
+    pypeft.PypeftTrainer(model=resumed, args=args(tmp_path / "b", max_steps=2),
+                         train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
+    for name in ("default", "other"):
+        want, got = adapter_state_dict(trained, name), adapter_state_dict(resumed, name)
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    data = dataset("llama")
+    model = pypeft.patch(T.make("llama"), method="lora", r=4, alpha=8)
+    # "Best" is the highest loss here, so that the best checkpoint is the earlier one (the loss falls).
+    trainer = pypeft.PypeftTrainer(
+        model=model, train_dataset=data, eval_dataset=data[:4],
+        args=args(tmp_path, save_strategy="steps", eval_strategy="steps", save_steps=2, eval_steps=2,
+                  load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True))
+    trainer.train()
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert losses[1] < losses[0]
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    best = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
+    got = adapter(model)
+    assert all(torch.equal(got[k], best[k]) for k in best)
+    assert any(not torch.equal(got[k], last[k]) for k in last)
+
+
+def test_a_model_without_adapters_is_saved_whole(tmp_path):
+    """TokenTune alone trains the base weights: Trainer saves the model as usual."""
+    model = pypeft.patch(T.make("llama"), method="tokentune", k=3, seed=0)
+    trainer = pypeft.PypeftTrainer(model=model, train_dataset=dataset("llama", n=4), args=args(tmp_path, max_steps=1))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    files = set(os.listdir(tmp_path / "out"))
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    saved, own = load_file(tmp_path / "out" / "model.safetensors"), model.state_dict()
+    assert saved and set(saved) <= set(own)
+    assert all(torch.equal(saved[k], own[k]) for k in saved)
+
+
+PATCHES = {
+    "lora": [dict(method="lora", r=4, alpha=8)],
+    "prompt_tuning": [dict(method="prompt_tuning", num_virtual_tokens=3)],
+    "tokentune": [dict(method="lora", r=4, alpha=8), dict(method="tokentune", k=3, seed=0)],
+}
+# Checked for gradients only (the three above also train under Trainer below).
+MORE_PATCHES = {
+    "p_tuning": [dict(method="p_tuning", num_virtual_tokens=3)],
+    "prefix_tuning": [dict(method="prefix_tuning", num_virtual_tokens=3)],
+    "prompt_tuning+tokentune": [dict(method="prompt_tuning", num_virtual_tokens=3),
+                                dict(method="tokentune", k=3, seed=0)],
+}
+
+
+def patched(name: str, family: str = "llama"):
+    """The model patched as PATCHES[name] says, its trainable tensors drawn at
+    random (LoRA's B starts at zero, which would leave A without gradient)."""
+    model = T.make(family)
+    for options in {**PATCHES, **MORE_PATCHES}[name]:
+        pypeft.patch(model, **options)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", [*PATCHES, *MORE_PATCHES])
+def test_activation_checkpointing_gives_the_gradients_of_a_run_without_it(name, reentrant):
+    batch = T.labels_for("llama", T.inputs("llama", length=LENGTH))
+    grads = []
+    for checkpointing in (False, True):
+        model = patched(name).train()
+        if checkpointing:  # what Trainer(gradient_checkpointing=True) calls
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            assert model.is_activation_checkpointing
+        model(**batch).loss.backward()
+        grads.append(trainable_grads(model))
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    for key in plain:
+        assert plain[key].abs().sum() > 0, key
+        torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_tokentune_unpatch_restores_the_checkpointing_functions():
+    model = patched("tokentune").train()
+    model.activation_checkpointing_enable()
+    layer = model.model.layers[0]
+    original = layer._gradient_checkpointing_func
+    model(**T.labels_for("llama", T.inputs("llama", length=LENGTH))).loss.backward()
+    assert layer._gradient_checkpointing_func is not original  # wrapped to replay the selection
+    pypeft.unpatch(model)
+    assert layer._gradient_checkpointing_func is original
+
+
+@pytest.mark.parametrize("name", list(PATCHES))
+def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name):
+    data = dataset("llama", n=4)
+    adapters = []
+    for checkpointing in (False, True):
+        model = patched(name)
+        pypeft.PypeftTrainer(model=model, train_dataset=data,
+                             args=args(tmp_path / str(checkpointing), max_steps=1,
+                                       gradient_checkpointing=checkpointing)).train()
+        adapters.append(adapter(model))
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_trainer_with_torch_compile_runs_a_step_with_the_eager_loss(tmp_path):
+    data = dataset("llama", n=4)
+    losses = []
+    for compiled in (False, True):
+        model = pypeft.patch(T.make("llama"), method="lora", r=4, alpha=8)
+        trainer = pypeft.PypeftTrainer(model=model, train_dataset=data,
+                                       args=args(tmp_path / str(compiled), max_steps=1, torch_compile=compiled))
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+        trainer.save_model(str(tmp_path / f"saved-{compiled}"))
+        assert_adapter_dir(tmp_path / f"saved-{compiled}")
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_seq2seq_trainer_on_t5_with_lora(tmp_path):
+    base = T.make("t5")
+    model = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    data = dataset("t5")
+    before = mean_loss(model, data[:4])
+    trainer = pypeft.PypeftSeq2SeqTrainer(
+        model=model, train_dataset=data,
+        args=args(tmp_path, transformers.Seq2SeqTrainingArguments, save_strategy="steps", save_steps=4))
+    trainer.train()
+    assert mean_loss(model, data[:4]) < before
+    assert_adapter_dir(tmp_path / "checkpoint-4")
+    assert_peft_loads(base, tmp_path / "checkpoint-4", model, "t5")
+
+
+SCRIPT = Path(__file__).with_name("trainer_ddp_script.py")
+
+
+@pytest.mark.slow
+def test_trainer_on_two_cpu_processes_under_torchrun(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["steps"] == 2 for r in ranks)
+    assert ranks[0]["adapter"] == ranks[1]["adapter"]  # DDP kept the replicas equal
+    assert_adapter_dir(tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert {k: v.double().sum().item() for k, v in saved.items()} == ranks[0]["adapter"]
+    pypeft.load_adapter(T.make("llama"), tmp_path / "out")
