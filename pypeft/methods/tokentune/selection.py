@@ -165,6 +165,10 @@ class TokenSelection:
 
     # --- the hooks on the model's forward --------------------------------------------------
 
+    # Run eagerly under torch.compile: traced, a draw from the seeded generator
+    # broke the graph inside the hook and the selection it stored was lost to
+    # the traced layers, which then ran in full (wrong gradients, no error).
+    @torch.compiler.disable
     def before_forward(self, model: nn.Module, args, kwargs):
         self.positions = None
         if not (model.training and torch.is_grad_enabled()):
