@@ -123,16 +123,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return directory
 
 
+def _adapter_named(state, adapter_name: str | None, owner: str) -> str:
+    """The adapter a call names (default: the active one), which the model must hold."""
+    name = adapter_name or state.active
+    if name not in state.adapters:
+        raise ValueError(f"{owner}: argument 'adapter_name': expected one of {sorted(state.adapters)}, "
+                         f"got {name!r}")
+    return name
+
+
 def adapter_files(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
                   gather: bool = False) -> tuple[Path, dict]:
     """save_adapter's checked directory and the files it writes (name ->
     writer(path)); gather: as adapter_state_dict's, for every rank's part of a
     distributed save."""
     state = require_state(model, "save_adapter")
-    name = adapter_name or state.active
-    if name not in state.adapters:
-        raise ValueError(f"pypeft.save_adapter: argument 'adapter_name': expected one of "
-                         f"{sorted(state.adapters)}, got {name!r}")
+    name = _adapter_named(state, adapter_name, "pypeft.save_adapter")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"pypeft.save_adapter: argument 'directory': expected a directory (an adapter is two "
@@ -324,10 +330,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, adapter
     adapter's method and fit it (the same checks as load_adapter); a bad
     directory raises and changes nothing."""
     state = require_state(model, "load_adapter_weights")
-    name = adapter_name or state.active
-    if name not in state.adapters:
-        raise ValueError(f"pypeft.load_adapter_weights: argument 'adapter_name': expected one of "
-                         f"{sorted(state.adapters)}, got {name!r}")
+    name = _adapter_named(state, adapter_name, "pypeft.load_adapter_weights")
     directory = Path(directory)
     config_path, fields = _read_config(directory)
     method = _method_for(config_path, fields)

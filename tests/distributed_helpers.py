@@ -26,7 +26,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import tiny_models
 
@@ -74,6 +73,22 @@ def run_ranks(worker, tmp_path, *args, world_size: int = WORLD, timeout: float =
 
 FAMILY = "bert"  # a sequence classifier: its loss is a mean over rows, so DDP's mean of means is the union's mean
 BATCH_SEED = 5
+
+
+def run_cases(cases, step, rank) -> dict:
+    """{case: step(case, rank)} on this rank, a failing case recorded as its
+    traceback (a rank that stopped early would hang the other's collectives),
+    the ranks meeting at a barrier after each."""
+    import traceback
+
+    out = {}
+    for case in cases:
+        try:
+            out[case] = step(case, rank)
+        except Exception:
+            out[case] = traceback.format_exc()
+        dist.barrier()
+    return out
 
 
 def union_batch() -> dict:

@@ -13,7 +13,6 @@ records its own traceback, so each test fails alone.
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
@@ -39,14 +38,7 @@ def _ddp_step(case: str, rank: int) -> dict:
 
 
 def ddp_worker(rank, world, tmp_path, cases):
-    out = {}
-    for case in cases:
-        try:
-            out[case] = _ddp_step(case, rank)
-        except Exception:  # recorded per case; a rank that stops early would hang the other's collectives
-            out[case] = traceback.format_exc()
-        dist.barrier()
-    return out
+    return D.run_cases(cases, _ddp_step, rank)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +112,6 @@ def one_process_trained():
 
 @pytest.mark.slow
 def test_ddp_trains_only_the_active_adapter_as_one_process(lifecycle_results, one_process_trained):
-    import pypeft
-
     _, results = lifecycle_results
     expected = {n: p for n, p in one_process_trained.named_parameters() if p.requires_grad}
     assert expected and all(".b." in n or n.endswith(".b") or "classifier" in n for n in expected), sorted(expected)

@@ -23,7 +23,6 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -74,13 +73,7 @@ def _save_and_load(rank: int, tmp_path) -> dict:
 
 
 def fsdp_worker(rank, world, tmp_path, cases):
-    out = {}
-    for case in cases:
-        try:
-            out[case] = _fsdp_step(case, rank)
-        except Exception:  # recorded per case; a rank that stops early would hang the other's collectives
-            out[case] = traceback.format_exc()
-        dist.barrier()
+    out = D.run_cases(cases, _fsdp_step, rank)
     try:
         out["save_and_load"] = _save_and_load(rank, tmp_path)
     except Exception:
