@@ -125,6 +125,8 @@ def test_lora_dropout_over_nf4():
      ("fusion", dict(adapters=["a", "b"]))],
     [("prompt_tuning", dict(num_virtual_tokens=3))],
     [("prefix_tuning", dict(num_virtual_tokens=3))],
+    [("p_tuning", dict(num_virtual_tokens=3))],
+    [("read", dict(hidden=16))],
 ], ids=lambda p: "+".join(m for m, _ in p))
 def test_methods_over_nf4(patches):
     model, dense = patched_pair("llama", patches)
