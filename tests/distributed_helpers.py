@@ -72,6 +72,10 @@ def run_ranks(worker, tmp_path, *args, world_size: int = WORLD, timeout: float =
 # --- the cases ---------------------------------------------------------------------------
 
 FAMILY = "bert"  # a sequence classifier: its loss is a mean over rows, so DDP's mean of means is the union's mean
+# The decoder and encoder-decoder families users fine-tune most, with the model's own LM loss: a mean over
+# label tokens, so every rank must hold as many as the others (no -100 in the labels; the same length on
+# each rank) for DDP's mean of the ranks' means to be the union's mean (test_distributed_families checks it).
+LM_FAMILIES = ("llama", "t5")
 BATCH_SEED = 5
 
 
@@ -91,21 +95,30 @@ def run_cases(cases, step, rank) -> dict:
     return out
 
 
-def union_batch() -> dict:
-    """WORLD * PER_RANK rows with labels; rank r runs rows [r * PER_RANK, (r + 1) * PER_RANK)."""
-    batch = tiny_models.inputs(FAMILY, batch=WORLD * PER_RANK, length=7, seed=BATCH_SEED)
-    batch["labels"] = torch.arange(WORLD * PER_RANK) % 3
-    return batch
+def union_batch(family: str = FAMILY) -> dict:
+    """WORLD * PER_RANK rows with labels; rank r runs rows [r * PER_RANK, (r + 1) * PER_RANK).
+    A classifier gets class labels; a causal LM its input ids (every position, padded ones
+    too: the ranks' label-token counts stay equal); T5 its decoder ids as labels."""
+    batch = tiny_models.inputs(family, batch=WORLD * PER_RANK, length=7, seed=BATCH_SEED)
+    if family == FAMILY:
+        batch["labels"] = torch.arange(WORLD * PER_RANK) % 3
+        return batch
+    return tiny_models.labels_for(family, batch)
 
 
-def rank_batch(rank: int) -> dict:
-    return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in union_batch().items()}
+def rank_batch(rank: int, family: str = FAMILY) -> dict:
+    return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in union_batch(family).items()}
 
 
 def no_dropout(model):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # Attention dropout some families keep as a float they pass to the attention function in
+        # training mode (T5Attention.dropout, LlamaAttention.attention_dropout), not as a module.
+        for attr in ("dropout", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
     return model
 
 
@@ -140,15 +153,28 @@ CASES = {
     "prefix_tuning": [("prefix_tuning", dict(num_virtual_tokens=3))],
     "nf4+lora": ["nf4", ("lora", dict(r=4, alpha=8, dropout=0.0))],
 }
+# Llama and T5 have no biases: BitFit adds them (zeros, then randomised like any trainable tensor).
+_BITFIT_ADDED = {"bitfit": [("bitfit", dict(add_missing_biases=True))]}
+# What pypeft refuses on T5 at patch (test_distributed_families checks that it says so): TokenTune
+# runs one sequence's tokens, T5 has two; bottleneck adapters (and so fusion) sit in one stack of layers.
+T5_REFUSED = ("tokentune", "lora+tokentune", "bottleneck", "fusion")
+FAMILY_CASES = {
+    "bert": CASES,
+    "llama": {**CASES, **_BITFIT_ADDED},
+    "t5": {k: v for k, v in {**CASES, **_BITFIT_ADDED}.items() if k not in T5_REFUSED},
+}
+# (family, case) for the tests' parametrize: ids read "llama-lora".
+FAMILY_CASE_PAIRS = [(family, case) for family, cases in FAMILY_CASES.items() for case in cases]
 
 
-def build(case: str, tokentune_seed: int | None = None, randomise_seed: int = 3):
-    """The tiny model patched as CASES[case] says, dropout off, in training
-    mode, trainable tensors randomised; the same in every process."""
+def build(case: str, tokentune_seed: int | None = None, randomise_seed: int = 3, family: str = FAMILY):
+    """The family's tiny model patched as FAMILY_CASES[family][case] says,
+    dropout off, in training mode, trainable tensors randomised; the same in
+    every process."""
     import pypeft
 
-    model = no_dropout(tiny_models.make(FAMILY, seed=0))
-    for step in CASES[case]:
+    model = no_dropout(tiny_models.make(family, seed=0))
+    for step in FAMILY_CASES[family][case]:
         if step == "nf4":
             pypeft.quantize(model)
             continue
@@ -161,19 +187,19 @@ def build(case: str, tokentune_seed: int | None = None, randomise_seed: int = 3)
     return model
 
 
-def reference_grads(case: str) -> dict[str, torch.Tensor]:
+def reference_grads(case: str, family: str = FAMILY) -> dict[str, torch.Tensor]:
     """One process, the union batch, mean loss: the gradients DDP must give.
     TokenTune draws rank r's selection from seed + r: the reference runs each
     rank's rows on a model seeded so and averages (the mean over the union
     when every rank has as many rows)."""
-    if not any(step[0] == "tokentune" for step in CASES[case] if step != "nf4"):
-        model = build(case)
-        model(**union_batch()).loss.backward()
+    if not any(step[0] == "tokentune" for step in FAMILY_CASES[family][case] if step != "nf4"):
+        model = build(case, family=family)
+        model(**union_batch(family)).loss.backward()
         return trainable_grads(model)
     total = None
     for rank in range(WORLD):
-        model = build(case, tokentune_seed=TOKENTUNE_SEED + rank)
-        (model(**rank_batch(rank)).loss / WORLD).backward()
+        model = build(case, tokentune_seed=TOKENTUNE_SEED + rank, family=family)
+        (model(**rank_batch(rank, family)).loss / WORLD).backward()
         grads = trainable_grads(model)
         total = grads if total is None else {k: total[k] + grads[k] for k in total}
     return total

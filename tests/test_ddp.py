@@ -2,17 +2,21 @@
 127.0.0.1 (tests/distributed_helpers.py): for every method, each rank's
 gradients after one DDP step (find_unused_parameters=False, so a parameter
 registered as trainable but unused fails, peft #899) equal one process's
-over the union of the ranks' batches. TokenTune draws each rank's selection
+over the union of the ranks' batches, on the tiny BERT classifier and on a
+tiny Llama causal LM and T5 with their own LM losses (every method each
+family supports, D.FAMILY_CASES). TokenTune draws each rank's selection
 from seed + rank. save_adapter from rank 0 while the others wait; loading on
 every rank gives the same model; mixed-adapter inference per rank.
 
-The DDP runs of all cases happen in one spawn (a module fixture: starting
-processes that import torch and transformers is most of the cost); each case
-records its own traceback, so each test fails alone.
+The DDP runs of all cases of a family happen in one spawn (a module fixture,
+run once per family: starting processes that import torch and transformers
+is most of the cost); each case records its own traceback, so each test fails
+alone.
 """
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
@@ -23,35 +27,48 @@ import distributed_helpers as D
 import tiny_models
 
 
-def _ddp_step(case: str, rank: int) -> dict:
+def _ddp_step(family: str, case: str, rank: int) -> dict:
     import pypeft
 
-    model = D.build(case)
+    model = D.build(case, family=family)
     seen = []
     state = pypeft.state_of(model)
     if "tokentune" in state.method_states:  # registered after TokenTune's hook: sees its selection
         selection = state.method_states["tokentune"].selection
         model.register_forward_pre_hook(lambda *_: seen.append(selection.positions.clone()))
     ddp = DDP(model, find_unused_parameters=False)
-    ddp(**D.rank_batch(rank)).loss.backward()
+    ddp(**D.rank_batch(rank, family)).loss.backward()
     return {"grads": D.trainable_grads(model), "selection": seen}
 
 
-def ddp_worker(rank, world, tmp_path, cases):
-    return D.run_cases(cases, _ddp_step, rank)
+def ddp_worker(rank, world, tmp_path, family, cases):
+    return D.run_cases(cases, functools.partial(_ddp_step, family), rank)
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    return D.run_ranks(ddp_worker, tmp_path_factory.mktemp("ddp"), list(D.CASES), timeout=300)
+def ddp_runs(tmp_path_factory):
+    """family -> each rank's results of all its cases, one spawn per family, on first use."""
+    runs = {}
+
+    def results(family: str) -> list:
+        if family not in runs:
+            runs[family] = D.run_ranks(ddp_worker, tmp_path_factory.mktemp(f"ddp_{family}"), family,
+                                       list(D.FAMILY_CASES[family]), timeout=300)
+        return runs[family]
+    return results
+
+
+@pytest.fixture(scope="module")
+def ddp_results(ddp_runs):
+    return ddp_runs(D.FAMILY)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(D.CASES))
-def test_ddp_gradients_equal_one_process_over_the_union_batch(ddp_results, case):
-    expected = D.reference_grads(case)
+@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PAIRS)
+def test_ddp_gradients_equal_one_process_over_the_union_batch(ddp_runs, family, case):
+    expected = D.reference_grads(case, family)
     assert expected and any(g.abs().sum() > 0 for g in expected.values())
-    for rank, results in enumerate(ddp_results):
+    for rank, results in enumerate(ddp_runs(family)):
         got = results[case]
         assert not isinstance(got, str), f"rank {rank}:\n{got}"
         assert sorted(got["grads"]) == sorted(expected), f"rank {rank}"

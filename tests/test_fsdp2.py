@@ -1,9 +1,12 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard over each encoder layer and the
-root) over a patched model, 2 processes over gloo on 127.0.0.1: frozen base
-and trainable adapters share each group. For every method, the full
+"""FSDP2 (torch.distributed.fsdp.fully_shard over each transformer layer and
+the root) over a patched model, 2 processes over gloo on 127.0.0.1: frozen
+base and trainable adapters share each group. For every method, the full
 gradients (gathered from the DTensor grads) equal one process's over the
-union batch. pypeft.distributed.save_adapter gathers the adapter and rank 0
-writes it in peft's format (peft loads it to the same model); plain
+union batch, on the tiny BERT classifier and on a tiny Llama causal LM and
+T5 with their own LM losses (every method each family supports,
+D.FAMILY_CASES; one spawn per family). pypeft.distributed.save_adapter
+gathers the adapter and rank 0 writes it in peft's format (peft loads it to
+the same model; for Llama and T5 too: LoRA, and Llama's prompt tuning); plain
 pypeft.save_adapter on a sharded model says to use it; a sharded model loads
 an adapter, and a loaded model shards, to the same outputs.
 
@@ -19,6 +22,7 @@ and its adapter saved from the sharded model loads over a fresh NF4 base.
 
 from __future__ import annotations
 
+import functools
 import traceback
 
 import pytest
@@ -30,16 +34,23 @@ import distributed_helpers as D
 import tiny_models
 
 
-def shard(model):
-    for layer in model.bert.encoder.layer:
+def layers(model, family: str) -> list:
+    """The transformer layers each family's users shard one by one."""
+    if family == "t5":
+        return [*model.encoder.block, *model.decoder.block]
+    return list(model.model.layers if family == "llama" else model.bert.encoder.layer)
+
+
+def shard(model, family: str = D.FAMILY):
+    for layer in layers(model, family):
         fully_shard(layer)
     fully_shard(model)
     return model
 
 
-def _fsdp_step(case: str, rank: int) -> dict:
-    model = shard(D.build(case))
-    model(**D.rank_batch(rank)).loss.backward()
+def _fsdp_step(family: str, case: str, rank: int) -> dict:
+    model = shard(D.build(case, family=family), family)
+    model(**D.rank_batch(rank, family)).loss.backward()
     sharded = {n: (p.dtype, tuple(p.to_local().shape), tuple(p.shape)) for n, p in model.named_parameters()
                if isinstance(p, DTensor)}
     return {"grads": {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad},
@@ -72,26 +83,58 @@ def _save_and_load(rank: int, tmp_path) -> dict:
     return out
 
 
-def fsdp_worker(rank, world, tmp_path, cases):
-    out = D.run_cases(cases, _fsdp_step, rank)
+# Adapters of the LM families saved from the sharded model (peft loads them: test below).
+LM_SAVED = {"llama": ["lora", "prompt_tuning"], "t5": ["lora"]}
+
+
+def _save_lm(rank: int, tmp_path, family: str) -> dict:
+    """Each LM_SAVED case: sharded, saved with pypeft.distributed.save_adapter
+    (rank 0 writes), loaded by pypeft on every rank into a fresh base."""
+    import pypeft
+
+    out = {}
+    for case in LM_SAVED[family]:
+        model = shard(D.build(case, family=family), family)
+        pypeft.distributed.save_adapter(model, tmp_path / case)
+        fresh = pypeft.load_adapter(D.no_dropout(tiny_models.make(family, seed=0)), tmp_path / case)
+        out[case] = tiny_models.output(fresh.eval(), D.union_batch(family))
+    return out
+
+
+def fsdp_worker(rank, world, tmp_path, family, cases):
+    out = D.run_cases(cases, functools.partial(_fsdp_step, family), rank)
     try:
-        out["save_and_load"] = _save_and_load(rank, tmp_path)
+        out["save_and_load"] = (_save_and_load(rank, tmp_path) if family == D.FAMILY
+                                else _save_lm(rank, tmp_path, family))
     except Exception:
         out["save_and_load"] = traceback.format_exc()
     return out
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fsdp2")
-    return directory, D.run_ranks(fsdp_worker, directory, list(D.CASES), timeout=300)
+def fsdp_runs(tmp_path_factory):
+    """family -> (directory, each rank's results), one spawn per family, on first use."""
+    runs = {}
+
+    def results(family: str) -> tuple:
+        if family not in runs:
+            directory = tmp_path_factory.mktemp(f"fsdp2_{family}")
+            runs[family] = directory, D.run_ranks(fsdp_worker, directory, family, list(D.FAMILY_CASES[family]),
+                                                  timeout=300)
+        return runs[family]
+    return results
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(fsdp_runs):
+    return fsdp_runs(D.FAMILY)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(D.CASES))
-def test_fsdp2_gradients_equal_one_process_over_the_union_batch(fsdp_results, case):
-    _, results = fsdp_results
-    expected = D.reference_grads(case)
+@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PAIRS)
+def test_fsdp2_gradients_equal_one_process_over_the_union_batch(fsdp_runs, family, case):
+    _, results = fsdp_runs(family)
+    expected = D.reference_grads(case, family)
     assert expected and any(g.abs().sum() > 0 for g in expected.values())
     for rank, result in enumerate(results):
         got = result[case]
@@ -134,6 +177,22 @@ def test_fsdp2_adapter_saved_from_rank_0_in_peft_format(saved):
     for rank, result in enumerate(results):
         for what in ("loaded", "loaded_then_sharded", "sharded_loads"):
             torch.testing.assert_close(result[what], expected, **D.TOL, msg=f"rank {rank}: {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, case", [(f, c) for f, cases in LM_SAVED.items() for c in cases])
+def test_fsdp2_lm_adapter_saved_from_rank_0_loads_in_peft_alike(fsdp_runs, family, case):
+    import peft
+
+    directory, results = fsdp_runs(family)
+    expected = tiny_models.output(D.build(case, family=family).eval(), D.union_batch(family))
+    theirs = peft.PeftModel.from_pretrained(D.no_dropout(tiny_models.make(family, seed=0)), directory / case)
+    torch.testing.assert_close(tiny_models.output(theirs.eval(), D.union_batch(family)), expected, **D.TOL)
+    untrained = tiny_models.output(D.build(case, family=family, randomise_seed=9).eval(), D.union_batch(family))
+    assert not torch.allclose(untrained, expected, **D.TOL)  # another adapter's logits differ: the check can fail
+    for rank, result in enumerate(results):
+        assert not isinstance(result["save_and_load"], str), f"rank {rank}:\n{result['save_and_load']}"
+        torch.testing.assert_close(result["save_and_load"][case], expected, **D.TOL, msg=f"rank {rank}")
 
 
 @pytest.mark.slow

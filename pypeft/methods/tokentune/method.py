@@ -117,6 +117,12 @@ class TokenTuneMethod(Method):
         if getattr(model, "config", None) is None or can_set is None or not can_set():
             raise ValueError(f"{WHERE}: argument 'model': expected a transformers model that computes attention "
                              f"through transformers' AttentionInterface, got {type(model).__name__}")
+        if getattr(model.config, "is_encoder_decoder", False):
+            # Said before the per-module check, which would only list T5's layer norms: the
+            # selection is drawn per row of one token sequence, and an encoder-decoder runs two.
+            raise ValueError(f"{WHERE}: argument 'model': {type(model).__name__} is an encoder-decoder model; "
+                             "TokenTune supports encoder-only and decoder-only models (its token selection is "
+                             "drawn over one sequence per row, and an encoder-decoder runs two)")
         if model.get_input_embeddings() is None:
             raise ValueError(f"{WHERE}: argument 'model': {type(model).__name__} has no input embedding")
         check_runs_natively(WHERE, model.parameters())
