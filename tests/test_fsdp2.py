@@ -185,10 +185,17 @@ def test_fsdp2_lm_adapter_saved_from_rank_0_loads_in_peft_alike(fsdp_runs, famil
     import peft
 
     directory, results = fsdp_runs(family)
-    expected = tiny_models.output(D.build(case, family=family).eval(), D.union_batch(family))
+    batch = D.union_batch(family)
+    expected = tiny_models.output(D.build(case, family=family).eval(), batch)
     theirs = peft.PeftModel.from_pretrained(D.no_dropout(tiny_models.make(family, seed=0)), directory / case)
-    torch.testing.assert_close(tiny_models.output(theirs.eval(), D.union_batch(family)), expected, **D.TOL)
-    untrained = tiny_models.output(D.build(case, family=family, randomise_seed=9).eval(), D.union_batch(family))
+    if case == "prompt_tuning":  # a padded position's logits differ from peft's by design (README): real ones only
+        n = expected.shape[1] - batch["input_ids"].shape[1]
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(tiny_models.output(theirs.eval(), batch)[:, n:][real], expected[:, n:][real],
+                                   **D.TOL)
+    else:
+        torch.testing.assert_close(tiny_models.output(theirs.eval(), batch), expected, **D.TOL)
+    untrained = tiny_models.output(D.build(case, family=family, randomise_seed=9).eval(), batch)
     assert not torch.allclose(untrained, expected, **D.TOL)  # another adapter's logits differ: the check can fail
     for rank, result in enumerate(results):
         assert not isinstance(result["save_and_load"], str), f"rank {rank}:\n{result['save_and_load']}"

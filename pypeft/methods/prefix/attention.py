@@ -79,7 +79,15 @@ def _t5_bias_columns(source, position_bias: torch.Tensor, q: int, k: int, m: int
     bucket = source._relative_position_bucket(memory - context, bidirectional=not source.is_decoder,
                                               num_buckets=source.relative_attention_num_buckets,
                                               max_distance=source.relative_attention_max_distance)
-    values = source.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(position_bias.dtype)
+    table = source.relative_attention_bias.weight
+    # T5's first layer owns the bias table every later layer's prefix columns read. Under FSDP2
+    # (fully_shard per block) that layer is resharded once its forward ends, so a later layer
+    # finds a DTensor shard here: gather it (a collective, which every rank reaches in the same
+    # layer). T5 itself never meets this: it computes its bias in the first layer and passes it on.
+    full_tensor = getattr(table, "full_tensor", None)
+    if full_tensor is not None:
+        table = full_tensor()
+    values = torch.nn.functional.embedding(bucket, table).permute(2, 0, 1).unsqueeze(0).to(position_bias.dtype)
     return values.expand(position_bias.shape[0], position_bias.shape[1], q, m)
 
 
