@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import distributed_helpers as D
+import tiny_models
 
 LM_PAIRS = [(f, c) for f, c in D.FAMILY_CASE_PAIRS if f in D.LM_FAMILIES]
 
@@ -42,7 +43,7 @@ T5_REFUSALS = {
 def test_t5_refuses_what_the_distributed_tests_leave_out_saying_why(case):
     import pypeft
 
-    model = D.no_dropout(D.tiny_models.make("t5"))
+    model = D.no_dropout(tiny_models.make("t5"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     attention = model.config._attn_implementation
     with pytest.raises(ValueError, match=T5_REFUSALS[case]):
