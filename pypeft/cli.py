@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import sys
 
 
@@ -178,6 +179,10 @@ def _add_finetune(commands) -> None:
     p.add_argument("--threads", type=_int_in(1, max_threads(), f"[1, {max_threads()}] (the CPUs here)"),
                    default=None, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("--nproc", type=_int_at_least(1), default=1, metavar="N",
+                   help="data-parallel processes on this machine (DDP over gloo on CPU, NCCL on GPUs; pypeft starts "
+                        "torchrun): --batch-size is the global batch, split over them (default: 1). Several machines: "
+                        "run `torchrun ... -m pypeft finetune ...` on each (see the README)")
     p.add_argument("--quantize", type=_one_of(QUANTIZE_METHODS), default=None, metavar="|".join(QUANTIZE_METHODS),
                    help="store the frozen linear layers in 4-bit NormalFloat before patching (QLoRA: "
                         "pypeft.quantize; the classifier head stays in full precision)")
@@ -207,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _finetune(args) -> int:
     from pypeft.finetune import FinetuneOptions, run
+    from pypeft.finetune.parallel import launch, launched
+
+    if args.nproc > 1 and not launched():
+        return launch(args.argv, args.nproc)  # this same command in each of torchrun's processes
 
     method_options = dict(args.options)
     for key in ("r", "alpha", "dropout", "num_virtual_tokens"):
@@ -216,7 +225,7 @@ def _finetune(args) -> int:
         task=args.task, loss_on=args.loss_on, max_new_tokens=args.max_new_tokens, method=args.method, model=args.model, data=args.data, text_column=args.text_column,
         label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
         max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, output=args.output,
+        max_length=args.max_length, seed=args.seed, output=args.output, nproc=args.nproc,
         device=args.device, threads=args.threads, progress=args.progress, quantize=args.quantize,
         method_options=method_options))
     return 0
@@ -233,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or an argparse error already printed
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return 2
     try:
         return args.handler(args)
     except UsageError as exc:
-        print(f"{args.parser.prog}: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: one says it
+            print(f"{args.parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{args.parser.prog}: interrupted", file=sys.stderr)

@@ -308,3 +308,45 @@ def test_bad_causal_lm_arguments_exit_2_with_one_line(capsys, tiny_lm, chat_data
     args = ["finetune", *SHORT, "--model", str(tiny_lm), "--data", str(chat_data), *argv]
     code, out, err = _run(capsys, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+# --- --nproc: the job over data-parallel processes ----------------------------------------
+
+def _adapter(directory: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def test_two_processes_train_the_adapter_of_one(tiny_lm, chat_data, tmp_path):
+    """torchrun's 2 gloo ranks, each half of every batch, the loss normalised by
+    the whole batch's answer tokens: the adapter one process trains (no dropout)."""
+    import subprocess
+    import sys
+
+    common = [sys.executable, "-m", "pypeft", "finetune", *SHORT, "--model", str(tiny_lm), "--data", str(chat_data),
+              "--epochs", "1", "--lr", "1e-2", "--dropout", "0", "--max-train-samples", "24", "--max-test-samples", "6"]
+    runs = {}
+    for n in (1, 2):
+        done = subprocess.run(common + ["--nproc", str(n), "--output", str(tmp_path / f"n{n}")], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = done.stdout
+    assert "2 processes (DDP)" in runs[2] and "(DDP)" not in runs[1]
+    assert runs[2].count("adapter saved to:") == 1  # rank 0 reports
+    one, two = _adapter(tmp_path / "n1"), _adapter(tmp_path / "n2")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
+    assert any(float(t.abs().max()) > 1e-3 for k, t in one.items() if "lora_B" in k)  # it trained
+    s1, s2 = _summary(runs[1]), _summary(runs[2])
+    assert s2["processes"] == 2 and s1["test_size"] == s2["test_size"] == 6
+    assert abs(s1["loss_after"] - s2["loss_after"]) < 1e-3 and s1["exact_match_after"] == s2["exact_match_after"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+    from pypeft.finetune.common import train_loop
+    from pypeft.finetune.parallel import Ranks
+
+    with pytest.raises(pypeft.finetune.UsageError, match="argument --batch-size: expected a multiple of --nproc 2"):
+        train_loop(torch.nn.Linear(2, 2), 10, None, lr=1e-3, epochs=1, batch_size=3, seed=0, label="lora",
+                   progress=False, ranks=Ranks(rank=0, world=2))

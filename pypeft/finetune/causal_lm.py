@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import json
 import math
 import os
 import string
@@ -36,11 +35,12 @@ import pypeft
 from pypeft.finetune import methods
 from pypeft.finetune.chat_data import CHAT, ChatDataset, load_chat_data
 from pypeft.finetune.chat_encoding import ChatFormat, Encoded
-from pypeft.finetune.common import (RECORD_FILE, device_named, first_line, mib, output_dir, peak_rss_bytes,
-                                    quiet_transformers, save_trained, train_loop, write_json)
+from pypeft.finetune.common import (RECORD_FILE, first_line, job_process, memory_figures, print_report_tail,
+                                    quiet_transformers, save_on_main, shared_output_dir, train_loop, write_json)
 from pypeft.finetune.data import stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
 from pypeft.finetune.options import FinetuneOptions, resolved
+from pypeft.finetune.parallel import Ranks
 from pypeft.models.positions import accepts_position_ids
 
 # LoRA on a causal LM: r 16 on every linear layer but the head (QLoRA's
@@ -154,33 +154,35 @@ def normalized(answer: str) -> str:
     return " ".join(answer.strip().strip(string.punctuation + " \n\t").lower().split())
 
 
-def held_out_loss(model, batches: Batches, desc: str, progress: bool) -> float:
+def held_out_loss(model, batches: Batches, desc: str, progress: bool, ranks: Ranks) -> float:
     """Mean negative log-likelihood per learnt token of the held-out examples."""
     model.eval()
-    order = sorted(range(len(batches.encoded)), key=lambda i: len(batches.encoded.prompts[i]))
+    order = ranks.share(sorted(range(len(batches.encoded)), key=lambda i: len(batches.encoded.prompts[i])))
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), EVAL_BATCH), desc=desc, unit="batch", leave=False,
-                          disable=not progress, file=sys.stderr):
+                          disable=not (progress and ranks.main), file=sys.stderr):
             nll, n = batches.loss(model, order[start:start + EVAL_BATCH])
             total, count = total + float(nll), count + n
+    total, count = ranks.total(total, count)
     return total / max(count, 1)
 
 
 def generate_answers(model, batches: Batches, tokenizer, stop_ids: list[int], max_new_tokens: int,
-                     desc: str, progress: bool) -> list[str]:
+                     desc: str, progress: bool, ranks: Ranks | None = None) -> list[str]:
     """The greedy answer to each held-out prompt, decoded without special tokens."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=batches.pad_id,
                               eos_token_id=stop_ids)
     model.eval()
+    ranks = ranks or Ranks()
     prompts = batches.encoded.prompts
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = ranks.share(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
     answers = [""] * len(prompts)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), EVAL_BATCH), desc=desc, unit="batch", leave=False,
-                          disable=not progress, file=sys.stderr):
+                          disable=not (progress and ranks.main), file=sys.stderr):
             indices = order[start:start + EVAL_BATCH]
             batch = batches.inputs([prompts[i] for i in indices])
             batch.pop("position_ids", None)  # generate derives them from the mask, step by step
@@ -189,6 +191,8 @@ def generate_answers(model, batches: Batches, tokenizer, stop_ids: list[int], ma
             for row, i in enumerate(indices):
                 answers[i] = tokenizer.decode(_until_stop(out[row, width:].tolist(), stop_ids),
                                               skip_special_tokens=True)
+    for i, answer in ranks.gathered([(i, answers[i]) for i in order]):
+        answers[i] = answer
     return answers
 
 
@@ -202,12 +206,12 @@ def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 
 
 def evaluate(model, batches: Batches, tokenizer, test: ChatDataset, stop_ids, max_new_tokens, when: str,
-             progress: bool) -> dict:
-    loss = held_out_loss(model, batches, f"test loss {when}", progress)
+             progress: bool, ranks: Ranks) -> dict:
+    loss = held_out_loss(model, batches, f"test loss {when}", progress, ranks)
     result = {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 700)), 3)}
     if test.kind == CHAT:
         answers = generate_answers(model, batches, tokenizer, stop_ids, max_new_tokens, f"generate {when}",
-                                   progress)
+                                   progress, ranks)
         correct = sum(normalized(a) == normalized(e.response) for a, e in zip(answers, test.examples))
         result.update(exact_match=round(correct / len(test), 4), correct=correct, answers=answers)
     return result
@@ -253,26 +257,23 @@ def _split(data: ChatDataset, options: FinetuneOptions):
 
 
 def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
-    out = out or sys.stdout
     started = time.perf_counter()
     per_part = methods.options_per_part(options.method, options.method_options, CAUSAL_METHOD_DEFAULTS)
-    lr = methods.learning_rate(options.method, options.lr, CAUSAL_LR)
     data = load_chat_data(options.data)
-    train_set, test_set, sizes = _split(data, options)
-    device = device_named(options.device)
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-    torch.manual_seed(options.seed)   # the adapter's initial values, dropout masks
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with job_process(options, out) as (ranks, device, out):
+        return _train_and_report(options, out, ranks, device, started, per_part, data)
 
-    tokenizer, model, model_name = load_causal_lm(options.model, options.progress)
+
+def _train_and_report(options, out, ranks, device, started, per_part, data) -> dict:
+    lr = methods.learning_rate(options.method, options.lr, CAUSAL_LR)
+    train_set, test_set, sizes = _split(data, options)
+    tokenizer, model, model_name = load_causal_lm(options.model, options.progress and ranks.main)
     if options.quantize is not None:
         pypeft.quantize(model, options.quantize)  # before patching: adapters wrap the NF4 layers (QLoRA)
     methods.apply(model, options.method, per_part)
     model.to(device)
     trainable, total = pypeft.trainable_parameters(model)
-    output = output_dir(options.output, options.method)
+    output = shared_output_dir(options.output, options.method, ranks)
 
     chat = ChatFormat(tokenizer)
     train_enc, test_enc = chat.encode(train_set, options.max_length), chat.encode(test_set, options.max_length)
@@ -292,38 +293,30 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     learnt = "the answers' tokens" if options.loss_on == "response" and data.kind == CHAT else "every token"
     print(f"method: {methods.describe(per_part)}; {options.epochs} epoch(s), lr {lr:g}, batch {options.batch_size}, "
           f"max length {options.max_length}, loss on {learnt}, device {device}, {torch.get_num_threads()} CPU "
-          "thread(s)", file=out, flush=True)
+          "thread(s)" + (f" per process, {ranks.world} processes (DDP)" if ranks.world > 1 else ""),
+          file=out, flush=True)
 
-    before = evaluate(model, test_batches, tokenizer, test_set, stop_ids, max_new_tokens, "before", options.progress)
+    scored = (tokenizer, test_set, stop_ids, max_new_tokens)
+    before = evaluate(model, test_batches, *scored, "before", options.progress, ranks)
     print("before: " + _scores(before, len(test_set)), file=out, flush=True)
 
+    wrapped = ranks.wrap(model)
+
     def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
-        nll, count = train_batches.loss(model, indices)
-        return nll / max(count, 1), count
+        return train_batches.loss(wrapped, indices)
 
     train_started = time.perf_counter()
     steps, last_loss = train_loop(model, len(train_enc), batch_loss, lr=lr, epochs=options.epochs,
                                   batch_size=options.batch_size, seed=options.seed, label=options.method,
-                                  progress=options.progress)
+                                  progress=options.progress, ranks=ranks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started
 
-    after = evaluate(model, test_batches, tokenizer, test_set, stop_ids, max_new_tokens, "after", options.progress)
+    after = evaluate(model, test_batches, *scored, "after", options.progress, ranks)
     print("after: " + _scores(after, len(test_set)), file=out)
-    samples = []
-    if test_set.kind == CHAT:
-        print("generations (held-out prompts, greedy):", file=out)
-        for n, i in enumerate(_shown(test_set), 1):
-            example = test_set.examples[i]
-            samples.append({"prompt": _clip(example.messages[-1]["content"], 200), "expected": example.response,
-                            "before": before["answers"][i], "after": after["answers"][i]})
-            print(f"  [{n}] {_clip(example.messages[-1]['content'])!r}\n      expected {example.response!r}; "
-                  f"before {_clip(before['answers'][i], 50)!r}; after {_clip(after['answers'][i], 50)!r}",
-                  file=out)
-    saved = save_trained(model, output)
-    rss = peak_rss_bytes()
-    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    samples = _generations(test_set, before, after, out)
+    saved = save_on_main(model, output, ranks)
     summary = {
         "task": options.task, "method": options.method,
         "method_options": per_part if len(per_part) > 1 else next(iter(per_part.values())),
@@ -336,19 +329,29 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         "generations": samples,
         "trainable_params": trainable, "total_params": total,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": mib(rss), "cuda_peak_allocated_mib": mib(cuda_peak), "device": str(device),
+        **memory_figures(device, ranks), "device": str(device),
         "threads": torch.get_num_threads(), "adapter_dir": str(output),
     }
-    write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
-    print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)", file=out)
-    print(f"training time: {train_seconds:.1f} s ({steps} steps; {summary['total_seconds']:.1f} s in all)", file=out)
-    memory = f"peak memory: {mib(rss)} MiB RSS" if rss is not None else "peak memory: RSS not measurable here"
-    if cuda_peak is not None:
-        memory += f", {mib(cuda_peak)} MiB CUDA allocated"
-    print(memory, file=out)
-    print(f"{saved} saved to: {output}", file=out)
-    print(json.dumps(summary), file=out, flush=True)
+    if ranks.main:
+        write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
+    print_report_tail(out, summary, saved)
     return summary
+
+
+def _generations(test: ChatDataset, before: dict, after: dict, out: TextIO) -> list[dict]:
+    """A few held-out prompts with the expected answer and the answers before and after, printed."""
+    if test.kind != CHAT:
+        return []
+    samples = []
+    print("generations (held-out prompts, greedy):", file=out)
+    for n, i in enumerate(_shown(test), 1):
+        example = test.examples[i]
+        prompt = example.messages[-1]["content"]
+        samples.append({"prompt": _clip(prompt, 200), "expected": example.response,
+                        "before": before["answers"][i], "after": after["answers"][i]})
+        print(f"  [{n}] {_clip(prompt)!r}\n      expected {example.response!r}; "
+              f"before {_clip(before['answers'][i], 50)!r}; after {_clip(after['answers'][i], 50)!r}", file=out)
+    return samples
 
 
 def _scores(result: dict, n: int) -> str:

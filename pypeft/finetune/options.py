@@ -65,6 +65,7 @@ class FinetuneOptions:
     quantize: str | None = None           # "nf4": the frozen linear layers in NF4 before patching (QLoRA)
     loss_on: str = "response"             # causal-lm: "response" (the answer's tokens) or "all" tokens
     max_new_tokens: int | None = None     # causal-lm: greedy answer length; None: the longest test answer + 4
+    nproc: int = 1                        # data-parallel processes (parallel.py); under torchrun: its WORLD_SIZE
     method_options: dict = field(default_factory=dict)   # r, alpha, dropout, ...: passed to pypeft.patch
 
 
@@ -102,6 +103,7 @@ def check(options: FinetuneOptions) -> None:
     need(options.quantize in (None,) + QUANTIZE_METHODS, "--quantize", f"one of {list(QUANTIZE_METHODS)}",
          options.quantize)
     need(options.loss_on in LOSS_ON, "--loss-on", f"one of {list(LOSS_ON)}", options.loss_on)
+    need(at_least(options.nproc, 1), "--nproc", "an integer >= 1", options.nproc)
     need(at_least(options.max_new_tokens, 1), "--max-new-tokens", "an integer >= 1", options.max_new_tokens)
     from pypeft.finetune.methods import FULL_FINETUNING, parts
 

