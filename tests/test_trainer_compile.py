@@ -10,8 +10,7 @@ kernels, moved its parameter by a different sign, seen with READ).
 
 Every compile here is an inductor compile of a tiny Llama on the CPU,
 about 10-30 s cold on 2 cores; inductor's on-disk caches (on by default)
-make a rerun much faster. AdapterFusion is left out: it mixes bottleneck
-adapters trained beforehand, and compiles as the bottleneck adapter does."""
+make a rerun much faster."""
 
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import pypeft
+from pypeft.integrations.trainer import adapter_directory
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as T  # noqa: E402
@@ -46,12 +46,15 @@ def run(name: str, out, compiled: bool):
         assert counters["stats"]["unique_graphs"] >= 1  # it did compile
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     after = trainable(model)
-    if pypeft.state_of(model).adapters:  # saved from the model under the compiled wrapper: it loads back
+    if pypeft.state_of(model).adapters:  # saved from under the compiled wrapper: it loads back
         trainer.save_model(str(out / "saved"))
         fresh = T.make("llama")
         if NF4 in RECIPES[name]:
             pypeft.quantize(fresh, "nf4")
-        pypeft.load_adapter(fresh, out / "saved")
+        state = pypeft.state_of(model)
+        for adapter in state.adapters:  # in the order patched: a fusion after the adapters it fuses
+            pypeft.load_adapter(fresh, adapter_directory(out / "saved", adapter), adapter_name=adapter)
+        pypeft.set_adapter(fresh, state.active)
         batch = T.inputs("llama")
         torch.testing.assert_close(T.output(fresh, batch), T.output(model.eval(), batch), atol=1e-6, rtol=1e-5)
     return losses, {k: after[k] - before[k] for k in before}

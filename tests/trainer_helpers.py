@@ -93,6 +93,8 @@ RECIPES = {
     "p_tuning": [dict(method="p_tuning", num_virtual_tokens=3)],
     "prefix_tuning": [dict(method="prefix_tuning", num_virtual_tokens=3)],
     "nf4+lora": [NF4, dict(method="lora", r=4, alpha=8)],
+    "fusion": [dict(method="bottleneck", preset="pfeiffer", adapter_name="a"),
+               dict(method="bottleneck", preset="pfeiffer", adapter_name="b"), dict(method="fusion", adapters=["a", "b"])],
     "two loras": [dict(method="lora", r=4, alpha=8), dict(method="lora", r=2, alpha=4, adapter_name="other")],
 }
 

@@ -17,6 +17,13 @@ what save_pretrained means for every caller and still not make resuming
 work. The mixin composes with other Trainer subclasses (e.g. trl's):
 class MyTrainer(PypeftTrainerMixin, SomeTrainer).
 
+The plain Trainer works on a patched model too, without peft's format: it
+calls the model's own save_pretrained (the whole patched state_dict, under
+pypeft's module names) and resumes with load_state_dict, in place. The
+mixin defers to Trainer on such a checkpoint (no adapter files in it), so
+PypeftTrainer resumes it as well; the plain Trainer cannot resume the
+mixin's adapter-only checkpoints (README, tests/test_trainer_resume.py).
+
 Layout, as peft's PeftModel.save_pretrained: adapter "default" in the
 directory itself, any other adapter in a subdirectory named after it.
 FSDP and DeepSpeed ZeRO-3 (parameters sharded across ranks) are refused at
@@ -33,7 +40,8 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from pypeft.io import CONFIG_NAME, load_adapter_weights, save_adapter
+from pypeft.io import load_adapter_weights, save_adapter
+from pypeft.registry import methods
 from pypeft.state import state_of
 
 DEFAULT_ADAPTER = "default"  # peft's name for the adapter stored in the directory itself
@@ -53,8 +61,13 @@ def save_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[
 
 
 def saved_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
-    """The model's adapters that `directory` holds files for."""
-    return [n for n in state_of(model).adapters if (adapter_directory(directory, n) / CONFIG_NAME).is_file()]
+    """The model's adapters that `directory` holds files for: each one's
+    config file, by its method's name for it (AdapterFusion's is not
+    adapter_config.json: looking for that one only, resuming left a fusion
+    as it was initialised, beside the optimizer state of the trained one)."""
+    state = state_of(model)
+    return [n for n, record in state.adapters.items()
+            if (adapter_directory(directory, n) / methods()[record.config.method].config_name).is_file()]
 
 
 def load_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:

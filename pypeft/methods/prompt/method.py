@@ -186,6 +186,16 @@ class PromptMethodBase(Method):
                          tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
         r = plan.extra
         fmt.check_model(fields, r.token_dim, r.submodules)
+        record = record_of(state) if state is not None else None
+        encoders = record.adapters.encoders if record is not None else {}
+        encoder = encoders[plan.adapter_name] if plan.adapter_name in encoders else None
+        if encoder is not None and not isinstance(encoder, PromptEmbedding):
+            # Copied into the encoder's input embedding, the prompts would be encoded a second time
+            # by weights the files do not hold (peft itself does that when resuming P-tuning).
+            raise ValueError(f"adapter {plan.adapter_name!r} trains {self.name}'s prompt encoder "
+                             f"({type(encoder).__name__}), and peft's format holds only the prompts it computes, "
+                             "not the encoder's weights: they cannot be copied back into it (resuming its training "
+                             "from such files is not possible; pypeft.load_adapter loads them for inference)")
         return {fmt.TENSOR: (plan.config.num_virtual_tokens * r.submodules, r.token_dim)}
 
     def load_tensors(self, model: nn.Module, state: PatchState, plan: Plan,
