@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -45,6 +46,8 @@ from pypeft.registry import methods
 from pypeft.state import state_of
 
 DEFAULT_ADAPTER = "default"  # peft's name for the adapter stored in the directory itself
+TRAINING_STATE_NAME = "pypeft_training_state.safetensors"
+METHOD_PREFIX, HEAD_PREFIX = "method.", "modules_to_save."  # its keys: Method.training_state's, the heads'
 
 
 def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
@@ -53,11 +56,36 @@ def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
 
 
 def save_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Save every adapter of `model` under `directory` (peft's layout); the names saved."""
+    """Save every adapter of `model` under `directory` (peft's layout); the
+    names saved. Beside an adapter whose format does not keep all it trains
+    (Method.training_state: P-tuning's encoder), TRAINING_STATE_NAME holds
+    that, and the trained copies of its modules_to_save, for resuming."""
     state = state_of(model)
-    for name in state.adapters:
-        save_adapter(model, adapter_directory(directory, name), adapter_name=name)
+    for name, record in state.adapters.items():
+        where = adapter_directory(directory, name)
+        save_adapter(model, where, adapter_name=name)
+        extra = methods()[record.config.method].training_state(model, state, name)
+        if extra:
+            tensors = {f"{METHOD_PREFIX}{k}": v for k, v in extra.items()}
+            for module in record.modules_to_save:
+                copy = model.get_submodule(module).copies[name]
+                tensors.update({f"{HEAD_PREFIX}{module}.{k}": v for k, v in copy.state_dict().items()})
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      str(where / TRAINING_STATE_NAME))
     return list(state.adapters)
+
+
+def _load_training_state(model: torch.nn.Module, name: str, path: Path) -> None:
+    state = state_of(model)
+    record = state.adapters[name]
+    tensors = load_file(str(path))
+    own = {k[len(METHOD_PREFIX):]: v for k, v in tensors.items() if k.startswith(METHOD_PREFIX)}
+    with torch.no_grad():
+        methods()[record.config.method].load_training_state(model, state, name, own)
+        for module in record.modules_to_save:
+            prefix = f"{HEAD_PREFIX}{module}."
+            model.get_submodule(module).copies[name].load_state_dict(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def saved_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
@@ -75,7 +103,11 @@ def load_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[
     the same names, in place; the names loaded."""
     names = saved_adapters(model, directory)
     for name in names:
-        load_adapter_weights(model, adapter_directory(directory, name), adapter_name=name)
+        where = adapter_directory(directory, name)
+        if (where / TRAINING_STATE_NAME).is_file():  # all it trains, which its files do not hold
+            _load_training_state(model, name, where / TRAINING_STATE_NAME)
+        else:
+            load_adapter_weights(model, where, adapter_name=name)
     return names
 
 
