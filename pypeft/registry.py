@@ -17,7 +17,9 @@ patch.py and io.py then work through the protocol and name no method:
     disk        recognises() / to_disk() / config_from_disk() /
                 expected_tensors() / load_tensors(): the method's format.
                 io.py reads and writes the two files, checks keys, shapes and
-                dtypes, and writes atomically for every method alike.
+                dtypes, and writes atomically for every method alike;
+                training_state() / load_training_state(): what training
+                needs beyond the format, for resuming (PypeftTrainer).
 
 Per-model state a method keeps (shared matrices, hooks) lives in
 `state.method_states[method.name]`.
@@ -158,6 +160,22 @@ class Method:
                      tensors: dict[str, torch.Tensor]) -> None:
         """Copy the checked tensors into the attached adapter."""
         raise NotImplementedError
+
+    # --- resuming training ---------------------------------------------------------
+    def training_state(self, model: nn.Module, state: PatchState, name: str) -> dict[str, torch.Tensor]:
+        """What adapter `name` trains that its on-disk format does not keep,
+        by keys of the method's choosing (a format that stores what inference
+        computes: peft's P-tuning keeps the prompts, not the encoder that
+        computes them). PypeftTrainer checkpoints it beside the adapter and,
+        resuming, restores it with load_training_state instead of loading the
+        adapter's files. Default: nothing (the format keeps everything)."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, state: PatchState, name: str,
+                            tensors: dict[str, torch.Tensor]) -> None:
+        """Copy training_state()'s tensors back into adapter `name`, in place
+        (the parameters stay the objects an optimizer holds)."""
+        raise NotImplementedError(f"pypeft: method {self.name!r} keeps no training state")
 
 
 _BY_NAME: dict[str, Method] = {}

@@ -1,10 +1,11 @@
 """pypeft under transformers' Trainer (pypeft.PypeftTrainer): checkpoints and
 save_model hold the adapter in peft's format (the real `peft` loads them to
-the same outputs), resuming continues to the same adapter as an unbroken run,
+the same outputs), every adapter saved and resumed (every method: test_trainer_resume.py),
 load_best_model_at_end loads the best checkpoint's adapter, activation
 checkpointing gives the gradients of a run without it (LoRA, prompt tuning,
-TokenTune), torch.compile, Seq2SeqTrainer on T5, and two CPU processes under
-torchrun. Tiny models, a few steps each."""
+TokenTune), Seq2SeqTrainer on T5, and two CPU processes under torchrun.
+Tiny models, a few steps each. torch_compile=True: test_trainer_compile.py;
+the plain transformers.Trainer: test_trainer_resume.py."""
 
 from __future__ import annotations
 
@@ -27,64 +28,8 @@ from pypeft.io import adapter_state_dict
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as T  # noqa: E402
 
-LENGTH = 8
-WHOLE_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
-
-
-def dataset(family: str, n: int = 16, distinct: int = 4, seed: int = 0) -> list[dict]:
-    """n examples cycling through `distinct` sequences (learnable in a few steps)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, T.VOCAB, (distinct, LENGTH), generator=g)
-    rows = []
-    for i in range(n):
-        row = {"input_ids": ids[i % distinct], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
-        if family == "bert":
-            row["labels"] = torch.tensor(i % distinct % 3)
-        elif family == "t5":
-            row["labels"] = ids[(i + 1) % distinct][:5]
-        else:
-            row["labels"] = ids[i % distinct]
-        rows.append(row)
-    return rows
-
-
-def args(out, trainer_class=transformers.TrainingArguments, **kw) -> transformers.TrainingArguments:
-    options = dict(per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, save_strategy="no",
-                   logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                   dataloader_num_workers=0, save_only_model=False)
-    options.update(kw)
-    return trainer_class(str(out), **options)
-
-
-@torch.no_grad()
-def mean_loss(model, rows: list[dict]) -> float:
-    was = model.training
-    model.eval()
-    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    loss = model(**batch).loss.item()
-    model.train(was)
-    return loss
-
-
-def adapter(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in adapter_state_dict(model, "default").items()}
-
-
-def assert_adapter_dir(directory: Path) -> None:
-    files = set(os.listdir(directory))
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
-    assert not files & WHOLE_MODEL_FILES, f"the base weights were saved: {files & WHOLE_MODEL_FILES}"
-
-
-def assert_peft_loads(base, directory: Path, trained, family: str) -> None:
-    """The real peft, and pypeft, load the directory into a fresh copy of the
-    base to the trained model's outputs."""
-    batch = T.inputs(family, length=LENGTH)
-    want = T.output(trained.eval(), batch)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
-    torch.testing.assert_close(T.output(theirs, batch), want, atol=1e-5, rtol=1e-5)
-    ours = pypeft.load_adapter(copy.deepcopy(base), directory)
-    torch.testing.assert_close(T.output(ours, batch), want, atol=1e-6, rtol=1e-6)
+from trainer_helpers import (LENGTH, adapter, args, assert_adapter_dir, assert_peft_loads,  # noqa: E402
+                             dataset, mean_loss)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -110,28 +55,6 @@ def test_lora_trains_and_checkpoints_hold_the_adapter_in_peft_format(tmp_path, f
     trainer.save_model(str(tmp_path / "final"))
     assert_adapter_dir(tmp_path / "final")
     assert all(torch.equal(v, saved[k]) for k, v in load_file(tmp_path / "final" / "adapter_model.safetensors").items())
-
-
-def test_resume_from_checkpoint_reaches_the_adapter_of_an_unbroken_run(tmp_path):
-    base = T.make("llama")
-    data = dataset("llama")
-    unbroken = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
-    pypeft.PypeftTrainer(model=unbroken, args=args(tmp_path / "a", save_strategy="steps", save_steps=2),
-                         train_dataset=data).train()
-    # Another initialisation: what the run ends with must come from the checkpoint.
-    torch.manual_seed(123)
-    resumed = pypeft.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
-    parameters = [p for p in resumed.parameters() if p.requires_grad]
-    trainer = pypeft.PypeftTrainer(model=resumed, args=args(tmp_path / "b"), train_dataset=data)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    assert trainer.state.global_step == 4
-    assert all(p is q for p, q in zip(parameters, [p for p in resumed.parameters() if p.requires_grad]))
-    want, got = adapter(unbroken), adapter(resumed)
-    assert want.keys() == got.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-7, rtol=1e-6, msg=key)
-    at_two = load_file(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")
-    assert any(not torch.equal(at_two[k], got[k]) for k in got)  # it trained on after resuming
 
 
 def test_every_adapter_is_saved_in_peft_layout_and_resumed(tmp_path):
@@ -269,21 +192,6 @@ def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name):
         adapters.append(adapter(model))
     for key in adapters[0]:
         torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-6, rtol=1e-5, msg=key)
-
-
-@pytest.mark.slow
-def test_trainer_with_torch_compile_runs_a_step_with_the_eager_loss(tmp_path):
-    data = dataset("llama", n=4)
-    losses = []
-    for compiled in (False, True):
-        model = pypeft.patch(T.make("llama"), method="lora", r=4, alpha=8)
-        trainer = pypeft.PypeftTrainer(model=model, train_dataset=data,
-                                       args=args(tmp_path / str(compiled), max_steps=1, torch_compile=compiled))
-        trainer.train()
-        losses.append(trainer.state.log_history[0]["loss"])
-        trainer.save_model(str(tmp_path / f"saved-{compiled}"))
-        assert_adapter_dir(tmp_path / f"saved-{compiled}")
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_seq2seq_trainer_on_t5_with_lora(tmp_path):

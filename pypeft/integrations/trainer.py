@@ -17,6 +17,13 @@ what save_pretrained means for every caller and still not make resuming
 work. The mixin composes with other Trainer subclasses (e.g. trl's):
 class MyTrainer(PypeftTrainerMixin, SomeTrainer).
 
+The plain Trainer works on a patched model too, without peft's format: it
+calls the model's own save_pretrained (the whole patched state_dict, under
+pypeft's module names) and resumes with load_state_dict, in place. The
+mixin defers to Trainer on such a checkpoint (no adapter files in it), so
+PypeftTrainer resumes it as well; the plain Trainer cannot resume the
+mixin's adapter-only checkpoints (README, tests/test_trainer_resume.py).
+
 Layout, as peft's PeftModel.save_pretrained: adapter "default" in the
 directory itself, any other adapter in a subdirectory named after it.
 FSDP and DeepSpeed ZeRO-3 (parameters sharded across ranks) are refused at
@@ -29,14 +36,18 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from pypeft.io import CONFIG_NAME, load_adapter_weights, save_adapter
+from pypeft.io import load_adapter_weights, save_adapter
+from pypeft.registry import methods
 from pypeft.state import state_of
 
 DEFAULT_ADAPTER = "default"  # peft's name for the adapter stored in the directory itself
+TRAINING_STATE_NAME = "pypeft_training_state.safetensors"
+METHOD_PREFIX, HEAD_PREFIX = "method.", "modules_to_save."  # its keys: Method.training_state's, the heads'
 
 
 def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
@@ -45,16 +56,46 @@ def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
 
 
 def save_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Save every adapter of `model` under `directory` (peft's layout); the names saved."""
+    """Save every adapter of `model` under `directory` (peft's layout); the
+    names saved. Beside an adapter whose format does not keep all it trains
+    (Method.training_state: P-tuning's encoder), TRAINING_STATE_NAME holds
+    that, and the trained copies of its modules_to_save, for resuming."""
     state = state_of(model)
-    for name in state.adapters:
-        save_adapter(model, adapter_directory(directory, name), adapter_name=name)
+    for name, record in state.adapters.items():
+        where = adapter_directory(directory, name)
+        save_adapter(model, where, adapter_name=name)
+        extra = methods()[record.config.method].training_state(model, state, name)
+        if extra:
+            tensors = {f"{METHOD_PREFIX}{k}": v for k, v in extra.items()}
+            for module in record.modules_to_save:
+                copy = model.get_submodule(module).copies[name]
+                tensors.update({f"{HEAD_PREFIX}{module}.{k}": v for k, v in copy.state_dict().items()})
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      str(where / TRAINING_STATE_NAME))
     return list(state.adapters)
 
 
+def _load_training_state(model: torch.nn.Module, name: str, path: Path) -> None:
+    state = state_of(model)
+    record = state.adapters[name]
+    tensors = load_file(str(path))
+    own = {k[len(METHOD_PREFIX):]: v for k, v in tensors.items() if k.startswith(METHOD_PREFIX)}
+    with torch.no_grad():
+        methods()[record.config.method].load_training_state(model, state, name, own)
+        for module in record.modules_to_save:
+            prefix = f"{HEAD_PREFIX}{module}."
+            model.get_submodule(module).copies[name].load_state_dict(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def saved_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
-    """The model's adapters that `directory` holds files for."""
-    return [n for n in state_of(model).adapters if (adapter_directory(directory, n) / CONFIG_NAME).is_file()]
+    """The model's adapters that `directory` holds files for: each one's
+    config file, by its method's name for it (AdapterFusion's is not
+    adapter_config.json: looking for that one only, resuming left a fusion
+    as it was initialised, beside the optimizer state of the trained one)."""
+    state = state_of(model)
+    return [n for n, record in state.adapters.items()
+            if (adapter_directory(directory, n) / methods()[record.config.method].config_name).is_file()]
 
 
 def load_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[str]:
@@ -62,7 +103,11 @@ def load_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[
     the same names, in place; the names loaded."""
     names = saved_adapters(model, directory)
     for name in names:
-        load_adapter_weights(model, adapter_directory(directory, name), adapter_name=name)
+        where = adapter_directory(directory, name)
+        if (where / TRAINING_STATE_NAME).is_file():  # all it trains, which its files do not hold
+            _load_training_state(model, name, where / TRAINING_STATE_NAME)
+        else:
+            load_adapter_weights(model, where, adapter_name=name)
     return names
 
 

@@ -73,8 +73,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     return _dequantize_8bit_op(codes, absmax, code, blocksize)
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_code_map(device: torch.device) -> torch.Tensor:
+def _build_dynamic_code_map() -> torch.Tensor:
     # bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7,
     # total_bits=8), computed with the same float32 steps so that it is the
     # same 256 values: per exponent i, the midpoints of an even split of
@@ -89,7 +88,19 @@ def _dynamic_code_map(device: torch.device) -> torch.Tensor:
         values += (-(10 ** (-(exponent_bits - 1) + i)) * means).tolist()
     values += [0.0, 1.0]
     values.sort()
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# Built once at import, not on first use: the first use may be inside a
+# torch.compile trace (an NF4 model's forward), where building it (.tolist()
+# of a float tensor) broke the graph at every NF4 layer (seen under
+# Trainer(torch_compile=True)); a traced forward reads this as a constant.
+_CODE_MAP = _build_dynamic_code_map()
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_code_map(device: torch.device) -> torch.Tensor:
+    return _CODE_MAP if device.type == "cpu" else _CODE_MAP.to(device)
 
 
 def dynamic_code_map(device: torch.device | str | None = None) -> torch.Tensor:

@@ -98,17 +98,20 @@ class PrefixEncoders(PypeftLayer):
             return None
         return self.active_adapter
 
-    def lengths(self, batch: int) -> torch.Tensor | None:
-        """Per row, the prefix length this forward uses (None: no prefix anywhere)."""
+    def lengths(self, batch: int) -> tuple[torch.Tensor, bool] | None:
+        """Per row, the prefix length this forward uses, and whether every row
+        has the same (None: no prefix anywhere). The flag is known without
+        reading the tensor: under torch.compile, reading it broke the graph."""
         if self.is_disabled():
             return None
         rows = self.row_adapters()
         if rows is None:
             name = self.active_adapter
-            return None if name is None else torch.full((batch,), self.encoders[name].n, dtype=torch.long)
+            return None if name is None else (torch.full((batch,), self.encoders[name].n, dtype=torch.long), True)
         if all(r is None for r in rows):
             return None
-        return torch.tensor([0 if r is None else self.encoders[r].n for r in rows], dtype=torch.long)
+        lengths = [0 if r is None else self.encoders[r].n for r in rows]
+        return torch.tensor(lengths, dtype=torch.long), len(set(lengths)) == 1
 
     def prefix(self, block: int, batch: int, like: torch.Tensor):
         """(keys, values [batch, heads, m, head_dim], valid [batch, m] bool or None)

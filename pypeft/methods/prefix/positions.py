@@ -46,9 +46,10 @@ class PositionHook:
         if source is None:
             return None
         batch, length = source.shape[0], source.shape[1]
-        offsets = self.owner.lengths(batch)
-        if offsets is None:
+        lengths = self.owner.lengths(batch)
+        if lengths is None:
             return None
+        offsets, uniform = lengths  # uniform: False only in a mixed batch
         current = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if current != self.implementation:
             raise ValueError(f"pypeft prefix tuning: the model's attention implementation is {current!r}, but the "
@@ -60,7 +61,6 @@ class PositionHook:
         if len(args) > 1:
             raise ValueError("pypeft prefix tuning: pass the model's inputs by keyword (input_ids=..., "
                              "attention_mask=...), so that it can shift position_ids past the prefix")
-        uniform = bool((offsets == offsets[0]).all())  # on the CPU: False only in a mixed batch
         offsets = offsets.to(source.device)[:, None]
         if given is not None:
             kwargs["position_ids"] = given + (offsets if given.dim() == 2 else offsets[None])

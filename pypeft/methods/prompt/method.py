@@ -186,12 +186,32 @@ class PromptMethodBase(Method):
                          tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
         r = plan.extra
         fmt.check_model(fields, r.token_dim, r.submodules)
+        record = record_of(state) if state is not None else None
+        encoders = record.adapters.encoders if record is not None else {}
+        encoder = encoders[plan.adapter_name] if plan.adapter_name in encoders else None
+        if encoder is not None and not isinstance(encoder, PromptEmbedding):
+            # Copied into the encoder's input embedding, the prompts would be encoded a second time
+            # by weights the files do not hold (peft itself does that when resuming P-tuning).
+            raise ValueError(f"adapter {plan.adapter_name!r} trains {self.name}'s prompt encoder "
+                             f"({type(encoder).__name__}), and peft's format holds only the prompts it computes, "
+                             "not the encoder's weights: they cannot be copied back into it (pypeft.load_adapter "
+                             "loads them for inference; PypeftTrainer's checkpoints keep the encoder beside them)")
         return {fmt.TENSOR: (plan.config.num_virtual_tokens * r.submodules, r.token_dim)}
 
     def load_tensors(self, model: nn.Module, state: PatchState, plan: Plan,
                      tensors: dict[str, torch.Tensor]) -> None:
         encoder = record_of(state).adapters.encoders[plan.adapter_name]
         encoder.embedding.weight.copy_(tensors[fmt.TENSOR])
+
+    def training_state(self, model: nn.Module, state: PatchState, name: str) -> dict[str, torch.Tensor]:
+        # A prompt encoder (P-tuning's MLP / LSTM) is what trains; the format keeps only its output.
+        encoder = record_of(state).adapters.encoders[name]
+        return {} if isinstance(encoder, PromptEmbedding) else dict(encoder.state_dict())
+
+    def load_training_state(self, model: nn.Module, state: PatchState, name: str,
+                            tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            record_of(state).adapters.encoders[name].load_state_dict(tensors)  # copies in place
 
 
 def _remove(model: nn.Module, record: PromptRecord) -> None:
