@@ -101,6 +101,15 @@ def test_finetune_csv_end_to_end(capsys, tiny_model, csv_data, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4
     labels = json.loads((output / "labels.json").read_text())
     assert labels["id2label"] == {"0": "sport", "1": "tech"}
+    # the class report: its figures agree with the confusion matrix it prints
+    confusion = summary["confusion_after"]
+    assert sum(map(sum, confusion)) == 6 and summary["accuracy_after"] == round((confusion[0][0] + confusion[1][1]) / 6, 4)
+    assert summary["majority_baseline"] == 0.5 and summary["majority_class"] == "sport"
+    assert summary["recall_after"] == {n: round(confusion[c][c] / sum(confusion[c]), 4)
+                                       for c, n in enumerate(["sport", "tech"])}
+    assert "majority-class baseline 0.5000 (always 'sport'" in out and "true \\ predicted" in out
+    assert ("warning: the fine-tuned model does not beat the majority-class baseline" in out) == \
+        (summary["accuracy_after"] <= 0.5) == (not summary["beats_baseline"])
 
 
 def _test_accuracy(model, tiny_model, csv_data) -> float:

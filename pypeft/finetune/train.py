@@ -24,6 +24,7 @@ from pypeft.finetune.common import (RECORD_FILE, first_line, job_process, memory
                                     quiet_transformers, save_on_main, shared_output_dir, train_loop, write_json)
 from pypeft.finetune.data import TextDataset, load_data, stratified_split, stratified_subset
 from pypeft.finetune.errors import UsageError
+from pypeft.finetune.metrics import class_scores, confusion_text
 from pypeft.finetune.options import FinetuneOptions, resolved
 from pypeft.finetune.parallel import Ranks
 
@@ -179,23 +180,32 @@ class Encoded:
         return input_ids.to(device), mask.to(device), self.labels[indices].to(device)
 
 
-def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool,
-             ranks: Ranks | None = None) -> int:
-    """Number of test examples classified correctly (with several ranks, each
-    scores every world-th example and the counts are summed)."""
+def predict(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool,
+            ranks: Ranks | None = None) -> list[int]:
+    """The predicted class of every test example, in order (with several
+    ranks, each predicts every world-th example and they are gathered)."""
     ranks = ranks or Ranks()
     model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))  # little padding
-    order = ranks.share(order)
+    order = ranks.share(sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i])))  # little padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    correct = 0
+    found = []
     with torch.inference_mode():
         for indices in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and ranks.main),
                             file=sys.stderr):
-            input_ids, mask, labels = encoded.batch(indices, device)
+            input_ids, mask, _ = encoded.batch(indices, device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits
-            correct += int((logits.argmax(-1) == labels).sum())
-    return int(ranks.total(correct)[0])
+            found += zip(indices, logits.argmax(-1).tolist())
+    predicted = [0] * len(encoded)
+    for i, label in ranks.gathered(found):
+        predicted[i] = label
+    return predicted
+
+
+def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, desc: str, progress: bool,
+             ranks: Ranks | None = None) -> int:
+    """Number of test examples classified correctly."""
+    predicted = predict(model, encoded, device, batch_size, desc, progress, ranks)
+    return sum(p == t for p, t in zip(predicted, encoded.labels.tolist()))
 
 
 def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions, ranks: Ranks | None = None,
@@ -212,6 +222,24 @@ def train(model, encoded: Encoded, device: torch.device, options: FinetuneOption
     return train_loop(model, len(encoded), batch_loss, lr=methods.learning_rate(options.method, options.lr),
                       epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
                       label=options.method, progress=options.progress, ranks=ranks)
+
+
+def _accuracy(scores, truth: list[int]) -> str:
+    return f"{scores.accuracy:.4f} ({round(scores.accuracy * len(truth))}/{len(truth)})"
+
+
+def _print_class_report(out: TextIO, before, after, truth: list[int], names: list[str]) -> None:
+    """Accuracy beside what it must beat, macro-F1, per-class recall and the
+    confusion matrix: accuracy alone hides a model that predicts one class."""
+    print(f"test accuracy after: {_accuracy(after, truth)}; macro-F1 {after.macro_f1:.4f}; majority-class "
+          f"baseline {after.baseline:.4f} (always {names[after.baseline_class]!r}, the training split's most "
+          "frequent class)", file=out)
+    print("per-class recall after: " + ", ".join(f"{n} {r:.2f}" for n, r in zip(names, after.recall)), file=out)
+    print(confusion_text(after.confusion, names), file=out)
+    if not after.beats_baseline:
+        print(f"warning: the fine-tuned model does not beat the majority-class baseline ({after.accuracy:.4f} <= "
+              f"{after.baseline:.4f}): it has learnt nothing usable about the classes (try more epochs, another "
+              "--lr, more data)", file=out)
 
 
 def _linear_weight_bytes(model) -> int:
@@ -284,9 +312,11 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
     encoded_train = Encoded(tokenizer, train_set, options.max_length)
     encoded_test = Encoded(tokenizer, test_set, options.max_length)
     eval_batch = 2 * options.batch_size
-    correct_before = evaluate(model, encoded_test, device, eval_batch, "test before", options.progress, ranks)
-    print(f"test accuracy before: {correct_before / len(test_set):.4f} ({correct_before}/{len(test_set)})",
-          file=out, flush=True)
+    truth = encoded_test.labels.tolist()
+    n_classes = len(data.label_names)
+    before = class_scores(truth, predict(model, encoded_test, device, eval_batch, "test before", options.progress,
+                                         ranks), n_classes, train_set.labels)
+    print(f"test accuracy before: {_accuracy(before, truth)}; macro-F1 {before.macro_f1:.4f}", file=out, flush=True)
 
     train_started = time.perf_counter()
     steps, last_loss = train(model, encoded_train, device, options, ranks, ranks.wrap(model))
@@ -294,7 +324,8 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started
 
-    correct_after = evaluate(model, encoded_test, device, eval_batch, "test after", options.progress, ranks)
+    after = class_scores(truth, predict(model, encoded_test, device, eval_batch, "test after", options.progress,
+                                        ranks), n_classes, train_set.labels)
     saved = save_on_main(model, output, ranks)
     summary = {
         "task": options.task,
@@ -310,8 +341,15 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
         "lr": lr,
         "steps": steps,
         "final_train_loss": round(last_loss, 4),
-        "accuracy_before": round(correct_before / len(test_set), 4),
-        "accuracy_after": round(correct_after / len(test_set), 4),
+        "accuracy_before": round(before.accuracy, 4),
+        "accuracy_after": round(after.accuracy, 4),
+        "macro_f1_before": round(before.macro_f1, 4),
+        "macro_f1_after": round(after.macro_f1, 4),
+        "majority_baseline": round(after.baseline, 4),
+        "majority_class": data.label_names[after.baseline_class],
+        "beats_baseline": after.beats_baseline,
+        "recall_after": {name: round(r, 4) for name, r in zip(data.label_names, after.recall)},
+        "confusion_after": after.confusion,
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": round(train_seconds, 1),
@@ -325,6 +363,6 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
         write_json(output / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(data.label_names)},
                                            "label2id": {n: i for i, n in enumerate(data.label_names)}})
         write_json(output / RECORD_FILE, {"options": asdict(options), "results": summary})
-    print(f"test accuracy after: {correct_after / len(test_set):.4f} ({correct_after}/{len(test_set)})", file=out)
+    _print_class_report(out, before, after, truth, data.label_names)
     print_report_tail(out, summary, saved)
     return summary
