@@ -4,7 +4,8 @@ a MiniLM-shaped BERT classifier; and TokenTune + LoRA(all-linear) against
 LoRA(all-linear) alone.
 
 Figures: saved-activation bytes per forward, train-step time (candidates
-alternated in one process, medians), peak process memory (one fresh
+alternated in one process; medians, and ratios as the median of the ratio
+within each round, which a shared machine's slow spells do not move), peak process memory (one fresh
 subprocess per configuration: build, then train `--steps` steps), and a sweep
 of the fraction of tokens (1/16 ... 1) for TokenTune alone and with LoRA,
 plotted to benchmarks/tokentune_fraction.png.
@@ -19,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -26,8 +28,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (DTYPES, add_device_options, alternate_timings, classification_batch,  # noqa: E402
-                    machine_description, minilm_shaped, peak_resident_bytes, saved_activation_bytes, train_step)
+from common import (DTYPES, add_device_options, alternate_samples, classification_batch,  # noqa: E402
+                    machine_description, minilm_shaped, paired_ratio, peak_resident_bytes, saved_activation_bytes,
+                    train_step)
 from two_stream_bert import two_stream_loss  # noqa: E402
 
 import pypeft  # noqa: E402
@@ -87,8 +90,12 @@ def measure(names, args, k, rounds):
             forwards[name] = (lambda m: (lambda: m(**batch).loss))(model)
         models[name] = model
     saved = {n: saved_activation_bytes(forwards[n], list(models[n].parameters())) for n in names}
-    times = alternate_timings(steps, device, rounds) if rounds else {}
-    return saved, times
+    samples = alternate_samples(steps, device, rounds) if rounds else {}
+    return saved, samples
+
+
+def medians(samples: dict) -> dict:
+    return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def peak_rss(name: str, args) -> int:
@@ -131,8 +138,8 @@ def sweep(args):
     rows = []
     for f in FRACTIONS:
         k = max(1, round(f * args.seq))
-        saved, times = measure(["tokentune", "tokentune+lora"], args, k, args.sweep_rounds)
-        rows.append({"fraction": f, "k": k, "saved_bytes": saved, "step_s": times})
+        saved, samples = measure(["tokentune", "tokentune+lora"], args, k, args.sweep_rounds)
+        rows.append({"fraction": f, "k": k, "saved_bytes": saved, "step_s": medians(samples)})
     return rows
 
 
@@ -186,7 +193,12 @@ def main(argv=None):
         return None
 
     names = ["full_finetuning", "two_stream", "tokentune", "lora", "tokentune+lora"]
-    saved, times = measure(names, args, args.k, args.rounds)
+    saved, samples = measure(names, args, args.k, args.rounds)
+    times = medians(samples)
+
+    def ratio(a, b):  # the median of the per-round ratios: slow spells of a shared machine cancel out
+        return paired_ratio(samples, a, b)
+
     result = {
         "benchmark": "tokentune", "date": datetime.date.today().isoformat(),
         "machine": machine_description(torch.device(args.device)), "torch": torch.__version__,
@@ -199,10 +211,10 @@ def main(argv=None):
             "saved_two_stream_vs_full": saved["two_stream"] / saved["full_finetuning"],
             "saved_tokentune_vs_two_stream": saved["tokentune"] / saved["two_stream"],
             "saved_tokentune_lora_vs_lora": saved["tokentune+lora"] / saved["lora"],
-            "step_tokentune_vs_full": times["tokentune"] / times["full_finetuning"],
-            "step_two_stream_vs_full": times["two_stream"] / times["full_finetuning"],
-            "step_tokentune_vs_two_stream": times["tokentune"] / times["two_stream"],
-            "step_tokentune_lora_vs_lora": times["tokentune+lora"] / times["lora"],
+            "step_tokentune_vs_full": ratio("tokentune", "full_finetuning"),
+            "step_two_stream_vs_full": ratio("two_stream", "full_finetuning"),
+            "step_tokentune_vs_two_stream": ratio("tokentune", "two_stream"),
+            "step_tokentune_lora_vs_lora": ratio("tokentune+lora", "lora"),
         },
     }
     if not args.no_rss and args.device == "cpu":  # peak RSS means something on the CPU only

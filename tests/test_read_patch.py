@@ -125,12 +125,7 @@ def test_a_subset_of_layers_matches_reference():
 def test_patched_model_starts_equal_to_base(family, rnn):
     base, model, batch = tm.make(family), patched(family, rnn=rnn, hidden=16), tm.inputs(family)
     torch.testing.assert_close(tm.output(model, batch), tm.output(base, batch), rtol=0, atol=0)
-    base.train(), model.train()
-    torch.manual_seed(7)
-    train_base = base(**batch).logits
-    torch.manual_seed(7)
-    train_model = model(**batch).logits
-    torch.testing.assert_close(train_model, train_base.detach(), rtol=0, atol=0)  # same dropout draws
+    # In training mode the backbone's dropout masks are the counter hash's (test_read_dropout.py).
 
 
 @pytest.mark.parametrize("family", list(STACKS))

@@ -405,6 +405,26 @@ def test_saved_activations_scale_with_k(family):
     assert few < 0.45 * full, (few, full)
 
 
+def test_the_pooler_keeps_its_rows_not_the_whole_hidden_state():
+    """BERT's pooler reads hidden[:, 0], a view of every token's final hidden
+    state; saved as it is, it would keep all of that alive for backward."""
+    model = tm.make("bert").train()
+    pypeft.patch(model, method="tokentune", k=2)
+    batch = tm.labels_for("bert", tm.inputs("bert", batch=2, length=16))
+    with saved_tensors.saved(exclude=model.parameters()) as record:
+        handles = [model.bert.pooler.register_forward_pre_hook(lambda m, a: record.tensors.clear()),
+                   model.bert.pooler.register_forward_hook(lambda m, a, out: record.tensors.append(None))]
+        try:
+            model(**batch).loss
+        finally:
+            for h in handles:
+                h.remove()
+    inside = record.tensors[:record.tensors.index(None)]  # what the pooler saved
+    assert inside, "the pooler saved nothing"
+    for t in inside:
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size(), (tuple(t.shape), t.untyped_storage().nbytes())
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_compiled_model_with_a_seeded_random_selection_gives_the_same_gradients(family):
     """The random selector (a seeded generator) under torch.compile: its draw

@@ -49,7 +49,7 @@ class ReadMethod(Method):
         record.adapters.add_adapter(plan.adapter_name, plan.config, layers, read.network_dtype(model), like.device)
 
     def detach(self, model: nn.Module, state: PatchState) -> None:
-        read.detach(state.method_states.pop(self.name))
+        read.detach(model, state.method_states.pop(self.name))
 
     # --- disk ----------------------------------------------------------------------
     def recognises(self, fields: dict) -> bool:

@@ -19,6 +19,10 @@ Llama's decoder after their final norm, and T5's *decoder* (after its final
 norm and dropout), with its RNN over the decoder's layers; T5's encoder also
 runs under no_grad and gets no correction, so no backward crosses either
 frozen stack.
+
+The frozen stacks' dropout (training mode) draws its masks with pypeft's
+counter hash instead of torch's Bernoulli RNG, which is most of a CPU
+forward's time in train mode (dropout.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pypeft.layer import PerThread, PypeftLayer
+from pypeft.methods.read import dropout as counter_hash
 from pypeft.methods.read.config import RNN_TYPES, ReadConfig
 from pypeft.models.layer_stacks import LayerStack, final_stack
 from pypeft.ops.recurrent_scan import recurrent_scan
@@ -179,6 +184,8 @@ class ReadRecord:
     adapters: ReadAdapters
     no_grad_stacks: list[LayerStack]
     hooks: list
+    dropouts: list[nn.Module]  # the stacks' dropouts given the counter-hash mask (dropout.py)
+    attn_implementation: str | None  # the model's before READ wrapped it (dropout.py), else None
 
 
 def width_of(model: nn.Module, stack: LayerStack) -> int:
@@ -237,15 +244,20 @@ def attach(model: nn.Module, stack: LayerStack) -> ReadRecord:
     _run_under_no_grad(stack.module, adapters)
     for other in others:
         _run_under_no_grad(other.module, None)
-    return ReadRecord(stack, adapters, others, hooks)
+    # The frozen stacks draw their dropout masks with the counter hash (dropout.py).
+    dropouts = counter_hash.swap_dropouts([s.module for s in (stack, *others)])
+    attn_implementation = counter_hash.use_counter_hash_attention(model)
+    return ReadRecord(stack, adapters, others, hooks, dropouts, attn_implementation)
 
 
-def detach(record: ReadRecord) -> None:
+def detach(model: nn.Module, record: ReadRecord) -> None:
     for hook in record.hooks:
         hook.remove()
     for s in (record.stack, *record.no_grad_stacks):
         s.module.__dict__.pop("forward", None)
     delattr(record.stack.module, ATTR)
+    counter_hash.unswap_dropouts(record.dropouts)
+    counter_hash.restore_attention(model, record.attn_implementation)
 
 
 def network_dtype(model: nn.Module) -> torch.dtype:

@@ -35,11 +35,23 @@ def _dropout_seed(p: float, x: torch.Tensor) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (), device=x.device) if p > 0.0 else None
 
 
+def _own_storage(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x, copied when a selection is active and x is a slice of a much larger
+    tensor: autograd saves a linear layer's input, and a slice keeps its whole
+    storage alive (BERT's pooler reads hidden[:, 0], a view of the final
+    hidden state of every token, which TokenTune otherwise does not keep)."""
+    if getattr(module, TOKENS_ATTR).positions is None or not torch.is_grad_enabled():
+        return x
+    if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
+
+
 class TokenSubsetLinear:
     def forward(self, x):
         pos = _positions(self, x)
         if pos is None:
-            return super().forward(x)
+            return super().forward(_own_storage(self, x))
         weight, bias, base = frozen_operands(self, x)
         return ops.token_subset_linear(x, weight, bias, pos, **base)
 
