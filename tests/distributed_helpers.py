@@ -165,6 +165,10 @@ FAMILY_CASES = {
 }
 # (family, case) for the tests' parametrize: ids read "llama-lora".
 FAMILY_CASE_PAIRS = [(family, case) for family, cases in FAMILY_CASES.items() for case in cases]
+# The default test run (CI) starts one pair of processes per test file: the BERT classifier's, which runs every
+# method; the decoder and encoder-decoder families' pairs run with -m slow.
+FAMILY_CASE_PARAMS = [pytest.param(family, case, marks=() if family == FAMILY else pytest.mark.slow)
+                      for family, case in FAMILY_CASE_PAIRS]
 
 
 def build(case: str, tokentune_seed: int | None = None, randomise_seed: int = 3, family: str = FAMILY):

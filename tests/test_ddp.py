@@ -63,8 +63,7 @@ def ddp_results(ddp_runs):
     return ddp_runs(D.FAMILY)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PAIRS)
+@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PARAMS)
 def test_ddp_gradients_equal_one_process_over_the_union_batch(ddp_runs, family, case):
     expected = D.reference_grads(case, family)
     assert expected and any(g.abs().sum() > 0 for g in expected.values())

@@ -130,8 +130,7 @@ def fsdp_results(fsdp_runs):
     return fsdp_runs(D.FAMILY)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PAIRS)
+@pytest.mark.parametrize("family, case", D.FAMILY_CASE_PARAMS)
 def test_fsdp2_gradients_equal_one_process_over_the_union_batch(fsdp_runs, family, case):
     _, results = fsdp_runs(family)
     expected = D.reference_grads(case, family)
