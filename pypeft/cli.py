@@ -201,12 +201,47 @@ def _add_finetune(commands) -> None:
     p.set_defaults(handler=_finetune, parser=p)
 
 
+def _add_bench(commands) -> None:
+    from pypeft.bench.runs import QUICK, RUNS
+
+    p = commands.add_parser(
+        "bench", help="every method side by side on one task: a report with plots",
+        description="Fine-tune with each method (the main job, each in a fresh process) on the same task and "
+                    "write a report folder: report.md (test accuracy, macro-F1, peak RSS, saved activations a step, "
+                    "step and training time, trainable parameters, size on disk, each also as a ratio to full "
+                    "fine-tuning), report.json, and PNG plots (accuracy against memory, training time and saved "
+                    "activations with the Pareto front; a confusion matrix per method). A method that fails is "
+                    "reported in its row. Runs: " + ", ".join(RUNS) + ".")
+    p.add_argument("--methods", default="all", metavar="all|M,M,...", help="which runs (default: all)")
+    p.add_argument("--model", metavar="DIR", default=None, help="local model directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--data", default="bbc", metavar="bbc|FILE", help="as pypeft finetune's --data (default: bbc)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes on 2 CPU cores: " + " ".join(QUICK) + " (the default run is the honest one)")
+    p.add_argument("--output", metavar="DIR", default=None,
+                   help="the report folder (default: ./pypeft-output/bench-<timestamp>)")
+    p.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                   help="stop a run after S seconds and report it as failed (default: none)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N", help="CPU threads of each run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(handler=_bench, parser=p)
+
+
+def _bench(args) -> int:
+    from pypeft.bench.command import run
+
+    run(methods=args.methods, model=args.model, data=args.data, quick=args.quick, output=args.output,
+        timeout=args.timeout, progress=args.progress,
+        extra=["--threads", str(args.threads)] if args.threads else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pypeft", description="Parameter-efficient fine-tuning as native PyTorch ops.")
     from pypeft import __version__
     parser.add_argument("--version", action="version", version=f"pypeft {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_finetune(commands)
+    _add_bench(commands)
     return parser
 
 

@@ -345,9 +345,10 @@ def _train_and_report(options, out, ranks, device, started, per_part, data) -> d
         return train_batches.loss(wrapped, indices)
 
     train_started = time.perf_counter()
+    measured: dict = {}
     steps, last_loss = train_loop(model, len(train_enc), batch_loss, lr=lr, epochs=options.epochs,
                                   batch_size=options.batch_size, seed=options.seed, label=options.method,
-                                  progress=options.progress, ranks=ranks)
+                                  progress=options.progress, ranks=ranks, measured=measured)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started
@@ -367,7 +368,8 @@ def _train_and_report(options, out, ranks, device, started, per_part, data) -> d
            for k in ("exact_match", "loss", "perplexity") if k in r},
         "generations": samples,
         "trainable_params": trainable, "total_params": total,
-        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - started, 1),
+        "saved_activation_bytes": measured.get("saved_bytes"),  # the first step's, this process's share
         **memory_figures(device, ranks), "device": str(device),
         "threads": torch.get_num_threads(), "adapter_dir": str(output),
     }

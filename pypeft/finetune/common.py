@@ -119,9 +119,38 @@ def save_trained(model, output: Path) -> str:
     return "model"
 
 
+class SavedBytes:
+    """Bytes of the distinct non-parameter storages autograd saves for
+    backward while the context is open: a step's saved activations (what
+    TokenTune and READ cut), whatever the method."""
+
+    def __init__(self, model):
+        self.known = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self.seen: dict[int, int] = {}
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.known:
+            self.seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
 def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]], *,
                lr: float, epochs: int, batch_size: int, seed: int, label: str, progress: bool,
-               ranks: Ranks | None = None) -> tuple[int, float]:
+               ranks: Ranks | None = None, measured: dict | None = None) -> tuple[int, float]:
     """AdamW on the trainable parameters (weight decay 0.01, gradients clipped
     to norm 1), linear warm-up over 10% of the steps then linear decay, the
     examples shuffled each epoch with `seed`.
@@ -134,7 +163,8 @@ def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[t
     the world size, which DDP's gradient average undoes: the gradients are one
     process's over the whole batch. Each epoch drops the last few examples
     that would leave a rank without a share. Returns (steps, the last
-    epoch's mean loss)."""
+    epoch's mean loss). `measured`, when given, receives the bytes the first
+    step saved for backward ("saved_bytes", this rank's share of the batch)."""
     ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -162,7 +192,11 @@ def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[t
             order = torch.randperm(n_examples, generator=generator).tolist()[:usable]
             loss_sum, seen = 0.0, 0
             for start in range(0, len(order), batch_size):
-                summed, count = batch_loss(ranks.share(order[start:start + batch_size]))
+                first = measured is not None and "saved_bytes" not in measured
+                with SavedBytes(model) if first else contextlib.nullcontext() as saved:
+                    summed, count = batch_loss(ranks.share(order[start:start + batch_size]))
+                if first:
+                    measured["saved_bytes"] = saved.total
                 batch_sum, batch_count = ranks.total(float(summed.detach()), count)
                 optimizer.zero_grad(set_to_none=True)
                 (summed * (ranks.world / max(batch_count, 1))).backward()

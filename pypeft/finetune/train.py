@@ -209,7 +209,7 @@ def evaluate(model, encoded: Encoded, device: torch.device, batch_size: int, des
 
 
 def train(model, encoded: Encoded, device: torch.device, options: FinetuneOptions, ranks: Ranks | None = None,
-          wrapped=None) -> tuple[int, float]:
+          wrapped=None, measured: dict | None = None) -> tuple[int, float]:
     """The shared training loop (common.train_loop) on cross-entropy over the
     classes; `wrapped` (the DDP wrapper, when several ranks) runs the forward."""
     forward = wrapped or model
@@ -221,7 +221,7 @@ def train(model, encoded: Encoded, device: torch.device, options: FinetuneOption
 
     return train_loop(model, len(encoded), batch_loss, lr=methods.learning_rate(options.method, options.lr),
                       epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
-                      label=options.method, progress=options.progress, ranks=ranks)
+                      label=options.method, progress=options.progress, ranks=ranks, measured=measured)
 
 
 def _accuracy(scores, truth: list[int]) -> str:
@@ -319,7 +319,8 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
     print(f"test accuracy before: {_accuracy(before, truth)}; macro-F1 {before.macro_f1:.4f}", file=out, flush=True)
 
     train_started = time.perf_counter()
-    steps, last_loss = train(model, encoded_train, device, options, ranks, ranks.wrap(model))
+    measured: dict = {}
+    steps, last_loss = train(model, encoded_train, device, options, ranks, ranks.wrap(model), measured)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started
@@ -352,8 +353,9 @@ def _train_and_report(options, out, ranks, device, started, model_dir, data, siz
         "confusion_after": after.confusion,
         "trainable_params": trainable,
         "total_params": total,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 1),
+        "saved_activation_bytes": measured.get("saved_bytes"),  # the first step's, this process's share
         **memory_figures(device, ranks),
         "device": str(device),
         "threads": torch.get_num_threads(),
