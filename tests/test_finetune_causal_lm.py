@@ -331,6 +331,22 @@ def test_plain_text_data_reports_loss_only(capsys, tiny_lm, tmp_path):
     assert "loss on every token" in out
 
 
+def test_test_data_file_for_the_causal_lm(capsys, tiny_lm, chat_data, tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(json.dumps({"prompt": f"which topic is this ? {t}", "response": topic})
+                              for topic, t in _rows(7, 5)) + "\n")
+    code, out, err = _run(capsys, "finetune", *SHORT, "--model", str(tiny_lm), "--data", str(chat_data),
+                          "--test-data", str(held), "--epochs", "1", "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    s = _summary(out)
+    assert s["train_size"] == 60 and s["test_size"] == 7 and f"(test: {held})" in out
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "ball goal"}) + "\n")
+    code, out, err = _run(capsys, "finetune", *SHORT, "--model", str(tiny_lm), "--data", str(chat_data),
+                          "--test-data", str(text))
+    assert code == 2 and "holds text examples, the training data chat ones" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "lora+lora"], "expected each method once"),
     (["--method", "full+lora"], "'full' (every weight trains) composes with nothing"),

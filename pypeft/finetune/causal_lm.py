@@ -286,13 +286,25 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
 
 
 def _split(data: ChatDataset, options: FinetuneOptions):
+    """(train, test, a line saying their sizes): a held-out fraction of `data`
+    (stratified by BBC category), or all of it against --test-data."""
     groups = [e.group for e in data.examples]
-    train_all, test_all = stratified_split(groups, options.test_fraction, options.seed)
+    if options.test_data is not None:
+        test = load_chat_data(options.test_data)
+        if test.kind != data.kind:
+            raise UsageError(f"argument --test-data: {options.test_data} holds {test.kind} examples, the training "
+                             f"data {data.kind} ones")
+        train_all, test_all = list(range(len(data))), list(range(len(test)))
+    else:
+        test = data
+        train_all, test_all = stratified_split(groups, options.test_fraction, options.seed)
     train_idx = stratified_subset(train_all, groups, options.max_train_samples, options.seed)
-    test_idx = stratified_subset(test_all, groups, options.max_test_samples, options.seed)
+    test_idx = stratified_subset(test_all, [e.group for e in test.examples], options.max_test_samples, options.seed)
     sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
                       for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
-    return data.subset(train_idx), data.subset(test_idx), sizes
+    if options.test_data is not None:
+        sizes += f" (test: {options.test_data})"
+    return data.subset(train_idx), test.subset(test_idx), sizes
 
 
 def _run(options: FinetuneOptions, out: TextIO | None) -> dict:

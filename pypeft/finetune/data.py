@@ -154,8 +154,10 @@ def _json_rows(path: Path, text: str):
         yield where, row, list(row)
 
 
-def load_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """Rows of a CSV/TSV, JSONL or JSON file with a text and a label column."""
+def load_table(path: str | Path, text_column: str = "text", label_column: str = "label",
+               min_classes: int = 2) -> TextDataset:
+    """Rows of a CSV/TSV, JSONL or JSON file with a text and a label column
+    (at least min_classes classes: 2 to train on, 1 to test on)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -191,17 +193,18 @@ def load_table(path: str | Path, text_column: str = "text", label_column: str = 
     if not texts:
         raise UsageError(f"{path}: no rows of data")
     names = sorted(set(keys), key=int) if all(_is_int(k) for k in keys) else sorted(set(keys))
-    if len(names) < 2:
+    if len(names) < min_classes:
         raise UsageError(f"{path}: every row has label {names[0]!r}; a classifier needs at least 2 classes")
     index = {name: i for i, name in enumerate(names)}
     return TextDataset(texts, [index[k] for k in keys], names, str(path))
 
 
-def load_data(spec: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
+def load_data(spec: str, text_column: str = "text", label_column: str = "label",
+              min_classes: int = 2) -> TextDataset:
     """`spec` is "bbc" or the path of a CSV/TSV/JSONL/JSON file."""
     if spec == BBC:
         return load_bbc()
-    return load_table(spec, text_column, label_column)
+    return load_table(spec, text_column, label_column, min_classes)
 
 
 def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

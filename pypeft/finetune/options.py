@@ -52,6 +52,7 @@ class FinetuneOptions:
     text_column: str = "text"             # classify: the columns of a CSV/JSONL file
     label_column: str = "label"
     test_fraction: float = 0.2
+    test_data: str | None = None          # a file to test on instead of a held-out fraction of `data`
     max_train_samples: int | None = None  # train on at most this many (a stratified subset of the train split)
     max_test_samples: int | None = None   # evaluate on at most this many (a stratified subset of the test split)
     epochs: int | None = None             # None: the task's default (TASK_DEFAULTS)

@@ -269,17 +269,44 @@ def run(options: FinetuneOptions, out: TextIO | None = None) -> dict:
         torch.set_num_threads(threads)
 
 
+def _sizes(parts) -> str:
+    return ", ".join(f"{name} {kept}" + (f" of {whole}" if kept < whole else "") for name, kept, whole in parts)
+
+
+def _relabelled(test: TextDataset, names: list[str], path: str) -> TextDataset:
+    """`test` with its labels as ids of the training data's classes (matched by name)."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({test.label_names[label] for label in test.labels} - set(index))
+    if unknown:
+        raise UsageError(f"argument --test-data: {path}: label {unknown[0]!r} is not among the training data's "
+                         f"classes {names}")
+    return TextDataset(test.texts, [index[test.label_names[label]] for label in test.labels], names, path)
+
+
+def _split(data: TextDataset, options: FinetuneOptions) -> tuple[TextDataset, TextDataset, str]:
+    """(train, test, a line saying their sizes): a held-out stratified fraction
+    of `data`, or all of it against --test-data; each cut to --max-*-samples."""
+    if options.test_data is not None:
+        test = _relabelled(load_data(options.test_data, options.text_column, options.label_column, min_classes=1),
+                           data.label_names, options.test_data)
+        train_all, test_all = list(range(len(data))), list(range(len(test)))
+    else:
+        test = data
+        train_all, test_all = stratified_split(data.labels, options.test_fraction, options.seed)
+    # Subsets of the split, never a new split: the test texts stay unseen in training.
+    train_idx = stratified_subset(train_all, data.labels, options.max_train_samples, options.seed)
+    test_idx = stratified_subset(test_all, test.labels, options.max_test_samples, options.seed)
+    sizes = _sizes((("train", len(train_idx), len(train_all)), ("test", len(test_idx), len(test_all))))
+    if options.test_data is not None:
+        sizes += f" (test: {options.test_data})"
+    return data.subset(train_idx), test.subset(test_idx), sizes
+
+
 def _run(options: FinetuneOptions, out: TextIO | None) -> dict:
     started = time.perf_counter()
     model_dir = _model_dir(options.model)
     data = load_data(options.data, options.text_column, options.label_column)
-    train_all, test_all = stratified_split(data.labels, options.test_fraction, options.seed)
-    # Subsets of the split, never a new split: the test texts stay unseen in training.
-    train_idx = stratified_subset(train_all, data.labels, options.max_train_samples, options.seed)
-    test_idx = stratified_subset(test_all, data.labels, options.max_test_samples, options.seed)
-    sizes = ", ".join(f"{name} {len(kept)}" + (f" of {len(whole)}" if len(kept) < len(whole) else "")
-                      for name, kept, whole in (("train", train_idx, train_all), ("test", test_idx, test_all)))
-    train_set, test_set = data.subset(train_idx), data.subset(test_idx)
+    train_set, test_set, sizes = _split(data, options)
     with job_process(options, out) as (ranks, device, out):
         return _train_and_report(options, out, ranks, device, started, model_dir, data, sizes, train_set, test_set)
 
