@@ -377,8 +377,9 @@ def test_two_processes_train_the_adapter_of_one(tiny_lm, chat_data, tmp_path):
               "--epochs", "1", "--lr", "1e-2", "--dropout", "0", "--max-train-samples", "24", "--max-test-samples", "6"]
     runs = {}
     for n in (1, 2):
+        # From tmp_path: the installed pypeft in every process, not the source tree (CI's holds no built _C).
         done = subprocess.run(common + ["--nproc", str(n), "--output", str(tmp_path / f"n{n}")], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[n] = done.stdout
     assert "2 processes (DDP)" in runs[2] and "(DDP)" not in runs[1]

@@ -36,6 +36,8 @@ def run(methods: str = "all", model: str | None = None, data: str = "bbc", quick
     out = out or sys.stdout
     labels = chosen(methods)
     folder = output_dir(output, "bench")
+    model = str(Path(model).resolve()) if model else None
+    data = str(Path(data).resolve()) if data != "bbc" else data  # the runs start in the report folder
     common = [*(["--model", model] if model else []), "--data", data, *(QUICK if quick else []), *(extra or [])]
     runs = []
     with tqdm(labels, desc="pypeft bench", unit="run", disable=not progress, file=sys.stderr) as bar:

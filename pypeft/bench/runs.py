@@ -75,7 +75,10 @@ def run_one(label: str, out_dir: Path, common: list[str], timeout: float | None)
             *(["--quantize", quantize] if quantize else []), *common]
     started = time.perf_counter()
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+        # From the output folder, not the caller's directory: a source checkout there would shadow the installed
+        # pypeft (and its built ops) in `python -m pypeft`. The caller's paths are made absolute (command.py).
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+                              cwd=out_dir)
     except subprocess.TimeoutExpired:
         run.error = f"did not finish within {timeout:.0f} s"
         return run
