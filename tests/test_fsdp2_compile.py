@@ -20,8 +20,8 @@ after the same step (the compiled graphs read the updated shards).
 Inside FSDP2's forward a layer's parameters are the all-gathered plain
 tensors (DTensors only outside it), so pypeft's ops run on plain tensors.
 
-Cost: 13 inductor compiles of the tiny BERT (forward and backward) on 2 busy
-cores: see the slow mark's note in the report / README.
+Cost: 13 inductor compiles of the tiny BERT (forward and backward), 154 s on
+2 busy cores with inductor's on-disk caches empty (slow).
 """
 
 from __future__ import annotations
