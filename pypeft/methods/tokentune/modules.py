@@ -39,8 +39,12 @@ def _own_storage(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x, copied when a selection is active and x is a slice of a much larger
     tensor: autograd saves a linear layer's input, and a slice keeps its whole
     storage alive (BERT's pooler reads hidden[:, 0], a view of the final
-    hidden state of every token, which TokenTune otherwise does not keep)."""
-    if getattr(module, TOKENS_ATTR).positions is None or not torch.is_grad_enabled():
+    hidden state of every token, which TokenTune otherwise does not keep).
+    Under torch.compile x is returned as it is: dynamo cannot trace
+    UntypedStorage.nbytes (a graph break per call), and the compiled graph's
+    partitioner, not autograd, chooses what backward keeps."""
+    if (getattr(module, TOKENS_ATTR).positions is None or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
         return x
     if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
         return x.contiguous() if not x.is_contiguous() else x.clone()
