@@ -125,10 +125,11 @@ def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: s
               if r["ok"] and r[key] is not None and r["accuracy"] is not None]
     if not points:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=120)
     markers = "osD^v<>pP*Xh8"
     for n, (x, y, label) in enumerate(points):
-        ax.scatter([x], [y], s=60, marker=markers[n % len(markers)], label=label, zorder=3)
+        ax.scatter([x], [y], s=60, marker=markers[n % len(markers)], color=plt.cm.tab20((2 * n) % 20 + (n // 10) % 2),
+                   label=label, zorder=3)  # tab20's dark shades, then its light ones: no colour repeats
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto(points)
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", zorder=2, label="Pareto front")
@@ -139,7 +140,7 @@ def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: s
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best", ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
