@@ -13,12 +13,12 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import pypeft
-from pypeft.cli import main
 from pypeft.finetune.causal_lm import Batches, generate_answers, normalized
 from pypeft.finetune.chat_data import CHAT, Example, load_chat_file
 from pypeft.finetune.chat_encoding import ChatFormat, Encoded
 
 import tiny_models
+from test_cli import _run, _summary  # the CLI run and its JSON summary line, as the classifier tests
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -80,16 +80,6 @@ def chat_data(tmp_path_factory) -> Path:
                                        {"role": "assistant", "content": topic}]})
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _summary(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 # --- the loss and the answers of left-padded batches ------------------------------------

@@ -114,13 +114,28 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return front
 
 
-def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: str) -> bool:
-    """Accuracy against `key`, one point per method, the Pareto front drawn; False when nothing to plot."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure atomically (a half-written PNG never takes the name) and free it."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: str) -> bool:
+    """Accuracy against `key`, one point per method, the Pareto front drawn; False when nothing to plot."""
+    plt = _pyplot()
     points = [(r[key], r["accuracy"], r["label"]) for r in table
               if r["ok"] and r[key] is not None and r["accuracy"] is not None]
     if not points:
@@ -141,20 +156,12 @@ def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: s
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
     return True
 
 
 def plot_confusion(path: Path, row: dict) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     confusion, names = row.get("confusion"), row.get("classes")
     if not row["ok"] or not confusion or not names:
         return False
@@ -170,9 +177,5 @@ def plot_confusion(path: Path, row: dict) -> bool:
         for j, v in enumerate(r):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     fig.colorbar(image, ax=ax, label="test examples")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
     return True
