@@ -62,3 +62,20 @@ def test_rows_ratios_are_to_full_finetuning(ok):
     expected = {"trainable_params": 0.01, "peak_rss_mib": 0.5, "train_seconds": 0.5, "disk_mib": 0.25}
     for key, ratio in expected.items():
         assert row["ratio_to_full"][key] == (ratio if ok else None)
+
+
+@pytest.mark.parametrize("baseline, drawn", [(0.23, False), (0.9, True)])
+def test_the_baseline_is_a_line_near_the_points_and_named_when_far_below(baseline, drawn):
+    plt = report._pyplot()
+    fig, ax = plt.subplots()
+    table = [{"ok": True, "majority_baseline": baseline}]
+    report._baseline(ax, table, [0.92, 0.97])
+    labels = ax.get_legend_handles_labels()[1]
+    lines = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [baseline, baseline]]
+    if drawn:  # a red line at the baseline, the points' range left to matplotlib
+        assert lines and labels == ["majority-class baseline"]
+    else:  # the axis keeps to 0.92-0.97 (readable), the legend gives the figure
+        low, high = ax.get_ylim()
+        assert not lines and baseline < low < 0.92 and 0.97 < high < 1.0
+        assert labels == ["majority-class baseline: 0.23\n(below the axis)"]
+    plt.close(fig)

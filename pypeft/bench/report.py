@@ -133,6 +133,21 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _baseline(ax, table: list[dict], accuracies: list[float]) -> None:
+    """The majority-class baseline as a line where it is near the points; where it lies far below them, the
+    axis keeps to the points (else a 0.23 line squeezes 0.92-0.97 into a sliver) and the legend says where it is."""
+    baselines = [r["majority_baseline"] for r in table if r["ok"] and r["majority_baseline"] is not None]
+    if not baselines:
+        return
+    base, lo, hi = max(baselines), min(accuracies), max(accuracies)
+    span = max(hi - lo, 0.02)
+    if base >= lo - span:
+        ax.axhline(base, color="red", linewidth=0.8, linestyle=":", label="majority-class baseline")
+        return
+    ax.set_ylim(lo - 0.15 * span, hi + 0.15 * span)
+    ax.plot([], [], " ", label=f"majority-class baseline: {base:.3g}\n(below the axis)")
+
+
 def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: str) -> bool:
     """Accuracy against `key`, one point per method, the Pareto front drawn; False when nothing to plot."""
     plt = _pyplot()
@@ -148,9 +163,7 @@ def plot_tradeoff(path: Path, table: list[dict], key: str, xlabel: str, title: s
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto(points)
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", zorder=2, label="Pareto front")
-    baselines = [r["majority_baseline"] for r in table if r["ok"] and r["majority_baseline"] is not None]
-    if baselines:
-        ax.axhline(max(baselines), color="red", linewidth=0.8, linestyle=":", label="majority-class baseline")
+    _baseline(ax, table, [p[1] for p in points])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
