@@ -18,6 +18,8 @@
     trainer = pypeft.PypeftTrainer(model=model, args=...)  # transformers.Trainer; checkpoints hold the adapter
 
     pypeft.quantize(model, "nf4")             # QLoRA's NF4 base (bitsandbytes' format); pypeft.quant
+    with pypeft.counter_hash_dropout(model):  # the model's dropout from the counter hash: a cheaper draw
+        ...train...
 
 A method of your own plugs in the same way (docs/ARCHITECTURE.md): subclass
 pypeft.Method, put its modules in the model as pypeft.PypeftLayer
@@ -25,6 +27,7 @@ subclasses, and call pypeft.register_method(YourMethod()).
 """
 
 from pypeft import distributed, ops
+from pypeft.counter_hash import counter_hash_dropout
 from pypeft.io import AdapterFormatError, load_adapter, save_adapter
 from pypeft.layer import PypeftLayer
 from pypeft.methods.bottleneck import BottleneckConfig
@@ -54,6 +57,7 @@ from pypeft.state import state_of
 __all__ = [
     "AdapterFormatError",
     "BottleneckConfig",
+    "counter_hash_dropout",
     "FusionConfig",
     "BitFitConfig",
     "BitFitLayer",

@@ -1,5 +1,5 @@
 """READ's frozen backbone drops out with pypeft's counter-hash mask
-(pypeft/methods/read/dropout.py): in training mode the patched model equals
+(pypeft/counter_hash.py): in training mode the patched model equals
 the unpatched one whose stack dropouts and attention dropout are written out
 in plain PyTorch with tests/reference.py's mask, seeds drawn in call order
 from torch's global RNG; the mask keeps 1 - p of the elements and scales
@@ -16,7 +16,7 @@ from torch import nn
 import pypeft
 import reference as R
 import tiny_models as tm
-from pypeft.methods.read.dropout import counter_hash_attention
+from pypeft.counter_hash import counter_hash_attention
 from test_read_patch import STACKS, network_of, randomise_joiner
 
 

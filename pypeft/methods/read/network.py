@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pypeft.layer import PerThread, PypeftLayer
-from pypeft.methods.read import dropout as counter_hash
+from pypeft import counter_hash
 from pypeft.methods.read.config import RNN_TYPES, ReadConfig
 from pypeft.models.layer_stacks import LayerStack, final_stack
 from pypeft.ops.recurrent_scan import recurrent_scan
