@@ -113,8 +113,8 @@ def _method_option(text: str) -> tuple[str, object]:
 
 def _add_finetune(commands) -> None:
     from pypeft.finetune.methods import DEFAULT_LR, METHOD_DEFAULTS, METHOD_LR
-    from pypeft.finetune.options import (CAUSAL_BBC_SAMPLES, CAUSAL_LM, LOSS_ON, QUANTIZE_METHODS, SEED_RANGE,
-                                         TASK_DEFAULTS, TASKS, FinetuneOptions, max_threads)
+    from pypeft.finetune.options import (CAUSAL_BBC_SAMPLES, CAUSAL_LM, DROPOUT_MASKS, LOSS_ON, QUANTIZE_METHODS,
+                                         SEED_RANGE, TASK_DEFAULTS, TASKS, FinetuneOptions, max_threads)
 
     d = FinetuneOptions()  # the defaults live there, once
     classify, causal = TASK_DEFAULTS[d.task], TASK_DEFAULTS[CAUSAL_LM]
@@ -186,6 +186,10 @@ def _add_finetune(commands) -> None:
                    help="data-parallel processes on this machine (DDP over gloo on CPU, NCCL on GPUs; pypeft starts "
                         "torchrun): --batch-size is the global batch, split over them (default: 1). Several machines: "
                         "run `torchrun ... -m pypeft finetune ...` on each (see the README)")
+    p.add_argument("--dropout-masks", type=_one_of(DROPOUT_MASKS), default=d.dropout_masks,
+                   metavar="|".join(DROPOUT_MASKS),
+                   help="how the model's dropout draws its masks while training: pypeft's counter hash (default; "
+                        "the same keep rate and scale, a cheaper draw, no mask kept for backward) or torch's RNG")
     p.add_argument("--quantize", type=_one_of(QUANTIZE_METHODS), default=None, metavar="|".join(QUANTIZE_METHODS),
                    help="store the frozen linear layers in 4-bit NormalFloat before patching (QLoRA: "
                         "pypeft.quantize; the classifier head stays in full precision)")
@@ -266,7 +270,7 @@ def _finetune(args) -> int:
         max_test_samples=args.max_test_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, output=args.output, nproc=args.nproc,
         device=args.device, threads=args.threads, progress=args.progress, quantize=args.quantize,
-        method_options=method_options))
+        dropout_masks=args.dropout_masks, method_options=method_options))
     return 0
 
 

@@ -606,3 +606,22 @@ def test_test_data_file_replaces_the_held_out_fraction(capsys, tiny_model, csv_d
     code, out, err = _run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_data), "--test-data",
                           str(bad), "--no-progress")
     assert code == 2 and f"argument --test-data: {bad}: label 'food' is not among the training data's classes" in err
+
+
+def test_dropout_masks_counter_hash_keeps_no_masks_and_torch_is_kept_on_request(capsys, tiny_model, csv_data,
+                                                                                 tmp_path):
+    """--dropout-masks counter-hash (the default) trains with pypeft.counter_hash_dropout: other masks than torch's
+    (another final loss under the same seed), and none of them kept for backward (fewer saved bytes)."""
+    runs = {}
+    for masks in ("counter-hash", "torch"):
+        code, out, err = _run(capsys, "finetune", "--method", "full", "--model", str(tiny_model), "--data",
+                              str(csv_data), "--epochs", "1", "--max-length", "16", "--batch-size", "6",
+                              "--no-progress", "--dropout-masks", masks, "--output", str(tmp_path / masks))
+        assert code == 0, err
+        runs[masks] = _summary(out)
+    counter, plain = runs["counter-hash"], runs["torch"]
+    assert 0 < counter["saved_activation_bytes"] < plain["saved_activation_bytes"]
+    assert counter["final_train_loss"] != plain["final_train_loss"]
+    assert json.loads((tmp_path / "torch" / "finetune.json").read_text())["options"]["dropout_masks"] == "torch"
+    code, out, err = _run(capsys, "finetune", "--dropout-masks", "bernoulli")
+    assert code == 2 and "--dropout-masks" in err and "bernoulli" in err

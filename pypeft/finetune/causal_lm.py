@@ -360,7 +360,8 @@ def _train_and_report(options, out, ranks, device, started, per_part, data) -> d
     measured: dict = {}
     steps, last_loss = train_loop(model, len(train_enc), batch_loss, lr=lr, epochs=options.epochs,
                                   batch_size=options.batch_size, seed=options.seed, label=options.method,
-                                  progress=options.progress, ranks=ranks, measured=measured)
+                                  progress=options.progress, ranks=ranks, measured=measured,
+                                  dropout_masks=options.dropout_masks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_started

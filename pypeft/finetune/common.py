@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pypeft
+from pypeft.counter_hash import counter_hash_dropout
 from pypeft.finetune.errors import UsageError
 from pypeft.finetune.parallel import Ranks
 
@@ -150,7 +151,8 @@ class SavedBytes:
 
 def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]], *,
                lr: float, epochs: int, batch_size: int, seed: int, label: str, progress: bool,
-               ranks: Ranks | None = None, measured: dict | None = None) -> tuple[int, float]:
+               ranks: Ranks | None = None, measured: dict | None = None,
+               dropout_masks: str = "torch") -> tuple[int, float]:
     """AdamW on the trainable parameters (weight decay 0.01, gradients clipped
     to norm 1), linear warm-up over 10% of the steps then linear decay, the
     examples shuffled each epoch with `seed`.
@@ -164,7 +166,9 @@ def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[t
     process's over the whole batch. Each epoch drops the last few examples
     that would leave a rank without a share. Returns (steps, the last
     epoch's mean loss). `measured`, when given, receives the bytes the first
-    step saved for backward ("saved_bytes", this rank's share of the batch)."""
+    step saved for backward ("saved_bytes", this rank's share of the batch).
+    dropout_masks "counter-hash": the model's dropout draws from pypeft's
+    counter hash while it trains (pypeft.counter_hash_dropout), restored after."""
     ranks = ranks or Ranks()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -185,8 +189,9 @@ def train_loop(model, n_examples: int, batch_loss: Callable[[list[int]], tuple[t
     generator = torch.Generator().manual_seed(seed)  # the same order on every rank
     model.train()
     mean_loss = float("nan")
-    with tqdm(total=total, unit="step", disable=not (progress and ranks.main), file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    masks = counter_hash_dropout(model) if dropout_masks == "counter-hash" else contextlib.nullcontext()
+    with masks, tqdm(total=total, unit="step", disable=not (progress and ranks.main), file=sys.stderr,
+                     dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             bar.set_description(f"finetune {label} epoch {epoch + 1}/{epochs}", refresh=False)
             order = torch.randperm(n_examples, generator=generator).tolist()[:usable]

@@ -21,6 +21,9 @@ LOSS_ON = ("response", "all")   # --loss-on: which tokens of a causal-LM example
 # Every seed torch.manual_seed takes (negative ones are mapped to 2**64 + seed);
 # random.Random, which splits the data, takes any integer.
 SEED_RANGE = (-2**63, 2**64 - 1)
+# --dropout-masks: how the model's dropout draws its masks while training (pypeft.counter_hash_dropout): the same
+# law either way; the counter hash is the cheaper draw and keeps no mask for backward.
+DROPOUT_MASKS = ("counter-hash", "torch")
 QUANTIZE_METHODS = ("nf4",)  # what --quantize takes (pypeft.quantize's methods)
 
 # What a field left at None means for each task. The causal-LM figures fit
@@ -67,6 +70,7 @@ class FinetuneOptions:
     quantize: str | None = None           # "nf4": the frozen linear layers in NF4 before patching (QLoRA)
     loss_on: str = "response"             # causal-lm: "response" (the answer's tokens) or "all" tokens
     max_new_tokens: int | None = None     # causal-lm: greedy answer length; None: the longest test answer + 4
+    dropout_masks: str = "counter-hash"   # the model's dropout while training: pypeft's counter hash, or torch's RNG
     nproc: int = 1                        # data-parallel processes (parallel.py); under torchrun: its WORLD_SIZE
     method_options: dict = field(default_factory=dict)   # r, alpha, dropout, ...: passed to pypeft.patch
 
@@ -105,6 +109,8 @@ def check(options: FinetuneOptions) -> None:
     need(options.quantize in (None,) + QUANTIZE_METHODS, "--quantize", f"one of {list(QUANTIZE_METHODS)}",
          options.quantize)
     need(options.loss_on in LOSS_ON, "--loss-on", f"one of {list(LOSS_ON)}", options.loss_on)
+    need(options.dropout_masks in DROPOUT_MASKS, "--dropout-masks", f"one of {list(DROPOUT_MASKS)}",
+         options.dropout_masks)
     need(at_least(options.nproc, 1), "--nproc", "an integer >= 1", options.nproc)
     need(at_least(options.max_new_tokens, 1), "--max-new-tokens", "an integer >= 1", options.max_new_tokens)
     from pypeft.finetune.methods import FULL_FINETUNING, parts

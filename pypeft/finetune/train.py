@@ -221,7 +221,8 @@ def train(model, encoded: Encoded, device: torch.device, options: FinetuneOption
 
     return train_loop(model, len(encoded), batch_loss, lr=methods.learning_rate(options.method, options.lr),
                       epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
-                      label=options.method, progress=options.progress, ranks=ranks, measured=measured)
+                      label=options.method, progress=options.progress, ranks=ranks, measured=measured,
+                      dropout_masks=options.dropout_masks)
 
 
 def _accuracy(scores, truth: list[int]) -> str:
