@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from pypeft.io import _write_atomically, adapter_files, save_adapter as _save_adapter
+from pypeft.io import write_atomically, adapter_files, save_adapter as _save_adapter
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -48,7 +48,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         # every rank: state_dict() of a sharded module gives DTensors, gathered together
         path, files = adapter_files(model, directory, adapter_name, gather=True)
         if dist.get_rank() == rank:
-            _write_atomically(path, files)
+            write_atomically(path, files)
     finally:
         for module in sharded:
             module.reshard()

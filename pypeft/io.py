@@ -84,7 +84,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, gather: bool = False
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def _write_atomically(directory: Path, files: dict[str, callable]) -> None:
+def write_atomically(directory: Path, files: dict[str, callable]) -> None:
     """files: name -> writer(path). All are written and synced under temporary
     names first, then renamed into place one after the other."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     method's format (PEFT's for the methods peft has). A model sharded by
     FSDP2: pypeft.distributed.save_adapter on every rank."""
     directory, files = adapter_files(model, directory, adapter_name)
-    _write_atomically(directory, files)
+    write_atomically(directory, files)
     return directory
 
 

@@ -158,3 +158,28 @@ def test_plain_trainer_loads_the_best_checkpoint_at_end(tmp_path):
     own = model.state_dict()
     assert all(torch.equal(own[k], best[k]) for k in best)
     assert any(not torch.equal(own[k], last[k]) for k in last)
+
+
+def test_a_training_state_save_cut_short_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """pypeft_training_state.safetensors is written under a temporary name and renamed: a failure while writing
+    (disk full, a kill) leaves the previous file as it was and no partial file behind."""
+    from pypeft.integrations import trainer as trainer_module
+
+    model = build("p_tuning")
+    trainer_module.save_adapters(model, tmp_path)
+    before = load_file(tmp_path / TRAINING_STATE_NAME)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+
+    def half_written(tensors, path):
+        Path(path).write_bytes(b"\0" * 64)  # a few bytes, then the writer dies
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_file", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        trainer_module.save_adapters(model, tmp_path)
+    after = load_file(tmp_path / TRAINING_STATE_NAME)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -41,7 +41,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from pypeft.io import load_adapter_weights, save_adapter
+from pypeft.io import load_adapter_weights, save_adapter, write_atomically
 from pypeft.registry import methods
 from pypeft.state import state_of
 
@@ -70,8 +70,9 @@ def save_adapters(model: torch.nn.Module, directory: str | os.PathLike) -> list[
             for module in record.modules_to_save:
                 copy = model.get_submodule(module).copies[name]
                 tensors.update({f"{HEAD_PREFIX}{module}.{k}": v for k, v in copy.state_dict().items()})
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                      str(where / TRAINING_STATE_NAME))
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            # Synced under a temporary name, then renamed: a save cut short never leaves half a file to resume.
+            write_atomically(where, {TRAINING_STATE_NAME: lambda path: save_file(tensors, path)})
     return list(state.adapters)
 
 
