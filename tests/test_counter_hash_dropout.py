@@ -16,7 +16,7 @@ from torch import nn
 import pypeft
 import reference as R
 import tiny_models as tm
-from test_read_dropout import _reference_attention, _seed
+from test_read_dropout import _reference_attention, _seed, assert_torch_draws
 
 
 def _with_reference_dropout_everywhere(model):
@@ -80,11 +80,7 @@ def test_exit_restores_the_classes_and_the_attention_even_on_error():
     assert [type(m) for m in model.modules()] == types
     assert model.config._attn_implementation == "sdpa"
     pypeft.unpatch(model)
-    model.train(), base.train()
-    torch.manual_seed(5)
-    got = model(**tm.inputs("bert")).logits
-    torch.manual_seed(5)
-    torch.testing.assert_close(got, base(**tm.inputs("bert")).logits, rtol=0, atol=0)  # torch's draws again
+    assert_torch_draws(model, base)
 
 
 def test_inside_a_read_model_reads_own_swaps_stay():

@@ -140,6 +140,15 @@ def test_attention_masks_and_groups_match_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def assert_torch_draws(model, base):
+    """In training mode `model` gives the untouched `base`'s output bit for bit: torch's draws again."""
+    model.train(), base.train()
+    torch.manual_seed(5)
+    got = model(**tm.inputs("bert")).logits
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, base(**tm.inputs("bert")).logits, rtol=0, atol=0)
+
+
 def test_unpatch_restores_the_dropouts_and_the_attention_implementation():
     model, base = tm.make("bert"), tm.make("bert")
     pypeft.patch(model, method="read", hidden=8)
@@ -149,11 +158,7 @@ def test_unpatch_restores_the_dropouts_and_the_attention_implementation():
     pypeft.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
     assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
-    model.train(), base.train()
-    torch.manual_seed(5)
-    got = model(**tm.inputs("bert")).logits
-    torch.manual_seed(5)
-    torch.testing.assert_close(got, base(**tm.inputs("bert")).logits, rtol=0, atol=0)  # torch's draws again
+    assert_torch_draws(model, base)
 
 
 def test_an_eager_model_keeps_its_attention():
